@@ -1,0 +1,74 @@
+"""Backend selection for the attention ops.
+
+``"reference"`` is the exact dense oracle, ``"cpu"`` the tiled path built on torch ops (it runs on
+any device), ``"triton"`` the fused GPU kernels (on CPU tensors only under ``TRITON_INTERPRET=1``).
+``"auto"`` picks Triton for CUDA tensors when triton imports, the tiled path otherwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from typing import Iterator, Optional
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "triton")
+
+_state = threading.local()
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Set the backend used when an op is called with ``backend=None`` (this thread)."""
+    _state.backend = _check_name(name)
+
+
+def get_backend() -> str:
+    return getattr(_state, "backend", "auto")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: ``with use_backend("reference"): model(x)``."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(requested: Optional[str], device: torch.device) -> str:
+    """Turn ``requested`` (or the thread default) into a concrete backend for ``device``."""
+    name = _check_name(requested if requested is not None else get_backend())
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "cpu"
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' requested but triton is not installed (pip install visionzoo[triton])")
+        if device.type != "cuda" and not triton_interpreting():
+            raise RuntimeError(
+                "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                "in the environment before triton is imported"
+            )
+    return name

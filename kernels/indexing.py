@@ -1,0 +1,96 @@
+"""Index math of generalized neighborhood attention (GNA), one spatial dimension at a time.
+
+Per dimension, with window (kernel) ``w``, dilation ``d``, stride ``s`` and a causal flag:
+
+* token ``x`` belongs to dilation group ``g = x % d`` at group coordinate ``i = x // d``; a group
+  has ``L_g = L // d + (g < L % d)`` tokens, and queries only see keys of their own group;
+* non-causal: the window of the stride-group leader ``l = min(i // s * s + s // 2, L_g - 1)``
+  is ``[start, start + w)`` with its centre clamped to ``[left, L_g - 1 - right]`` (windows shift
+  at borders, they are never zero padded);
+* causal: ``l = min(i // s * s + s - 1, L_g - 1)``, ``start = max(l - w + 1, 0)``, ``end = i + 1``.
+
+The n-D mask is the AND of the per-dimension masks. Every backend builds on these functions.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+
+from .checks import NeighborhoodParams
+
+
+def window_bounds(
+    length: int, kernel_size: int, stride: int = 1, dilation: int = 1, is_causal: bool = False
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-position ``(group, coord, start, end)`` for one dimension of length ``length``.
+
+    ``start``/``end`` are in group coordinates: position ``x`` attends the keys
+    ``group[x] + dilation * j`` for ``j`` in ``[start[x], end[x])``. All are int64 ``[length]``.
+    """
+    position = torch.arange(length)
+    group = position % dilation
+    coord = position // dilation
+    group_length = length // dilation + (group < length % dilation).long()
+    if is_causal:
+        leader = torch.minimum(coord // stride * stride + stride - 1, group_length - 1)
+        start = (leader - kernel_size + 1).clamp(min=0)
+        end = coord + 1
+    else:
+        left = kernel_size // 2
+        right = kernel_size // 2 + kernel_size % 2 - 1
+        leader = torch.minimum(coord // stride * stride + stride // 2, group_length - 1)
+        start = (leader - left).clamp(min=0) + (leader + right >= group_length).long() * (
+            group_length - right - leader - 1
+        )
+        end = start + kernel_size
+    return group, coord, start, end
+
+
+def mask_1d(length: int, kernel_size: int, stride: int = 1, dilation: int = 1, is_causal: bool = False) -> torch.Tensor:
+    """Boolean ``[length (query), length (key)]`` neighborhood mask of one dimension."""
+    group, coord, start, end = window_bounds(length, kernel_size, stride, dilation, is_causal)
+    same_group = group[:, None] == group[None, :]
+    key_coord = coord[None, :]
+    return same_group & (key_coord >= start[:, None]) & (key_coord < end[:, None])
+
+
+def relative_index_1d(length: int, kernel_size: int, dilation: int = 1) -> torch.Tensor:
+    """``[length, length]`` index into an rpb axis of size ``2k-1``: key minus query in group
+    coordinates, plus ``k - 1``. Only meaningful where the mask is true (clamped elsewhere)."""
+    coord = torch.arange(length) // dilation
+    return (coord[None, :] - coord[:, None] + kernel_size - 1).clamp(0, 2 * kernel_size - 2)
+
+
+def neighborhood_mask(spatial: Sequence[int], params: NeighborhoodParams) -> torch.Tensor:
+    """Boolean ``[N, N]`` mask over row-major flattened positions (``N = prod(spatial)``)."""
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    for dim, length in enumerate(spatial):
+        mask_dim = mask_1d(
+            length, params.kernel_size[dim], params.stride[dim], params.dilation[dim], params.is_causal[dim]
+        )
+        mask = (mask[:, None, :, None] & mask_dim[None, :, None, :]).reshape(mask.shape[0] * length, -1)
+    return mask
+
+
+def relative_index(spatial: Sequence[int], params: NeighborhoodParams) -> torch.Tensor:
+    """``[N, N]`` flat index into ``rpb.reshape(heads, -1)`` for every (query, key) pair."""
+    index = torch.zeros(1, 1, dtype=torch.long)
+    for dim, length in enumerate(spatial):
+        kernel = params.kernel_size[dim]
+        index_dim = relative_index_1d(length, kernel, params.dilation[dim])
+        index = (index[:, None, :, None] * (2 * kernel - 1) + index_dim[None, :, None, :]).reshape(
+            index.shape[0] * length, -1
+        )
+    return index
+
+
+def attention_density(spatial: Sequence[int], params: NeighborhoodParams) -> float:
+    """Fraction of the dense ``N x N`` attention matrix that the neighborhood mask keeps."""
+    density = 1.0
+    for dim, length in enumerate(spatial):
+        mask_dim = mask_1d(
+            length, params.kernel_size[dim], params.stride[dim], params.dilation[dim], params.is_causal[dim]
+        )
+        density *= mask_dim.float().mean().item()
+    return density

@@ -1,0 +1,165 @@
+"""``torch.library`` custom ops behind the public functions.
+
+``visionzoo::na_forward`` / ``visionzoo::na_backward`` and ``visionzoo::block_sparse_forward`` /
+``visionzoo::block_sparse_backward`` carry fake (meta) implementations, so ``torch.compile`` and
+``torch.export`` trace through models that use them without graph breaks. The ``backend`` argument
+selects the implementation (``"cpu"``: tiled torch ops, ``"triton"``: fused kernels).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .checks import NeighborhoodParams
+
+_IMPLEMENTATIONS = {
+    "cpu": (".cpu", ".cpu"),
+    "triton": (".triton_na", ".triton_block_sparse"),
+}
+
+
+def _module(backend: str, which: int):
+    try:
+        return importlib.import_module(_IMPLEMENTATIONS[backend][which], __package__)
+    except KeyError:
+        raise ValueError(f"no custom-op implementation for backend {backend!r}") from None
+
+
+def _params(kernel_size, stride, dilation, is_causal) -> NeighborhoodParams:
+    return NeighborhoodParams(tuple(kernel_size), tuple(stride), tuple(dilation), tuple(is_causal))
+
+
+# ----------------------------------------------------------------------------------------------
+# neighborhood attention
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("visionzoo::na_forward", mutates_args=())
+def na_forward(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    rpb: Optional[Tensor],
+    kernel_size: List[int],
+    stride: List[int],
+    dilation: List[int],
+    is_causal: List[bool],
+    scale: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
+    """Returns ``(out [B, *spatial, H, D], lse [B, *spatial, H] float32)``."""
+    params = _params(kernel_size, stride, dilation, is_causal)
+    return _module(backend, 0).na_forward(query, key, value, rpb, params, scale)
+
+
+@na_forward.register_fake
+def _na_forward_fake(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend):
+    return torch.empty_like(query), query.new_empty(query.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("visionzoo::na_backward", mutates_args=())
+def na_backward(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    rpb: Optional[Tensor],
+    kernel_size: List[int],
+    stride: List[int],
+    dilation: List[int],
+    is_causal: List[bool],
+    scale: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(d_query, d_key, d_value, d_rpb)``; ``d_rpb`` is empty when ``rpb`` is None."""
+    params = _params(kernel_size, stride, dilation, is_causal)
+    d_query, d_key, d_value, d_rpb = _module(backend, 0).na_backward(
+        grad_out, query, key, value, out, lse, rpb, params, scale
+    )
+    if d_rpb is None:
+        d_rpb = query.new_empty(0)
+    return d_query, d_key, d_value, d_rpb
+
+
+@na_backward.register_fake
+def _na_backward_fake(grad_out, query, key, value, out, lse, rpb, kernel_size, stride, dilation, is_causal, scale, backend):
+    d_rpb = torch.empty_like(rpb) if rpb is not None else query.new_empty(0)
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), d_rpb
+
+
+def _na_setup_context(ctx, inputs, output):
+    query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse, rpb)
+    ctx.config = (kernel_size, stride, dilation, is_causal, scale, backend)
+
+
+def _na_autograd(ctx, grad_out, grad_lse):
+    query, key, value, out, lse, rpb = ctx.saved_tensors
+    d_query, d_key, d_value, d_rpb = na_backward(grad_out.contiguous(), query, key, value, out, lse, rpb, *ctx.config)
+    return d_query, d_key, d_value, (d_rpb if rpb is not None else None), None, None, None, None, None, None
+
+
+na_forward.register_autograd(_na_autograd, setup_context=_na_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# block-sparse attention
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("visionzoo::block_sparse_forward", mutates_args=())
+def block_sparse_forward(
+    query: Tensor, key: Tensor, value: Tensor, block_mask: Tensor, q_block: int, kv_block: int, scale: float, backend: str
+) -> Tuple[Tensor, Tensor]:
+    """Returns ``(out [B, Nq, H, D], lse [B, Nq, H] float32)``."""
+    return _module(backend, 1).block_sparse_forward(query, key, value, block_mask, q_block, kv_block, scale)
+
+
+@block_sparse_forward.register_fake
+def _block_sparse_forward_fake(query, key, value, block_mask, q_block, kv_block, scale, backend):
+    return torch.empty_like(query), query.new_empty(query.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("visionzoo::block_sparse_backward", mutates_args=())
+def block_sparse_backward(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    block_mask: Tensor,
+    q_block: int,
+    kv_block: int,
+    scale: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return _module(backend, 1).block_sparse_backward(
+        grad_out, query, key, value, out, lse, block_mask, q_block, kv_block, scale
+    )
+
+
+@block_sparse_backward.register_fake
+def _block_sparse_backward_fake(grad_out, query, key, value, out, lse, block_mask, q_block, kv_block, scale, backend):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _bs_setup_context(ctx, inputs, output):
+    query, key, value, block_mask, q_block, kv_block, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse, block_mask)
+    ctx.config = (q_block, kv_block, scale, backend)
+
+
+def _bs_autograd(ctx, grad_out, grad_lse):
+    query, key, value, out, lse, block_mask = ctx.saved_tensors
+    q_block, kv_block, scale, backend = ctx.config
+    d_query, d_key, d_value = block_sparse_backward(
+        grad_out.contiguous(), query, key, value, out, lse, block_mask, q_block, kv_block, scale, backend
+    )
+    return d_query, d_key, d_value, None, None, None, None, None
+
+
+block_sparse_forward.register_autograd(_bs_autograd, setup_context=_bs_setup_context)

@@ -1,0 +1,1 @@
+"""Attention modules and shared blocks, each built on :mod:`visionzoo.kernels`."""

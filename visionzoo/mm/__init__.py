@@ -1,0 +1,1 @@
+"""mmdetection / mmsegmentation backbones (import ``visionzoo.mm``; needs the ``mm`` extra)."""
