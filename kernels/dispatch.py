@@ -3,6 +3,7 @@
 ``"reference"`` is the exact dense oracle, ``"cpu"`` the tiled path built on torch ops (it runs on
 any device), ``"triton"`` the fused GPU kernels (on CPU tensors only under ``TRITON_INTERPRET=1``).
 ``"auto"`` picks Triton for CUDA tensors when triton imports, the tiled path otherwise.
+The process-wide default can be set with the environment variable ``VISIONZOO_ATTN_BACKEND``.
 """
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
-    return getattr(_state, "backend", "auto")
+    backend = getattr(_state, "backend", None)
+    if backend is None:
+        backend = _check_name(os.environ.get("VISIONZOO_ATTN_BACKEND", "auto"))
+    return backend
 
 
 @contextlib.contextmanager
