@@ -29,7 +29,7 @@ def neighborhood_attention_reference(
     """Neighborhood attention on ``[B, *spatial, heads, head_dim]`` tensors.
 
     Returns the output (same shape and dtype as ``query``) and, with ``return_lse``, the
-    log-sum-exp of the scaled logits ``[B, *spatial, heads]`` in float32.
+    log-sum-exp of the scaled logits ``[B, *spatial, heads]`` (float32; float64 for float64 inputs).
     """
     batch, *spatial, heads, head_dim = query.shape
     tokens = 1
@@ -49,7 +49,7 @@ def neighborhood_attention_reference(
     attn = torch.exp(logits - lse.unsqueeze(-1))
     out = torch.einsum("bhqk,bkhd->bqhd", attn, v).to(query.dtype).reshape(query.shape)
     if return_lse:
-        return out, lse.transpose(1, 2).reshape(batch, *spatial, heads).float()
+        return out, lse.transpose(1, 2).reshape(batch, *spatial, heads)
     return out
 
 

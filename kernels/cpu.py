@@ -1,0 +1,356 @@
+"""Tiled neighborhood / block-sparse attention built on batched torch matmuls (the fast CPU path).
+
+Queries are cut into n-D tiles that stay inside one dilation group; each query tile gathers the
+union of its queries' windows (its "key halo"), so attention runs as one batched
+``[tiles, q_tile, kv_tile]`` problem with a small per-tile mask. Compute scales with the window
+(``kv_tile / prod(kernel_size)`` over the exact amount), not the image. The backward is written out
+(flash-style, from the saved log-sum-exp) so the op needs no autograd graph of its own and the same
+functions serve the ``torch.library`` custom op.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .checks import NeighborhoodParams
+from .indexing import window_bounds
+
+
+@dataclass
+class TilePlan:
+    """Gather indices and masks of one tiling, shared by every batch element and head.
+
+    ``T`` tiles of ``TQ`` query slots and ``TK`` key slots; positions are row-major flat indices.
+    """
+
+    q_index: torch.Tensor  # [T, TQ] flat query positions (invalid slots point at position 0)
+    k_index: torch.Tensor  # [T, TK] flat key positions
+    inverse: torch.Tensor  # [N] slot (t * TQ + i) that holds each query position
+    q_valid: torch.Tensor  # [T, TQ] bool
+    mask_bias: torch.Tensor  # [T, 1, TQ, TK] float32: 0 where attended, -inf elsewhere (padded rows too)
+    rel_index: Optional[torch.Tensor]  # [T, TQ, TK] flat index into rpb.reshape(H, -1)
+    keys_per_query: float  # exact attended keys per query (mean), for efficiency reports
+
+    @property
+    def num_tiles(self) -> int:
+        return self.q_index.shape[0]
+
+    @property
+    def q_slots(self) -> int:
+        return self.q_index.shape[1]
+
+    @property
+    def kv_slots(self) -> int:
+        return self.k_index.shape[1]
+
+
+def _plan_1d(length: int, kernel: int, stride: int, dilation: int, causal: bool, q_tile: int):
+    """Per-dimension tiling: ``(q_pos [T, tq], q_ok, k_pos [T, tk], k_ok, allowed [T, tq, tk], rel)``."""
+    group, coord, start, end = window_bounds(length, kernel, stride, dilation, causal)
+    tiles = []
+    for g in range(dilation):
+        members = torch.nonzero(group == g).flatten()  # positions of group g, ordered by coord
+        group_length = members.numel()
+        for first in range(0, group_length, q_tile):
+            tiles.append((g, members, first, min(first + q_tile, group_length)))
+    # the key halo of a tile spans from its first query's window start to its last query's end
+    spans = [int(end[members[last - 1]] - start[members[first]]) for _, members, first, last in tiles]
+    kv_tile = max(spans)
+    q_pos, q_ok, k_pos, k_ok, allowed, rel = [], [], [], [], [], []
+    for g, members, first, last in tiles:
+        group_length = members.numel()
+        slots = torch.arange(q_tile)
+        q_coord = first + slots
+        q_valid = q_coord < last
+        q_coord = q_coord.clamp(max=last - 1)
+        k_first = max(0, min(int(start[members[first]]), group_length - kv_tile))
+        k_coord = k_first + torch.arange(kv_tile)
+        k_valid = k_coord < group_length
+        k_coord = k_coord.clamp(max=group_length - 1)
+        q_start = start[members[q_coord]]
+        q_end = end[members[q_coord]]
+        ok = k_valid[None, :] & (k_coord[None, :] >= q_start[:, None]) & (k_coord[None, :] < q_end[:, None])
+        ok &= q_valid[:, None]
+        q_pos.append(members[q_coord])
+        q_ok.append(q_valid)
+        k_pos.append(members[k_coord])
+        k_ok.append(k_valid)
+        allowed.append(ok)
+        rel.append((k_coord[None, :] - q_coord[:, None] + kernel - 1).clamp(0, 2 * kernel - 2))
+    return (torch.stack(q_pos), torch.stack(q_ok), torch.stack(k_pos), torch.stack(k_ok), torch.stack(allowed),
+            torch.stack(rel))
+
+
+def _outer(a: torch.Tensor, b: torch.Tensor, combine) -> torch.Tensor:
+    """Combine per-dimension tile tensors ``a [Ta, *A]`` and ``b [Tb, *B]`` into ``[Ta*Tb, ...]``
+    with slots in row-major order (``a``'s slot is the slower one)."""
+    if a.dim() == 2:  # [T, slots]
+        out = combine(a[:, None, :, None], b[None, :, None, :])
+        return out.reshape(a.shape[0] * b.shape[0], a.shape[1] * b.shape[1])
+    # [T, q_slots, k_slots]
+    out = combine(a[:, None, :, None, :, None], b[None, :, None, :, None, :])
+    return out.reshape(a.shape[0] * b.shape[0], a.shape[1] * b.shape[1], a.shape[2] * b.shape[2])
+
+
+@functools.lru_cache(maxsize=64)
+def tile_plan(spatial: Tuple[int, ...], params: NeighborhoodParams, q_tile: Tuple[int, ...], with_rpb: bool) -> TilePlan:
+    """Build (and cache) the tiling of ``spatial`` for ``params`` with query tiles ``q_tile``."""
+    q_index = k_index = q_valid = allowed = rel = None
+    keys_per_query = 1.0
+    for dim, length in enumerate(spatial):
+        kernel = params.kernel_size[dim]
+        q_pos, q_ok, k_pos, k_ok, ok, rel_dim = _plan_1d(
+            length, kernel, params.stride[dim], params.dilation[dim], params.is_causal[dim], min(q_tile[dim], length)
+        )
+        valid_rows = ok.sum(-1)[q_ok]
+        keys_per_query *= valid_rows.float().mean().item()
+        if q_index is None:
+            q_index, k_index, q_valid, allowed, rel = q_pos, k_pos, q_ok, ok, rel_dim
+            continue
+        q_index = _outer(q_index, q_pos, lambda x, y: x * length + y)
+        k_index = _outer(k_index, k_pos, lambda x, y: x * length + y)
+        q_valid = _outer(q_valid, q_ok, torch.logical_and)
+        allowed = _outer(allowed, ok, torch.logical_and)
+        rel = _outer(rel, rel_dim, lambda x, y: x * (2 * kernel - 1) + y)
+    num_tokens = math.prod(spatial)
+    slots = torch.arange(q_index.numel())
+    inverse = torch.empty(num_tokens, dtype=torch.long)
+    inverse[q_index.flatten()[q_valid.flatten()]] = slots[q_valid.flatten()]
+    # padded query slots attend nothing: the fused kernel gives them a zero output and zero gradient
+    mask_bias = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, float("-inf")).unsqueeze(1)
+    return TilePlan(
+        q_index=q_index,
+        k_index=k_index,
+        inverse=inverse,
+        q_valid=q_valid,
+        mask_bias=mask_bias,
+        rel_index=rel if with_rpb else None,
+        keys_per_query=keys_per_query,
+    )
+
+
+def default_q_tile(spatial: Sequence[int], params: NeighborhoodParams) -> Tuple[int, ...]:
+    """Query tile per dimension: small enough that the halo overhead stays low, large enough that
+    the batched matmuls are not dominated by per-tile overhead."""
+    tiles = []
+    for length, kernel, stride in zip(spatial, params.kernel_size, params.stride):
+        tile = max(stride, min(kernel, 8)) if len(spatial) > 1 else max(stride, 4 * kernel, 32)
+        tiles.append(min(tile, length))
+    return tuple(tiles)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiles run through the fused CPU flash-attention kernel of ATen. Tensors are kept token-major
+# ([N, B*H, D]) so that a gathered tile is a strided [T, B*H, slots, D] view and the per-tile mask
+# [T, 1, TQ, TK] broadcasts over batch and heads without a copy.
+# ----------------------------------------------------------------------------------------------
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _token_major(x: torch.Tensor) -> torch.Tensor:
+    """``[B, *spatial, H, D]`` -> contiguous ``[N, B*H, D]``."""
+    batch, heads, head_dim = x.shape[0], x.shape[-2], x.shape[-1]
+    return x.reshape(batch, -1, heads * head_dim).transpose(0, 1).reshape(-1, batch * heads, head_dim).contiguous()
+
+
+def _from_token_major(x: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """Token-major ``[N, B*H, ...]`` -> ``shape`` = ``[B, *spatial, H, ...]`` in ``dtype``."""
+    return x.reshape(x.shape[0], shape[0], -1).transpose(0, 1).reshape(shape).to(dtype)
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Token-major ``[N, BH, D]`` -> tile view ``[T, BH, slots, D]``."""
+    tiles = x.index_select(0, index.flatten())
+    return tiles.view(index.shape[0], index.shape[1], x.shape[1], x.shape[2]).transpose(1, 2)
+
+
+def _ungather(tiles: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Tile-major ``[T, BH, TQ, *rest]`` -> token-major ``[N, BH, *rest]``."""
+    tiles = tiles.transpose(1, 2)
+    return tiles.reshape(-1, *tiles.shape[2:]).index_select(0, inverse)
+
+
+def _scatter_add(tiles: torch.Tensor, index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Sum tile-major ``[T, BH, TK, D]`` contributions into token-major ``[N, BH, D]``."""
+    tiles = tiles.transpose(1, 2).reshape(-1, tiles.shape[1], tiles.shape[3])
+    total = torch.zeros(num_tokens, tiles.shape[1], tiles.shape[2], dtype=tiles.dtype, device=tiles.device)
+    return total.index_add_(0, index.flatten(), tiles)
+
+
+class _Tiles:
+    """One call's tiling moved to the inputs' device, with the logit bias in the compute dtype."""
+
+    def __init__(self, query: torch.Tensor, params: NeighborhoodParams, rpb: Optional[torch.Tensor]):
+        spatial = tuple(query.shape[1:-2])
+        plan = tile_plan(spatial, params, default_q_tile(spatial, params), rpb is not None)
+        device = query.device
+        self.dtype = _compute_dtype(query.dtype)
+        self.batch, self.heads = query.shape[0], query.shape[-2]
+        self.num_tokens = math.prod(spatial)
+        self.q_index = plan.q_index.to(device)
+        self.k_index = plan.k_index.to(device)
+        self.inverse = plan.inverse.to(device)
+        bias = plan.mask_bias.to(device=device, dtype=self.dtype)  # [T, 1, TQ, TK]
+        self.rel_index = None
+        if rpb is not None:
+            self.rel_index = plan.rel_index.to(device)
+            heads = self.heads
+            rpb_bias = rpb.to(self.dtype).reshape(heads, -1)[:, self.rel_index].transpose(0, 1)  # [T, H, TQ, TK]
+            bias = (bias + rpb_bias).unsqueeze(1).expand(-1, self.batch, -1, -1, -1)
+            bias = bias.reshape(bias.shape[0], self.batch * heads, *bias.shape[3:])
+        self.bias = bias
+
+    def gather_q(self, x):
+        return _gather(_token_major(x).to(self.dtype), self.q_index)
+
+    def gather_kv(self, x):
+        return _gather(_token_major(x).to(self.dtype), self.k_index)
+
+
+def na_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float):
+    """Tiled forward. Inputs ``[B, *spatial, H, D]``; returns ``(out, lse [B, *spatial, H])``, lse in
+    float32 (float64 for float64 inputs)."""
+    tiles = _Tiles(query, params, rpb)
+    out_t, lse_t = _flash(
+        tiles.gather_q(query), tiles.gather_kv(key), tiles.gather_kv(value), attn_mask=tiles.bias, scale=scale
+    )
+    out = _from_token_major(_ungather(out_t, tiles.inverse), query.shape, query.dtype)
+    lse = _from_token_major(_ungather(lse_t, tiles.inverse), query.shape[:-1], lse_t.dtype)
+    return out, lse
+
+
+def na_backward(grad_out, query, key, value, out, lse, rpb, params: NeighborhoodParams, scale: float):
+    """Tiled backward from the saved ``lse``; returns ``(d_query, d_key, d_value, d_rpb or None)``."""
+    tiles = _Tiles(query, params, rpb)
+    q_t, k_t, v_t = tiles.gather_q(query), tiles.gather_kv(key), tiles.gather_kv(value)
+    grad_t, out_t = tiles.gather_q(grad_out), tiles.gather_q(out)
+    lse_t = _gather(_token_major(lse.unsqueeze(-1)).to(tiles.dtype), tiles.q_index).squeeze(-1)
+    if rpb is None:
+        d_query_t, d_key_t, d_value_t = _flash_backward(
+            grad_t, q_t, k_t, v_t, out_t, lse_t, 0.0, False, attn_mask=tiles.bias, scale=scale
+        )
+        d_rpb = None
+    else:
+        # the relative position bias needs the logit gradient dS itself, which the fused kernel does
+        # not return, so the backward is written out: P from the saved lse, dS = P * (dP - delta)
+        logits = torch.matmul(q_t, k_t.transpose(-1, -2)).mul_(scale).add_(tiles.bias)
+        probs = logits.sub_(lse_t.unsqueeze(-1)).exp_()
+        delta = (grad_t * out_t).sum(-1, keepdim=True)
+        d_value_t = torch.matmul(probs.transpose(-1, -2), grad_t)
+        d_logits = torch.matmul(grad_t, v_t.transpose(-1, -2)).sub_(delta).mul_(probs)
+        d_query_t = torch.matmul(d_logits, k_t).mul_(scale)
+        d_key_t = torch.matmul(d_logits.transpose(-1, -2), q_t).mul_(scale)
+        heads = tiles.heads
+        d_bias = d_logits.view(d_logits.shape[0], tiles.batch, heads, *d_logits.shape[2:]).sum(1)  # [T, H, TQ, TK]
+        d_rpb = torch.zeros(heads, rpb[0].numel(), dtype=tiles.dtype, device=query.device)
+        d_rpb.index_add_(1, tiles.rel_index.flatten(), d_bias.transpose(0, 1).reshape(heads, -1))
+        d_rpb = d_rpb.to(rpb.dtype).reshape(rpb.shape)
+    d_query = _from_token_major(_ungather(d_query_t, tiles.inverse), query.shape, query.dtype)
+    d_key = _from_token_major(_scatter_add(d_key_t, tiles.k_index, tiles.num_tokens), key.shape, key.dtype)
+    d_value = _from_token_major(_scatter_add(d_value_t, tiles.k_index, tiles.num_tokens), value.shape, value.dtype)
+    return d_query, d_key, d_value, d_rpb
+
+
+# ----------------------------------------------------------------------------------------------
+# block-sparse attention: every (head, query block) is a tile whose keys are its active KV blocks
+# (padded to the longest row with masked slots). Tensors are head-major [H*N, B, D] so that tiles
+# of different heads can gather different keys with one index_select.
+# ----------------------------------------------------------------------------------------------
+def _head_major(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, N, H, D]`` -> contiguous ``[H*N, B, D]``."""
+    batch, tokens, heads, head_dim = x.shape
+    return x.to(dtype).permute(2, 1, 0, 3).reshape(heads * tokens, batch, head_dim)
+
+
+def _from_head_major(x: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """``[H*N, B, ...]`` -> ``shape`` = ``[B, N, H, ...]``."""
+    batch, tokens, heads = shape[0], shape[1], shape[2]
+    x = x.reshape(heads, tokens, batch, -1).permute(2, 1, 0, 3)
+    return x.reshape(shape).to(dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _block_sparse_plan(mask_bytes: bytes, mask_shape, heads: int, num_q: int, num_k: int, q_block: int, kv_block: int):
+    block_mask = torch.frombuffer(bytearray(mask_bytes), dtype=torch.bool).reshape(mask_shape)
+    block_mask = block_mask.expand(heads, *mask_shape[-2:])
+    num_q_blocks, num_kv_blocks = block_mask.shape[-2:]
+    active = block_mask.sum(-1)  # [H, nqb]
+    width = max(int(active.max()), 1)
+    # active KV blocks first (stable order), padding slots point at block 0 and are masked
+    order = torch.argsort((~block_mask).to(torch.int8), dim=-1, stable=True)[..., :width]
+    slot_used = torch.arange(width) < active[..., None]  # [H, nqb, width]
+    kv_token = order[..., :, None] * kv_block + torch.arange(kv_block)  # [H, nqb, width, kv_block]
+    kv_ok = slot_used[..., None] & (kv_token < num_k)
+    head_offset = torch.arange(heads)[:, None, None]
+    k_index = (head_offset[..., None] * num_k + kv_token.clamp(max=num_k - 1)).reshape(heads * num_q_blocks, -1)
+    q_token = torch.arange(num_q_blocks)[:, None] * q_block + torch.arange(q_block)  # [nqb, q_block]
+    q_ok = (q_token < num_q).expand(heads, -1, -1)
+    q_index = (head_offset * num_q + q_token.clamp(max=num_q - 1)).reshape(heads * num_q_blocks, q_block)
+    allowed = q_ok.reshape(-1, q_block, 1) & kv_ok.reshape(heads * num_q_blocks, 1, -1)
+    mask_bias = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf")).unsqueeze(1)
+    inverse = torch.empty(heads * num_q, dtype=torch.long)
+    inverse[q_index.flatten()[q_ok.flatten()]] = torch.arange(q_index.numel())[q_ok.flatten()]
+    row_empty = (active == 0).repeat_interleave(q_block, dim=-1)[:, :num_q]  # [H, Nq]
+    return q_index, k_index, inverse, mask_bias, row_empty
+
+
+def _block_sparse_tiles(query, key, block_mask, q_block, kv_block):
+    mask = block_mask.detach().to("cpu", torch.bool).contiguous()
+    plan = _block_sparse_plan(
+        mask.numpy().tobytes(), tuple(mask.shape), query.shape[2], query.shape[1], key.shape[1], q_block, kv_block
+    )
+    device = query.device
+    q_index, k_index, inverse, mask_bias, row_empty = (t.to(device) for t in plan)
+    return q_index, k_index, inverse, mask_bias.to(_compute_dtype(query.dtype)), row_empty
+
+
+def block_sparse_forward(query, key, value, block_mask, q_block: int, kv_block: int, scale: float):
+    """Returns ``(out [B, Nq, H, D], lse [B, Nq, H])``; empty rows give 0 and ``lse = -inf``."""
+    dtype = _compute_dtype(query.dtype)
+    q_index, k_index, inverse, bias, row_empty = _block_sparse_tiles(query, key, block_mask, q_block, kv_block)
+    out_t, lse_t = _flash(
+        _gather(_head_major(query, dtype), q_index),
+        _gather(_head_major(key, dtype), k_index),
+        _gather(_head_major(value, dtype), k_index),
+        attn_mask=bias,
+        scale=scale,
+    )
+    out = _from_head_major(_ungather(out_t, inverse), query.shape, query.dtype)
+    lse = _ungather(lse_t, inverse)  # [H*Nq, B]
+    lse = lse.masked_fill(row_empty.reshape(-1, 1), float("-inf"))
+    return out, _from_head_major(lse, query.shape[:-1], lse.dtype)
+
+
+def block_sparse_backward(grad_out, query, key, value, out, lse, block_mask, q_block: int, kv_block: int, scale: float):
+    """Returns ``(d_query, d_key, d_value)``."""
+    dtype = _compute_dtype(query.dtype)
+    q_index, k_index, inverse, bias, _ = _block_sparse_tiles(query, key, block_mask, q_block, kv_block)
+    # empty rows have lse = -inf; any finite value gives them zero probabilities under the -inf mask
+    lse = torch.nan_to_num(lse.to(dtype), neginf=0.0)
+    lse_t = _gather(_head_major(lse.unsqueeze(-1), dtype), q_index).squeeze(-1)
+    d_query_t, d_key_t, d_value_t = _flash_backward(
+        _gather(_head_major(grad_out, dtype), q_index),
+        _gather(_head_major(query, dtype), q_index),
+        _gather(_head_major(key, dtype), k_index),
+        _gather(_head_major(value, dtype), k_index),
+        _gather(_head_major(out, dtype), q_index),
+        lse_t,
+        0.0,
+        False,
+        attn_mask=bias,
+        scale=scale,
+    )
+    num_kv_rows = key.shape[1] * key.shape[2]
+    d_query = _from_head_major(_ungather(d_query_t, inverse), query.shape, query.dtype)
+    d_key = _from_head_major(_scatter_add(d_key_t, k_index, num_kv_rows), key.shape, key.dtype)
+    d_value = _from_head_major(_scatter_add(d_value_t, k_index, num_kv_rows), value.shape, value.dtype)
+    return d_query, d_key, d_value

@@ -1,0 +1,189 @@
+"""Tiling analysis of generalized neighborhood attention (GNA), in plain Python (no GPU, no triton).
+
+The fused kernels (:mod:`visionzoo.kernels.triton_na`) work on multi-dimensional tiles in the
+coordinates of one dilation group: a query tile (e.g. 8x8 tokens in 2D) visits the key/value tiles
+that cover the union of its queries' windows, and only those. Per dimension that union is the
+interval ``[start(first query), end(last query))`` (window starts and ends never decrease along a
+dimension), and the kernel walks it in steps of the KV tile starting at its first key (tiles are
+not aligned to a global grid: loads are plain strided gathers, so any start works). The backward
+key/value-stationary kernel does the converse: a KV tile visits the query tiles of its *inverse
+neighborhood* (:func:`inverse_window`).
+
+Because the mask is an AND over dimensions, every count here factorises over dimensions (and
+dilation groups), which keeps the analysis cheap enough to pick tile shapes at run time
+(:func:`choose_tiles`).
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from typing import Dict, List, Sequence, Tuple
+
+from .checks import NeighborhoodParams
+from .indexing import attention_density, window_bounds
+
+#: Tokens per query tile and per key/value tile of the Triton kernels (both powers of two).
+Q_TILE_VOLUME = 64
+KV_TILE_VOLUME = 64
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def inverse_window(first: int, last: int, group_length: int, kernel_size: int, stride: int, is_causal: bool) -> Tuple[int, int]:
+    """Queries (inclusive range, group coordinates) whose windows contain a key in ``[first, last]``.
+
+    Closed form of the inverse neighborhood along one dimension; the Triton backward kernel uses
+    the same expressions. ``0 <= first <= last < group_length`` and ``kernel_size <= group_length``.
+    """
+    if is_causal:
+        # query i sees keys [max(leader - w + 1, 0), i]: i >= first, and the leader of i's stride
+        # group must satisfy leader - w + 1 <= last.
+        lo = first
+        if last + kernel_size - 1 >= group_length - 1:
+            hi = group_length - 1
+        else:
+            hi = min((last + kernel_size - stride) // stride * stride + stride - 1, group_length - 1)
+        return lo, hi
+    left = kernel_size // 2
+    right = kernel_size // 2 + kernel_size % 2 - 1
+    # window start of stride group q: clamp(leader_q - left, 0, L - w), leader_q = q*s + s//2 (clamped)
+    if first - kernel_size + 1 <= 0:
+        lo = 0
+    else:
+        lo = _cdiv(first - right - stride // 2, stride) * stride
+    if last >= group_length - kernel_size:
+        hi = group_length - 1
+    else:
+        hi = min((last + left - stride // 2) // stride * stride + stride - 1, group_length - 1)
+    return lo, hi
+
+
+@functools.lru_cache(maxsize=1024)
+def _group_windows(length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool) -> List[Tuple[List[int], List[int]]]:
+    """Per dilation group: (window starts, window ends) per query, in group coordinates."""
+    _, _, start, end = window_bounds(length, kernel_size, stride, dilation, is_causal)
+    return [(start[group::dilation].tolist(), end[group::dilation].tolist()) for group in range(dilation)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _dim_visits(
+    length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool, q_tile: int, kv_tile: int
+) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Along one dimension: KV tiles visited by each (non-empty) query tile, and query tiles
+    visited by each key/value tile in the backward pass, over all dilation groups."""
+    kv_per_q, q_per_kv = [], []
+    for starts, ends in _group_windows(length, kernel_size, stride, dilation, is_causal):
+        group_length = len(starts)
+        for first in range(0, group_length, q_tile):
+            last = min(first + q_tile, group_length) - 1
+            kv_per_q.append(_cdiv(ends[last] - starts[first], kv_tile))
+        for first in range(0, group_length, kv_tile):
+            last = min(first + kv_tile, group_length) - 1
+            lo, hi = inverse_window(first, last, group_length, kernel_size, stride, is_causal)
+            q_per_kv.append(_cdiv(hi - lo + 1, q_tile))
+    return tuple(kv_per_q), tuple(q_per_kv)
+
+
+def _tile_shapes(spatial: Sequence[int], volume: int) -> List[Tuple[int, ...]]:
+    """Power-of-two tile shapes with ``volume`` tokens; size-1 dimensions keep a tile of 1."""
+    exponent = int(math.log2(volume))
+    free = [dim for dim, length in enumerate(spatial) if length > 1] or [len(spatial) - 1]
+    shapes = []
+    for split in itertools.product(range(exponent + 1), repeat=len(free)):
+        if sum(split) == exponent:
+            shape = [1] * len(spatial)
+            for dim, power in zip(free, split):
+                shape[dim] = 2**power
+            shapes.append(tuple(shape))
+    return shapes
+
+
+def _work(spatial, params, q_tile, kv_tile, backward: bool) -> int:
+    """Tile pairs computed by one (batch, head): forward = sum over query tiles of KV tiles
+    visited; backward (KV-stationary) = sum over KV tiles of query tiles visited."""
+    total = 1
+    for dim, length in enumerate(spatial):
+        visits = _dim_visits(length, params.kernel_size[dim], params.stride[dim], params.dilation[dim],
+                             params.is_causal[dim], q_tile[dim], kv_tile[dim])
+        total *= sum(visits[1] if backward else visits[0])
+    return total
+
+
+@functools.lru_cache(maxsize=256)
+def choose_tiles(
+    spatial: Tuple[int, ...], params: NeighborhoodParams, backward: bool = False
+) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Query and KV tile shapes (``Q_TILE_VOLUME`` / ``KV_TILE_VOLUME`` tokens) that minimise the
+    number of tile pairs computed: by the Q-stationary forward (and dQ) pass, or with
+    ``backward=True`` by the KV-stationary dK/dV pass. Ties go to the first (most balanced
+    towards the last dimensions) candidate."""
+    spatial = tuple(spatial)
+    best = None
+    for q_tile in _tile_shapes(spatial, Q_TILE_VOLUME):
+        for kv_tile in _tile_shapes(spatial, KV_TILE_VOLUME):
+            work = _work(spatial, params, q_tile, kv_tile, backward)
+            if best is None or work < best[0]:
+                best = (work, q_tile, kv_tile)
+    return best[1], best[2]
+
+
+def tiling_analysis(
+    spatial: Sequence[int],
+    params: NeighborhoodParams,
+    q_tile: Sequence[int] = None,
+    kv_tile: Sequence[int] = None,
+) -> Dict[str, object]:
+    """How well the GNA tiling of the Triton kernels fits one problem (per batch and head).
+
+    Args:
+        spatial: token grid, e.g. ``(56, 56)``.
+        params: a :class:`NeighborhoodParams` (see :func:`visionzoo.kernels.make_params`).
+        q_tile, kv_tile: tile shapes; default: what the kernels pick (:func:`choose_tiles`).
+
+    Returns a dict with ``q_tile``, ``kv_tile``, ``q_tiles`` (non-empty query tiles),
+    ``kv_tiles_visited_max`` / ``kv_tiles_visited_mean`` (per query tile), ``kv_tiles_min``
+    (fewest KV tiles that can cover one query's window), ``dense_kv_tiles`` (KV tiles a dense
+    kernel visits per query tile), ``speed_of_light`` (= dense / max visited: the best speedup over
+    a dense kernel with the same tiles), ``tile_efficiency`` (useful / computed logits),
+    ``density`` and ``mask_bound`` (= 1 / density, the bound without tiles), and the same visit
+    counts for the KV-stationary backward pass (``q_tiles_visited_max`` / ``_mean``).
+    """
+    spatial = tuple(int(length) for length in spatial)
+    if len(spatial) != params.num_dims:
+        raise ValueError(f"tiling_analysis: spatial {spatial} does not match {params.num_dims}-D params")
+    if q_tile is None or kv_tile is None:
+        chosen_q, chosen_kv = choose_tiles(spatial, params)
+        q_tile = tuple(q_tile) if q_tile is not None else chosen_q
+        kv_tile = tuple(kv_tile) if kv_tile is not None else chosen_kv
+    q_tile, kv_tile = tuple(q_tile), tuple(kv_tile)
+    kv_max = kv_sum = q_max = q_sum = 1
+    num_q_tiles = num_kv_tiles = 1
+    for dim, length in enumerate(spatial):
+        kv_per_q, q_per_kv = _dim_visits(length, params.kernel_size[dim], params.stride[dim], params.dilation[dim],
+                                         params.is_causal[dim], q_tile[dim], kv_tile[dim])
+        kv_max, kv_sum, num_q_tiles = kv_max * max(kv_per_q), kv_sum * sum(kv_per_q), num_q_tiles * len(kv_per_q)
+        q_max, q_sum, num_kv_tiles = q_max * max(q_per_kv), q_sum * sum(q_per_kv), num_kv_tiles * len(q_per_kv)
+    tokens = math.prod(spatial)
+    kv_volume, q_volume = math.prod(kv_tile), math.prod(q_tile)
+    dense_kv_tiles = _cdiv(tokens, kv_volume)
+    density = attention_density(spatial, params)
+    return {
+        "spatial": spatial,
+        "q_tile": q_tile,
+        "kv_tile": kv_tile,
+        "q_tiles": num_q_tiles,
+        "kv_tiles_visited_max": kv_max,
+        "kv_tiles_visited_mean": kv_sum / num_q_tiles,
+        "kv_tiles_min": math.prod(_cdiv(k, t) for k, t in zip(params.kernel_size, kv_tile)),
+        "dense_kv_tiles": dense_kv_tiles,
+        "speed_of_light": dense_kv_tiles / kv_max,
+        "tile_efficiency": density * tokens * tokens / (kv_sum * q_volume * kv_volume),
+        "density": density,
+        "mask_bound": 1.0 / density,
+        "kv_tiles": num_kv_tiles,
+        "q_tiles_visited_max": q_max,
+        "q_tiles_visited_mean": q_sum / num_kv_tiles,
+    }
