@@ -164,7 +164,7 @@ def _token_major(x: torch.Tensor) -> torch.Tensor:
 
 def _from_token_major(x: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """Token-major ``[N, B*H, ...]`` -> ``shape`` = ``[B, *spatial, H, ...]`` in ``dtype``."""
-    return x.reshape(x.shape[0], shape[0], -1).transpose(0, 1).reshape(shape).to(dtype)
+    return x.reshape(x.shape[0], shape[0], -1).transpose(0, 1).reshape(shape).to(dtype).contiguous()
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -275,7 +275,7 @@ def _from_head_major(x: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> 
     """``[H*N, B, ...]`` -> ``shape`` = ``[B, N, H, ...]``."""
     batch, tokens, heads = shape[0], shape[1], shape[2]
     x = x.reshape(heads, tokens, batch, -1).permute(2, 1, 0, 3)
-    return x.reshape(shape).to(dtype)
+    return x.reshape(shape).to(dtype).contiguous()
 
 
 @functools.lru_cache(maxsize=32)

@@ -41,12 +41,12 @@ def get_backend() -> str:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Context manager: ``with use_backend("reference"): model(x)``."""
-    previous = get_backend()
+    previous = getattr(_state, "backend", None)
     set_backend(name)
     try:
         yield
     finally:
-        set_backend(previous)
+        _state.backend = previous
 
 
 @functools.lru_cache(maxsize=None)

@@ -114,16 +114,20 @@ def _work(spatial, params, q_tile, kv_tile, backward: bool) -> int:
 
 @functools.lru_cache(maxsize=256)
 def choose_tiles(
-    spatial: Tuple[int, ...], params: NeighborhoodParams, backward: bool = False
+    spatial: Tuple[int, ...],
+    params: NeighborhoodParams,
+    backward: bool = False,
+    q_volume: int = Q_TILE_VOLUME,
+    kv_volume: int = KV_TILE_VOLUME,
 ) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """Query and KV tile shapes (``Q_TILE_VOLUME`` / ``KV_TILE_VOLUME`` tokens) that minimise the
-    number of tile pairs computed: by the Q-stationary forward (and dQ) pass, or with
-    ``backward=True`` by the KV-stationary dK/dV pass. Ties go to the first (most balanced
-    towards the last dimensions) candidate."""
+    """Query and KV tile shapes (``q_volume`` / ``kv_volume`` tokens, powers of two >= 16 for
+    the kernels) that minimise the number of tile pairs computed: by the Q-stationary forward (and
+    dQ) pass, or with ``backward=True`` by the KV-stationary dK/dV pass. Ties go to the first
+    candidate (the one with the larger tiles in the last dimensions)."""
     spatial = tuple(spatial)
     best = None
-    for q_tile in _tile_shapes(spatial, Q_TILE_VOLUME):
-        for kv_tile in _tile_shapes(spatial, KV_TILE_VOLUME):
+    for q_tile in _tile_shapes(spatial, q_volume):
+        for kv_tile in _tile_shapes(spatial, kv_volume):
             work = _work(spatial, params, q_tile, kv_tile, backward)
             if best is None or work < best[0]:
                 best = (work, q_tile, kv_tile)

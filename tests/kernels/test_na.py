@@ -1,0 +1,237 @@
+"""Neighborhood attention: reference vs brute force, CPU path vs reference, checks, dispatch, compile."""
+import pytest
+import torch
+
+from tests.kernels.brute_force import brute_force_na
+from visionzoo.kernels import (
+    attention_density,
+    get_backend,
+    make_params,
+    na1d,
+    na2d,
+    na3d,
+    neighborhood_attention,
+    neighborhood_mask,
+    use_backend,
+)
+
+OPS = {1: na1d, 2: na2d, 3: na3d}
+
+# (spatial, kernel_size, stride, dilation, is_causal, heads, head_dim)
+CASES = [
+    ((11,), 3, 1, 1, False, 2, 4),
+    ((13,), 4, 1, 3, False, 1, 3),  # even kernel, dilation that does not divide
+    ((12,), 5, 2, 2, False, 2, 4),  # stride inside dilation groups
+    ((10,), 4, 1, 1, True, 2, 4),  # causal, even kernel
+    ((14,), 5, 3, 1, True, 1, 4),  # causal with stride
+    ((9, 11), 3, 1, 1, False, 2, 4),
+    ((7, 10), (3, 5), 1, (2, 1), False, 1, 4),  # non-square kernel, dilation on one axis
+    ((8, 9), (4, 3), (2, 3), 1, False, 2, 3),  # even kernel, stride per dimension
+    ((9, 9), 3, 3, 1, False, 1, 4),  # blocked (window) attention
+    ((10, 7), (4, 3), 1, (1, 2), (True, False), 1, 4),  # causal on one dimension
+    ((4, 5, 6), (3, 3, 5), 1, 1, False, 1, 4),
+    ((5, 6, 4), (2, 3, 3), (1, 2, 1), (2, 1, 1), (True, False, False), 1, 3),
+]
+
+
+def _ids(case):
+    spatial, kernel, stride, dilation, causal, *_ = case
+    return f"{'x'.join(map(str, spatial))}-k{kernel}-s{stride}-d{dilation}-c{causal}".replace(" ", "")
+
+
+def _inputs(spatial, heads, head_dim, dtype, batch=2, seed=0, requires_grad=False):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, *spatial, heads, head_dim)
+    return [torch.randn(shape, generator=generator, dtype=dtype).requires_grad_(requires_grad) for _ in range(3)]
+
+
+def _rpb(kernel, num_dims, heads, dtype, seed=1):
+    kernel = (kernel,) * num_dims if isinstance(kernel, int) else kernel
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((heads, *(2 * k - 1 for k in kernel)), generator=generator, dtype=dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("with_rpb", [False, True])
+def test_reference_matches_brute_force(case, with_rpb):
+    spatial, kernel, stride, dilation, causal, heads, head_dim = case
+    if with_rpb and stride != 1:
+        pytest.skip("rpb is defined for stride 1")
+    q, k, v = _inputs(spatial, heads, head_dim, torch.float64, batch=1)
+    rpb = _rpb(kernel, len(spatial), heads, torch.float64) if with_rpb else None
+    params = make_params(len(spatial), kernel, stride, dilation, causal)
+    expected = brute_force_na(q, k, v, params.kernel_size, params.stride, params.dilation, params.is_causal, rpb=rpb)
+    out = OPS[len(spatial)](q, k, v, kernel, stride, dilation, causal, rpb=rpb, backend="reference")
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_every_query_attends_kernel_size_keys(case):
+    spatial, kernel, stride, dilation, causal, *_ = case
+    params = make_params(len(spatial), kernel, stride, dilation, causal)
+    counts = neighborhood_mask(spatial, params).sum(-1)
+    if not any(params.is_causal):
+        assert torch.all(counts == torch.tensor(params.kernel_size).prod())
+    else:
+        assert counts.min() >= 1 and counts.max() <= torch.tensor(params.kernel_size).prod()
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("with_rpb", [False, True])
+def test_cpu_matches_reference_fp32(case, with_rpb):
+    spatial, kernel, stride, dilation, causal, heads, head_dim = case
+    if with_rpb and stride != 1:
+        pytest.skip("rpb is defined for stride 1")
+    op = OPS[len(spatial)]
+    q, k, v = _inputs(spatial, heads, head_dim, torch.float32, requires_grad=True)
+    rpb = _rpb(kernel, len(spatial), heads, torch.float32).requires_grad_() if with_rpb else None
+    inputs = [q, k, v] + ([rpb] if with_rpb else [])
+    expected = op(q, k, v, kernel, stride, dilation, causal, rpb=rpb, backend="reference")
+    out = op(q, k, v, kernel, stride, dilation, causal, rpb=rpb, backend="cpu")
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(out)
+    grads_expected = torch.autograd.grad(expected, inputs, grad)
+    grads = torch.autograd.grad(out, inputs, grad)
+    for name, got, want in zip(["dq", "dk", "dv", "drpb"], grads, grads_expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6], CASES[7], CASES[11]], ids=_ids)
+def test_cpu_gradcheck_fp64(case):
+    spatial, kernel, stride, dilation, causal, heads, head_dim = case
+    op = OPS[len(spatial)]
+    q, k, v = _inputs(spatial, heads, head_dim, torch.float64, batch=1, requires_grad=True)
+    inputs = [q, k, v]
+    rpb = None
+    if all(s == 1 for s in make_params(len(spatial), kernel, stride, dilation, causal).stride):
+        rpb = _rpb(kernel, len(spatial), heads, torch.float64).requires_grad_()
+        inputs.append(rpb)
+
+    def fn(*args):
+        return op(args[0], args[1], args[2], kernel, stride, dilation, causal, rpb=args[3] if rpb is not None else None,
+                  backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[6], CASES[10]], ids=_ids)
+def test_cpu_bf16_close_to_reference(case):
+    spatial, kernel, stride, dilation, causal, heads, head_dim = case
+    op = OPS[len(spatial)]
+    q, k, v = _inputs(spatial, heads, 16, torch.float32)
+    expected = op(q, k, v, kernel, stride, dilation, causal, backend="reference")
+    inputs = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    out = op(*inputs, kernel, stride, dilation, causal, backend="cpu")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=5e-2, atol=5e-2)
+    out.float().sum().backward()
+    reference_inputs = [t.detach().float().requires_grad_() for t in inputs]
+    op(*reference_inputs, kernel, stride, dilation, causal, backend="reference").sum().backward()
+    for got, want in zip(inputs, reference_inputs):
+        torch.testing.assert_close(got.grad.float(), want.grad, rtol=5e-2, atol=5e-2)
+
+
+def test_larger_nat_shape_fp32():
+    """A NAT-like stage (odd size, dilation, rpb) at fp32 tolerance, forward and backward."""
+    q, k, v = _inputs((23, 19), 3, 32, torch.float32, requires_grad=True)
+    rpb = _rpb(7, 2, 3, torch.float32).requires_grad_()
+    expected = na2d(q, k, v, 7, dilation=(3, 2), rpb=rpb, backend="reference")
+    out = na2d(q, k, v, 7, dilation=(3, 2), rpb=rpb, backend="cpu")
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, [q, k, v, rpb], grad),
+                         torch.autograd.grad(expected, [q, k, v, rpb], grad)):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_blocked_attention_equals_window_attention():
+    """stride == kernel == window: the op is Swin's (unshifted) window attention."""
+    q, k, v = _inputs((8, 12), 2, 8, torch.float64)
+    out = na2d(q, k, v, 4, stride=4, backend="cpu")
+    windows = [t.reshape(2, 2, 4, 3, 4, 2, 8).permute(0, 1, 3, 5, 2, 4, 6).reshape(2, 6, 2, 16, 8) for t in (q, k, v)]
+    expected = torch.softmax(windows[0] @ windows[1].transpose(-1, -2) * 8 ** -0.5, -1) @ windows[2]
+    expected = expected.reshape(2, 2, 3, 2, 4, 4, 8).permute(0, 1, 4, 2, 5, 3, 6).reshape(out.shape)
+    torch.testing.assert_close(out, expected)
+
+
+def test_density():
+    params = make_params(2, 7)
+    assert attention_density((56, 56), params) == pytest.approx(49 / 56 ** 2)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda q: na2d(q, q, q, 9), "kernel_size \\* dilation"),
+        (lambda q: na2d(q, q, q, 3, dilation=4), "dimension 0 has size 8"),
+        (lambda q: na2d(q, q, q, 3, stride=4), "stride must not exceed kernel_size"),
+        (lambda q: na2d(q, q, q, (3, 3, 3)), "kernel_size must have 2 entries"),
+        (lambda q: na2d(q, q, q, 0), "kernel_size must be >= 1"),
+        (lambda q: na2d(q, q[:, :4], q, 3), "same shape"),
+        (lambda q: na2d(q, q.double(), q.double(), 3), "same dtype"),
+        (lambda q: na1d(q, q, q, 3), "\\[B, L, heads, head_dim\\]"),
+        (lambda q: na3d(q, q, q, 3), "6 dims"),
+        (lambda q: na2d(q, q, q, 3, rpb=torch.zeros(2, 3, 3)), "rpb must have shape"),
+        (lambda q: na2d(q, q, q, 3, stride=2, rpb=torch.zeros(2, 5, 5)), "only defined for stride 1"),
+        (lambda q: na2d(q.long(), q.long(), q.long(), 3), "floating point"),
+        (lambda q: na2d(q, q, q, 3, backend="cuda-magic"), "unknown attention backend"),
+        (lambda q: neighborhood_attention(q[0, 0, 0], q[0, 0, 0], q[0, 0, 0], 3), "1-3 spatial dims"),
+    ],
+)
+def test_bad_input_raises_clear_error(call, message):
+    q = torch.randn(1, 8, 8, 2, 4)
+    with pytest.raises(ValueError, match=message):
+        call(q)
+
+
+def test_backend_selection():
+    q = torch.randn(1, 9, 9, 1, 4)
+    assert get_backend() == "auto"
+    with use_backend("reference"):
+        assert get_backend() == "reference"
+        out_reference = na2d(q, q, q, 3)
+    assert get_backend() == "auto"
+    torch.testing.assert_close(na2d(q, q, q, 3), out_reference)
+
+
+def test_backend_from_environment(monkeypatch):
+    monkeypatch.setenv("VISIONZOO_ATTN_BACKEND", "reference")
+    assert get_backend() == "reference"
+    monkeypatch.setenv("VISIONZOO_ATTN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        get_backend()
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    from visionzoo.kernels import dispatch
+
+    if not dispatch.triton_available():
+        pytest.skip("triton not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        dispatch.resolve_backend("triton", torch.device("cpu"))
+
+
+def test_custom_op_compiles_without_graph_break():
+    torch._dynamo.reset()
+    rpb = torch.randn(2, 5, 5, requires_grad=True)
+
+    def attention(q, k, v):
+        return na2d(q, k, v, 3, dilation=2, rpb=rpb).square().sum()
+
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+    q, k, v = _inputs((7, 9), 2, 8, torch.float32, requires_grad=True)
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, [q, k, v, rpb])
+    expected = torch.autograd.grad(attention(q, k, v), [q, k, v, rpb])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_custom_op_passes_opcheck():
+    q, k, v = _inputs((6, 7), 2, 4, torch.float32, requires_grad=True)
+    rpb = torch.randn(2, 5, 5, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.visionzoo.na_forward.default,
+        (q, k, v, rpb, [3, 3], [1, 1], [2, 1], [False, True], 0.5, "cpu"),
+    )
