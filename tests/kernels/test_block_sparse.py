@@ -78,7 +78,7 @@ def test_all_empty_mask():
     assert torch.all(out == 0)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[2]])
+@pytest.mark.parametrize("case", [(1, 11, 9, 2, 4, (4, 3), True), (1, 8, 8, 1, 4, 4, False)])
 def test_cpu_gradcheck_fp64(case):
     q, k, v, mask, block_size = _case_inputs(case, torch.float64)
     inputs = [t[:1].clone().requires_grad_() for t in (q, k, v)]

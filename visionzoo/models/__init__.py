@@ -1,1 +1,2 @@
 """Model families; importing this module registers them with timm."""
+from . import nat  # noqa: F401
