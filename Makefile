@@ -1,0 +1,38 @@
+# Quick start:  make demo   (set up, train a small model on the built-in data, benchmark)
+#               make test   (set up, run the test suite)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# PyPI's torchvision is built against PyPI's (CUDA) torch, which also runs on CPU-only machines.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev,triton,tensorboard]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# the built-in quick-start dataset (Debian package; needs root or sudo)
+data:
+	@if [ ! -d $(FASHION_MNIST) ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+demo: setup data
+	$(PY) tools/demo.py
+
+test: setup data
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) tools/bench_kernels.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,357 @@
+#!/usr/bin/env python
+"""Benchmark neighborhood attention implementations against each other in one run.
+
+For each shape: forward and forward+backward time and peak memory of our tiled path ("ours"), the
+dense reference, a naive per-query gather, dense SDPA with a boolean mask, compiled FlexAttention
+(forward only on CPU) and NATTEN (if installed), plus the "speed of light": dense unmasked SDPA time
+x attention density (what a perfectly sparse kernel running at dense-kernel efficiency would take).
+
+    python tools/bench_kernels.py                   # the default NAT-like shapes
+    python tools/bench_kernels.py --quick           # one small shape, a few seconds
+    python tools/bench_kernels.py --markdown perf.md --plot perf.png
+
+Peak memory on CPU is the increase of the process's peak resident set (Linux VmHWM, reset before
+each run, after returning freed heap pages to the OS) over the inputs; on CUDA it is
+``torch.cuda.max_memory_allocated``.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from visionzoo.kernels import attention_density, make_params, neighborhood_attention, neighborhood_mask
+from visionzoo.kernels.cpu import default_q_tile, tile_plan
+
+
+@dataclass
+class Shape:
+    batch: int
+    spatial: Tuple[int, ...]
+    heads: int
+    head_dim: int
+    kernel_size: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+
+    @property
+    def label(self) -> str:
+        dims = "x".join(map(str, self.spatial))
+        kernel = "x".join(map(str, self.kernel_size))
+        text = f"[{self.batch}, {dims}, {self.heads}h, {self.head_dim}] k{kernel}"
+        if any(d > 1 for d in self.dilation):
+            text += " d" + "x".join(map(str, self.dilation))
+        return text
+
+
+DEFAULT_SHAPES = [
+    Shape(2, (56, 56), 4, 32, (7, 7), (1, 1)),
+    Shape(8, (56, 56), 2, 32, (7, 7), (1, 1)),
+    Shape(8, (28, 28), 4, 32, (7, 7), (4, 4)),
+    Shape(8, (14, 14), 8, 32, (7, 7), (2, 2)),
+    Shape(2, (8, 16, 16), 2, 32, (3, 5, 5), (1, 1, 1)),
+]
+QUICK_SHAPES = [Shape(1, (28, 28), 2, 32, (7, 7), (1, 1))]
+
+
+# ----------------------------------------------------------------------------------------------
+# peak memory
+# ----------------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory of a call: CUDA allocator statistics, or the Linux peak RSS."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.linux = sys.platform.startswith("linux")
+        if self.linux and device.type == "cpu":
+            self.libc = ctypes.CDLL("libc.so.6")
+
+    @staticmethod
+    def _status(field_name: str) -> int:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field_name):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def measure(self, fn: Callable[[], None]) -> Optional[float]:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - base) / 2**20
+        if not self.linux:
+            return None
+        self.libc.malloc_trim(0)  # hand freed heap pages back, so that re-use shows up in the peak RSS
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # reset VmHWM to the current RSS
+        base = self._status("VmRSS")
+        fn()
+        return max(0, self._status("VmHWM") - base) / 2**20
+
+
+def timed(fn: Callable[[], None], device: torch.device, min_time: float, max_runs: int) -> float:
+    """Median seconds per call after one warm-up call."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < 3 or time.perf_counter() - start < min_time):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        begin = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - begin)
+    times.sort()
+    return times[len(times) // 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# the implementations compared
+# ----------------------------------------------------------------------------------------------
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """``[B, *spatial, H, D]`` -> ``[B, H, N, D]``."""
+    return x.reshape(x.shape[0], -1, x.shape[-2], x.shape[-1]).transpose(1, 2)
+
+
+def make_methods(shape: Shape, mask: torch.Tensor, with_flex: bool) -> Dict[str, Tuple[Callable, bool]]:
+    """name -> (fn(q, k, v) -> out, supports backward)."""
+    kwargs = dict(kernel_size=shape.kernel_size, dilation=shape.dilation)
+    keys_per_query = int(mask[0].sum())
+    methods: Dict[str, Tuple[Callable, bool]] = {
+        "ours": (lambda q, k, v: neighborhood_attention(q, k, v, backend="cpu", **kwargs), True),
+        "reference": (lambda q, k, v: neighborhood_attention(q, k, v, backend="reference", **kwargs), True),
+    }
+    if bool((mask.sum(-1) == keys_per_query).all()):
+        neighbors = mask.nonzero()[:, 1].view(mask.shape[0], keys_per_query).to(mask.device)
+
+        def gather(q, k, v):
+            q, k, v = _flat(q), _flat(k), _flat(v)
+            k_n, v_n = k[:, :, neighbors], v[:, :, neighbors]  # [B, H, N, K, D]
+            logits = torch.einsum("bhnd,bhnkd->bhnk", q, k_n) * q.shape[-1] ** -0.5
+            return torch.einsum("bhnk,bhnkd->bhnd", logits.softmax(-1), v_n)
+
+        methods["gather"] = (gather, True)
+    methods["sdpa+mask"] = (lambda q, k, v: F.scaled_dot_product_attention(_flat(q), _flat(k), _flat(v), attn_mask=mask), True)
+    if with_flex:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            tokens = mask.shape[0]
+            block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: mask[q_idx, kv_idx], None, None, tokens, tokens,
+                                           device=str(mask.device))
+            compiled = torch.compile(flex_attention, dynamic=False)
+            on_cpu = mask.device.type == "cpu"  # FlexAttention has no backward on CPU
+            methods["flex (compiled)"] = (lambda q, k, v: compiled(_flat(q), _flat(k), _flat(v), block_mask=block_mask),
+                                          not on_cpu)
+        except Exception as error:  # pragma: no cover - depends on the torch build
+            print(f"  FlexAttention unavailable: {error}", file=sys.stderr)
+    try:
+        import natten  # noqa: F401
+        from natten.functional import neighborhood_attention_generic
+
+        methods["natten"] = (
+            lambda q, k, v: neighborhood_attention_generic(q, k, v, kernel_size=shape.kernel_size,
+                                                           dilation=shape.dilation),
+            mask.device.type == "cuda",
+        )
+    except Exception:
+        pass
+    return methods
+
+
+@dataclass
+class Row:
+    shape: Shape
+    method: str
+    forward: Optional[float] = None
+    forward_backward: Optional[float] = None
+    memory_forward: Optional[float] = None
+    memory_forward_backward: Optional[float] = None
+    notes: List[str] = field(default_factory=list)
+
+
+def bench_shape(shape: Shape, device: torch.device, dtype: torch.dtype, args) -> Tuple[List[Row], Dict[str, float]]:
+    params = make_params(len(shape.spatial), shape.kernel_size, 1, shape.dilation, False)
+    mask = neighborhood_mask(shape.spatial, params).to(device)
+    size = (shape.batch, *shape.spatial, shape.heads, shape.head_dim)
+    q, k, v = (torch.randn(size, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    q_plain, k_plain, v_plain = q.detach(), k.detach(), v.detach()  # compiled FlexAttention on CPU refuses grad inputs
+    peak = PeakMemory(device)
+    rows = []
+    skip = set(args.skip or [])
+    for name, (fn, has_backward) in make_methods(shape, mask, with_flex="flex" not in skip).items():
+        if name in skip or (name == "reference" and math.prod(shape.spatial) > args.max_reference_tokens):
+            continue
+        row = Row(shape, name)
+
+        def forward():
+            with torch.no_grad():
+                fn(q_plain, k_plain, v_plain)
+
+        def forward_backward():
+            fn(q, k, v).float().sum().backward()
+            q.grad = k.grad = v.grad = None
+
+        row.forward = timed(forward, device, args.min_time, args.max_runs)
+        row.memory_forward = peak.measure(forward)
+        if has_backward:
+            row.forward_backward = timed(forward_backward, device, args.min_time, args.max_runs)
+            row.memory_forward_backward = peak.measure(forward_backward)
+        rows.append(row)
+        print(f"  {name:16s} fwd {row.forward * 1e3:9.2f} ms   fwd+bwd "
+              + (f"{row.forward_backward * 1e3:9.2f} ms" if row.forward_backward else "      n/a"), file=sys.stderr)
+
+    # speed of light: dense (unmasked) SDPA at the density of the neighborhood mask
+    density = attention_density(shape.spatial, params)
+    dense = lambda: F.scaled_dot_product_attention(_flat(q), _flat(k), _flat(v))  # noqa: E731
+
+    def dense_forward():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(_flat(q_plain), _flat(k_plain), _flat(v_plain))
+
+    def dense_forward_backward():
+        dense().sum().backward()
+        q.grad = k.grad = v.grad = None
+
+    plan = tile_plan(shape.spatial, params, default_q_tile(shape.spatial, params), False)
+    light = {
+        "density": density,
+        "forward": timed(dense_forward, device, args.min_time, args.max_runs) * density,
+        "forward_backward": timed(dense_forward_backward, device, args.min_time, args.max_runs) * density,
+        "halo": plan.kv_slots / plan.keys_per_query,
+        "q_tile": default_q_tile(shape.spatial, params),
+    }
+    return rows, light
+
+
+def _ms(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value * 1e3:.1f}"
+
+
+def _mb(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def render(results, device_name: str) -> str:
+    lines = [
+        f"Device: {device_name}; torch {torch.__version__}; times are medians in ms, memory is peak MiB.",
+        "",
+        "| shape | method | fwd ms | fwd+bwd ms | fwd MiB | fwd+bwd MiB | ours faster (fwd / fwd+bwd) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    summary = [
+        "",
+        "| shape | density | speed of light fwd / fwd+bwd ms | ours / light (fwd, fwd+bwd) | best alternative fwd+bwd | ours faster | tile halo |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for rows, light in results:
+        ours = next(row for row in rows if row.method == "ours")
+        for row in rows:
+            ratio_f = ratio_fb = "-"
+            if row is not ours:
+                ratio_f = f"{row.forward / ours.forward:.1f}x"
+                if row.forward_backward and ours.forward_backward:
+                    ratio_fb = f"{row.forward_backward / ours.forward_backward:.1f}x"
+            lines.append(
+                f"| {row.shape.label} | {row.method} | {_ms(row.forward)} | {_ms(row.forward_backward)} | "
+                f"{_mb(row.memory_forward)} | {_mb(row.memory_forward_backward)} | {ratio_f} / {ratio_fb} |"
+            )
+        alternatives = [r for r in rows if r is not ours and r.method != "reference" and r.forward_backward]
+        best = min(alternatives, key=lambda r: r.forward_backward) if alternatives else None
+        summary.append(
+            f"| {ours.shape.label} | {light['density'] * 100:.2f}% | {light['forward'] * 1e3:.2f} / "
+            f"{light['forward_backward'] * 1e3:.2f} | {ours.forward / light['forward']:.1f}x, "
+            f"{ours.forward_backward / light['forward_backward']:.1f}x | "
+            + (f"{best.method} {_ms(best.forward_backward)} ms | {best.forward_backward / ours.forward_backward:.1f}x"
+               if best else "- | -")
+            + f" | {light['halo']:.2f}x keys (q tile {'x'.join(map(str, light['q_tile']))}) |"
+        )
+    notes = [
+        "",
+        "Speed of light = dense unmasked SDPA time x attention density. 'tile halo' is the number of keys a",
+        "query tile computes per query over the keys it needs (the tiled path's extra work; the fused",
+        "CPU kernel then runs near dense-kernel efficiency, so ours / light is roughly halo x gather overhead).",
+    ]
+    return "\n".join(lines + summary + notes)
+
+
+def plot(results, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for axis, attribute, title in ((axes[0], "forward", "forward"), (axes[1], "forward_backward", "forward + backward")):
+        labels = [rows[0].shape.label for rows, _ in results]
+        methods = sorted({row.method for rows, _ in results for row in rows}, key=lambda m: (m != "ours", m))
+        width = 0.8 / len(methods)
+        for index, method in enumerate(methods):
+            values = []
+            for rows, _ in results:
+                row = next((r for r in rows if r.method == method), None)
+                value = getattr(row, attribute) if row else None
+                values.append(value * 1e3 if value else 0.0)
+            axis.bar([i + index * width for i in range(len(labels))], values, width, label=method)
+        light = [light[attribute] * 1e3 for _, light in results]
+        axis.scatter([i + 0.4 - width / 2 for i in range(len(labels))], light, marker="_", s=400, color="black",
+                     label="speed of light", zorder=3)
+        axis.set_yscale("log")
+        axis.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=20, ha="right", fontsize=7)
+        axis.set_ylabel("ms (log)")
+        axis.set_title(title)
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--quick", action="store_true", help="one small shape")
+    parser.add_argument("--skip", nargs="*", help="methods to leave out (e.g. flex reference)")
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per measurement")
+    parser.add_argument("--max-runs", type=int, default=20)
+    parser.add_argument("--max-reference-tokens", type=int, default=4096, help="skip the dense reference above this")
+    parser.add_argument("--markdown", help="also write the tables to this file")
+    parser.add_argument("--plot", help="write a bar chart (PNG) to this file")
+    parser.add_argument("--tiling", action="store_true", help="also print the GPU tiling analysis")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    shapes = QUICK_SHAPES if args.quick else DEFAULT_SHAPES
+    if device.type == "cpu":
+        device_name = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    else:
+        device_name = torch.cuda.get_device_name(device)
+    results = []
+    for index, shape in enumerate(shapes):
+        print(f"[{index + 1}/{len(shapes)}] {shape.label}", file=sys.stderr)
+        results.append(bench_shape(shape, device, dtype, args))
+    text = render(results, device_name)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write(text + "\n")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
