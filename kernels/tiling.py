@@ -32,7 +32,9 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def inverse_window(first: int, last: int, group_length: int, kernel_size: int, stride: int, is_causal: bool) -> Tuple[int, int]:
+def inverse_window(
+    first: int, last: int, group_length: int, kernel_size: int, stride: int, is_causal: bool
+) -> Tuple[int, int]:
     """Queries (inclusive range, group coordinates) whose windows contain a key in ``[first, last]``.
 
     Closed form of the inverse neighborhood along one dimension; the Triton backward kernel uses
@@ -62,7 +64,9 @@ def inverse_window(first: int, last: int, group_length: int, kernel_size: int, s
 
 
 @functools.lru_cache(maxsize=1024)
-def _group_windows(length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool) -> List[Tuple[List[int], List[int]]]:
+def _group_windows(
+    length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool
+) -> List[Tuple[List[int], List[int]]]:
     """Per dilation group: (window starts, window ends) per query, in group coordinates."""
     _, _, start, end = window_bounds(length, kernel_size, stride, dilation, is_causal)
     return [(start[group::dilation].tolist(), end[group::dilation].tolist()) for group in range(dilation)]

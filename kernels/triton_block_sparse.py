@@ -59,6 +59,12 @@ def head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def num_warps(head_dim: int) -> int:
+    """Warps per program: the backward keeps four fp32 [64, D] tiles live, too many registers
+    for 4 warps once D > 64."""
+    return 4 if head_dim <= 64 else 8
+
+
 @triton.jit
 def _mma(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation (see :func:`dtype_flags`)."""
@@ -267,7 +273,7 @@ def _common(query, key, q_block, kv_block):
     block_n, kv_sub = _tile(kv_block)
     shapes = (num_q, key.shape[1], heads, head_dim, q_block, kv_block)
     meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, KV_SUB=kv_sub, Q_SUB=q_sub, BLOCK_D=head_block(head_dim),
-                num_warps=4, num_stages=2, **dtype_flags(query.dtype))
+                num_warps=num_warps(head_dim), num_stages=2, **dtype_flags(query.dtype))
     return batch * heads, shapes, meta
 
 
@@ -275,6 +281,7 @@ def block_sparse_forward(query, key, value, block_mask, q_block: int, kv_block: 
     """``query [B, Nq, H, D]``, ``key``/``value [B, Nk, H, D]``, ``block_mask`` bool
     ``[nqb, nkb]`` or ``[H, nqb, nkb]`` -> ``(out [B, Nq, H, D], lse [B, Nq, H] float32)``."""
     check_supported("block_sparse_attention", query)
+    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     batch_heads, shapes, meta = _common(query, key, q_block, kv_block)
     counts, index, count_stride, index_stride = _block_lists(block_mask)
     num_q_blocks, num_kv_blocks = block_mask.shape[-2:]
@@ -289,6 +296,7 @@ def block_sparse_forward(query, key, value, block_mask, q_block: int, kv_block: 
 def block_sparse_backward(grad_out, query, key, value, out, lse, block_mask, q_block: int, kv_block: int, scale: float):
     """Gradients ``(dq, dk, dv)`` of :func:`block_sparse_forward` (same shapes as the inputs)."""
     check_supported("block_sparse_attention", query)
+    grad_out, query, key, value, out, lse = (t.contiguous() for t in (grad_out, query, key, value, out, lse))
     batch_heads, shapes, meta = _common(query, key, q_block, kv_block)
     delta = attention_delta(out, grad_out)
     num_q_blocks, num_kv_blocks = block_mask.shape[-2:]

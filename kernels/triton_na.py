@@ -25,7 +25,16 @@ import triton.language as tl
 
 from .checks import NeighborhoodParams
 from .tiling import choose_tiles
-from .triton_block_sparse import LN2, LOG2E, _mma, attention_delta, check_supported, dtype_flags, head_block
+from .triton_block_sparse import (
+    LN2,
+    LOG2E,
+    _mma,
+    attention_delta,
+    check_supported,
+    dtype_flags,
+    head_block,
+    num_warps,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,7 +270,7 @@ def _na_dq_kernel(
         ds = p * (dp - delta[:, None])  # d(loss)/d(logit), logit = q.k * scale + rpb
         dq = _mma(ds.to(k.dtype), k, dq, IEEE, UPCAST)
         if HAS_RPB:
-            tl.atomic_add(DRPB + _rpb_index(i0, i1, i2, j0, j1, j2, h, KS0, KS1, KS2), ds, mask=mask)
+            tl.atomic_add(DRPB + _rpb_index(i0, i1, i2, j0, j1, j2, h, KS0, KS1, KS2), ds, mask=mask, sem="relaxed")
     tl.store(DQ + q_offset, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -342,7 +351,7 @@ def _launch(query: torch.Tensor, params: NeighborhoodParams, rpb, backward: bool
     q_tile = (1,) * pad + tuple(q_tile)
     kv_tile = (1,) * pad + tuple(kv_tile)
     meta = dict(BLOCK_Q=q_tile[0] * q_tile[1] * q_tile[2], BLOCK_KV=kv_tile[0] * kv_tile[1] * kv_tile[2],
-                BLOCK_D=head_block(head_dim), HAS_RPB=rpb is not None, num_warps=4, num_stages=2,
+                BLOCK_D=head_block(head_dim), HAS_RPB=rpb is not None, num_warps=num_warps(head_dim), num_stages=2,
                 **dtype_flags(query.dtype))
     for dim in range(3):
         meta.update({f"KS{dim}": kernel[dim], f"ST{dim}": stride[dim], f"DIL{dim}": dilation[dim],
@@ -359,6 +368,7 @@ def na_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float)
     """``query``/``key``/``value`` ``[B, *spatial, H, D]`` (contiguous), ``rpb`` None or
     ``[H, 2k0-1, ...]`` -> ``(out [B, *spatial, H, D], lse [B, *spatial, H] float32)``."""
     check_supported("neighborhood attention", query)
+    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     sizes, meta, grid = _launch(query, params, rpb, backward=False)
     out = torch.empty_like(query)
     lse = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
@@ -370,6 +380,7 @@ def na_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float)
 def na_backward(grad_out, query, key, value, out, lse, rpb, params: NeighborhoodParams, scale: float):
     """Gradients ``(d_query, d_key, d_value, d_rpb or None)`` of :func:`na_forward`."""
     check_supported("neighborhood attention", query)
+    grad_out, query, key, value, out, lse = (t.contiguous() for t in (grad_out, query, key, value, out, lse))
     delta = attention_delta(out, grad_out)
     d_query, d_key, d_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
     if rpb is not None:
