@@ -9,6 +9,8 @@ x attention density (what a perfectly sparse kernel running at dense-kernel effi
     python tools/bench_kernels.py                   # the default NAT-like shapes
     python tools/bench_kernels.py --quick           # one small shape, a few seconds
     python tools/bench_kernels.py --markdown perf.md --plot perf.png
+    python tools/bench_kernels.py --tiling-only     # GPU tiling analysis, no timing (runs anywhere)
+    python tools/bench_kernels.py --device cuda     # GPU: Triton vs FlexAttention vs flash SDPA vs NATTEN
 
 Peak memory on CPU is the increase of the process's peak resident set (Linux VmHWM, reset before
 each run, after returning freed heap pages to the OS) over the inputs; on CUDA it is
@@ -31,6 +33,11 @@ import torch.nn.functional as F
 
 from visionzoo.kernels import attention_density, make_params, neighborhood_attention, neighborhood_mask
 from visionzoo.kernels.cpu import default_q_tile, tile_plan
+from visionzoo.kernels.tiling import tiling_analysis
+
+sys.path.insert(0, __import__("os").path.dirname(__file__))
+from bench_gpu import SHAPES as GPU_SHAPES  # noqa: E402
+from bench_gpu import gpu_benchmark_rows  # noqa: E402
 
 
 @dataclass
@@ -288,6 +295,44 @@ def render(results, device_name: str) -> str:
     return "\n".join(lines + summary + notes)
 
 
+def render_tiling() -> str:
+    """The Triton kernels' GNA tiling for every GPU benchmark shape: KV tiles visited per query tile
+    against the minimum and the dense count, and the speed-of-light bound that follows."""
+    lines = [
+        "GPU tiling (Triton kernels; per batch and head):",
+        "",
+        "| shape | q tile | kv tile | KV tiles visited max / mean | min to cover a window | dense | bound (dense / max) | 1/density |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, shape, kwargs in GPU_SHAPES:
+        spatial = shape[1:-2]
+        params = make_params(len(spatial), **kwargs)
+        info = tiling_analysis(spatial, params)
+        lines.append(
+            f"| {name} {list(shape)} {kwargs} | {'x'.join(map(str, info['q_tile']))} | "
+            f"{'x'.join(map(str, info['kv_tile']))} | {info['kv_tiles_visited_max']} / "
+            f"{info['kv_tiles_visited_mean']:.1f} | {info['kv_tiles_min']} | {info['dense_kv_tiles']} | "
+            f"{info['speed_of_light']:.1f}x | {info['mask_bound']:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def render_gpu(rows, device_name: str) -> str:
+    lines = [
+        f"Device: {device_name}; torch {torch.__version__}; fp16; times in ms; 'vs light' = time / (dense flash x density).",
+        "",
+        "| shape | method | fwd ms | fwd+bwd ms | fwd vs light | fwd+bwd vs light |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [row["name"], row["method"]]
+        for key in ("fwd_ms", "fwd_bwd_ms", "fwd_vs_sol", "fwd_bwd_vs_sol"):
+            value = row.get(key)
+            cells.append(f"{value:.2f}" if isinstance(value, float) else row.get("error", "-")[:60] if key == "fwd_ms" else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(results, path: str) -> None:
     import matplotlib
 
@@ -329,11 +374,23 @@ def main(argv=None) -> None:
     parser.add_argument("--max-reference-tokens", type=int, default=4096, help="skip the dense reference above this")
     parser.add_argument("--markdown", help="also write the tables to this file")
     parser.add_argument("--plot", help="write a bar chart (PNG) to this file")
-    parser.add_argument("--tiling", action="store_true", help="also print the GPU tiling analysis")
+    parser.add_argument("--tiling-only", action="store_true", help="print the GPU tiling analysis and stop")
     args = parser.parse_args(argv)
+
+    tiling = render_tiling()
+    if args.tiling_only:
+        print(tiling)
+        return
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    if device.type == "cuda":
+        text = render_gpu(gpu_benchmark_rows(), torch.cuda.get_device_name(device)) + "\n\n" + tiling
+        print(text)
+        if args.markdown:
+            with open(args.markdown, "w") as handle:
+                handle.write(text + "\n")
+        return
     shapes = QUICK_SHAPES if args.quick else DEFAULT_SHAPES
     if device.type == "cpu":
         device_name = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
@@ -343,7 +400,7 @@ def main(argv=None) -> None:
     for index, shape in enumerate(shapes):
         print(f"[{index + 1}/{len(shapes)}] {shape.label}", file=sys.stderr)
         results.append(bench_shape(shape, device, dtype, args))
-    text = render(results, device_name)
+    text = render(results, device_name) + "\n\n" + tiling
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as handle:
