@@ -1,0 +1,194 @@
+"""Checks every registered ``visionzoo_*`` model must pass (timm API conventions).
+
+Cheap checks (build on the meta device) run for every model; forward / backward checks run at low
+resolution for the smallest variant of each family (``visionzoo_<family>_<size>``), and
+``torch.compile`` for one model per model file, to keep the suite within the CI budget.
+"""
+import math
+import re
+from collections import defaultdict
+
+import pytest
+import torch
+import torch.nn as nn
+import timm
+
+import visionzoo  # noqa: F401  (registers the models)
+
+MODELS = timm.list_models("visionzoo_*")
+_SIZE_RANK = {"m": 0, "t": 1, "s": 2, "b": 3, "l": 4}
+
+
+def _rank(name):
+    size = name.rsplit("_", 1)[1]
+    return (_SIZE_RANK.get(size, int(size) if size.isdigit() else 99), name)
+
+
+def _smallest(names, group_of):
+    groups = defaultdict(list)
+    for name in names:
+        groups[group_of(name)].append(name)
+    return sorted(min(group, key=_rank) for group in groups.values())
+
+
+# the smallest variant of each family (name without the size) and, of those, one per model file
+SMALLEST = _smallest(MODELS, lambda name: name.rsplit("_", 1)[0])
+COMPILE = _smallest(SMALLEST, lambda name: timm.models.model_entrypoint(name).__module__)
+SIZE = 64
+BATCH = 2
+
+
+def _create(name, **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(name, img_size=SIZE, **kwargs)
+
+
+def _image(height=SIZE, width=SIZE):
+    return torch.randn(BATCH, 3, height, width, generator=torch.Generator().manual_seed(1))
+
+
+def _feature_info(model):
+    return model.feature_info if isinstance(model.feature_info, list) else model.feature_info.info
+
+
+def test_models_registered():
+    assert MODELS and SMALLEST and COMPILE
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_build_and_pretrained_cfg(name):
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    cfg = model.pretrained_cfg
+    assert sum(p.numel() for p in model.parameters()) > 0
+    first_conv = model.get_submodule(cfg["first_conv"])
+    assert isinstance(first_conv, nn.Conv2d) and first_conv.in_channels == cfg["input_size"][0]
+    classifier = model.get_submodule(cfg["classifier"])
+    assert classifier is model.get_classifier()
+    assert isinstance(classifier, nn.Linear) and classifier.out_features == cfg["num_classes"] == model.num_classes
+    assert classifier.in_features == model.num_features == model.head_hidden_size
+    info = _feature_info(model)
+    assert info[-1]["num_chs"] == model.num_features
+    assert [f["reduction"] for f in info] == sorted(f["reduction"] for f in info)
+    assert tuple(cfg["pool_size"]) == tuple(s // info[-1]["reduction"] for s in cfg["input_size"][1:])
+    for key in ("mean", "std", "crop_pct", "interpolation", "license"):
+        assert cfg.get(key) is not None, key
+    parameters = dict(model.named_parameters())
+    assert model.no_weight_decay() <= parameters.keys()
+    for coarse in (False, True):
+        matcher = model.group_matcher(coarse=coarse)
+        groups = timm.models.group_parameters(model, matcher)
+        assert groups[0] == [n for n in parameters if re.match(matcher["stem"], n)]  # stem first
+        assert len(groups) > len(info)  # stem, then at least one group per feature level
+
+
+@pytest.mark.parametrize("name", SMALLEST)
+def test_forward_backward_reaches_every_parameter(name):
+    model = _create(name).train()
+    out = model(_image())
+    assert out.shape == (BATCH, model.num_classes)
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", SMALLEST)
+def test_num_classes_and_reset_classifier(name):
+    model = _create(name, num_classes=10).eval()
+    image = _image()
+    with torch.no_grad():
+        assert model(image).shape == (BATCH, 10)
+        features = model.forward_features(image)
+        pooled = model.forward_head(features, pre_logits=True)
+        assert pooled.shape == (BATCH, model.num_features)
+        model.reset_classifier(0)
+        assert model(image).shape == (BATCH, model.num_features)
+        torch.testing.assert_close(model(image), pooled)
+        model.reset_classifier(5)
+        assert model(image).shape == (BATCH, 5)
+        assert model.get_classifier().out_features == 5
+
+
+@pytest.mark.parametrize("name", SMALLEST)
+def test_features_only_matches_feature_info(name):
+    model = _create(name, features_only=True).eval()
+    with torch.no_grad():
+        features = model(_image())
+    assert len(features) == len(model.feature_info.channels())
+    for feature, channels, reduction in zip(features, model.feature_info.channels(), model.feature_info.reduction()):
+        assert feature.shape[:2] == (BATCH, channels)  # NCHW
+        assert feature.shape[2:] == (math.ceil(SIZE / reduction),) * 2
+
+
+@pytest.mark.parametrize("name", SMALLEST)
+def test_forward_intermediates(name):
+    model = _create(name).eval()
+    image = _image()
+    info = _feature_info(model)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(image)
+        torch.testing.assert_close(final, model.forward_features(image))
+        assert len(intermediates) == len(info)
+        for feature, entry in zip(intermediates, info):
+            side = math.ceil(SIZE / entry["reduction"])
+            assert feature.shape == (BATCH, entry["num_chs"], side, side)
+        last = model.forward_intermediates(image, indices=1, intermediates_only=True, stop_early=True)
+        torch.testing.assert_close(last[0], intermediates[-1])
+        pruned = model.prune_intermediate_layers(indices=[0], prune_head=True)
+        assert pruned == [0]
+        first = model.forward_intermediates(image, indices=[0], intermediates_only=True)
+        torch.testing.assert_close(first[0], intermediates[0])
+
+
+@pytest.mark.parametrize("name", SMALLEST)
+def test_grad_checkpointing_gives_same_output_and_gradients(name):
+    model = _create(name).eval()
+    image = _image().requires_grad_()
+    plain = model(image)
+    (plain_grad,) = torch.autograd.grad(plain.square().sum(), image)
+    model.set_grad_checkpointing(True)
+    checkpointed = model(image)
+    (checkpointed_grad,) = torch.autograd.grad(checkpointed.square().sum(), image)
+    torch.testing.assert_close(checkpointed, plain)
+    torch.testing.assert_close(checkpointed_grad, plain_grad)
+
+
+@pytest.mark.parametrize("height, width", [(96, 128), (100, 76), (33, 47)])
+@pytest.mark.parametrize("name", SMALLEST)
+def test_other_input_sizes(name, height, width):
+    model = _create(name).eval()
+    image = _image(height, width)
+    with torch.no_grad():
+        assert model(image).shape == (BATCH, model.num_classes)
+        features = model.forward_intermediates(image, intermediates_only=True)
+    for feature, entry in zip(features, _feature_info(model)):
+        assert feature.shape[2:] == (math.ceil(height / entry["reduction"]), math.ceil(width / entry["reduction"]))
+
+
+@pytest.mark.parametrize("name", SMALLEST)
+def test_state_dict_round_trip(name, tmp_path):
+    model = _create(name).eval()
+    path = tmp_path / "weights.pth"
+    torch.save(model.state_dict(), path)
+    torch.manual_seed(1)
+    loaded = timm.create_model(name, img_size=SIZE, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    image = _image()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(image), model(image))
+
+
+@pytest.mark.parametrize("name", COMPILE)
+def test_torch_compile_without_graph_breaks(name):
+    # aot_eager traces forward and backward through the attention custom ops (fake kernels) in one
+    # graph; inductor's C++ code generation would cost about a minute per model on CI
+    torch._dynamo.reset()
+    model = _create(name).eval()
+    image = _image()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(image)
+    torch.testing.assert_close(out, model(image))
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -1,0 +1,443 @@
+#!/usr/bin/env python
+"""Benchmark registered models: params, FLOPs, inference / training throughput, latency, peak memory.
+
+    python tools/benchmark.py                                  # every visionzoo_* model, defaults
+    python tools/benchmark.py --models 'visionzoo_nat_*' --img-size 64 128 224 --dtype float32 bfloat16
+    python tools/benchmark.py --models visionzoo_nat_m --img-size 224 --batch-size 8 --update-cards
+
+Per (model, resolution, dtype) it measures, in one process and one run:
+  * params; GMACs of one forward pass (multiply-accumulates, the papers' "FLOPs"; ``gflops`` in the
+    CSV is twice that), counted with ``torch.utils.flop_counter.FlopCounterMode`` on the meta device.
+    The neighborhood-attention op (``visionzoo::na_forward``) is a custom op the counter cannot see
+    into; its cost is added from its arguments: 4 * B * tokens * heads * head_dim * prod(kernel)
+    FLOPs (QK^T and AV). Block-sparse attention is counted from its block mask when the mask holds
+    values, otherwise the model is counted again on real CPU tensors;
+  * inference throughput (img/s at ``--batch-size``, ``torch.no_grad``) and latency (median ms at batch 1);
+  * training throughput (forward + backward + AdamW step, img/s);
+  * peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the growth of the process's
+    peak resident set (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` before each pass),
+    which also counts allocator slack.
+bfloat16 / float16 run under ``torch.autocast`` (weights stay float32).
+
+Writes ``benchmark.csv``, ``throughput_vs_flops.png`` and ``throughput_vs_resolution.png`` to
+``--output`` and prints a table. ``--update-cards`` replaces the text between
+``<!-- measured:begin -->`` and ``<!-- measured:end -->`` in ``model_cards/<model>.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import fnmatch
+import gc
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+import visionzoo  # noqa: F401  (registers the visionzoo_* models)
+from visionzoo.engine import create_classifier
+from visionzoo.kernels import get_backend, use_backend
+
+CARD_BEGIN = "<!-- measured:begin -->"
+CARD_END = "<!-- measured:end -->"
+FIELDS = ["model", "img_size", "batch_size", "dtype", "device", "channels_last", "compile", "params_m", "gmacs",
+          "gflops", "gmacs_default", "default_size", "infer_img_s", "infer_latency_ms", "infer_peak_mib",
+          "train_img_s", "train_peak_mib", "memory_method", "error"]
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs
+# ----------------------------------------------------------------------------------------------
+class _FlopState:
+    needs_real_tensors = False
+
+
+def _register_flop_formulas() -> None:
+    """Teach FlopCounterMode the cost of the visionzoo attention ops (custom ops are opaque to it)."""
+    ops = torch.ops.visionzoo
+
+    @register_flop_formula(ops.na_forward)
+    def _na_forward_flops(query, key, value, rpb, kernel_size, *args, out_shape=None, **kwargs):
+        batch, *spatial, heads, head_dim = query
+        return 4 * batch * math.prod(spatial) * heads * head_dim * math.prod(kernel_size)
+
+    @register_flop_formula(ops.block_sparse_forward, get_raw=True)
+    def _block_sparse_forward_flops(query, key, value, block_mask, q_block, kv_block, *args, out_val=None, **kwargs):
+        batch, _, heads, head_dim = query.shape
+        if block_mask.device.type == "meta":
+            _FlopState.needs_real_tensors = True
+            return 0
+        pairs = block_mask.sum().item() * (1 if block_mask.dim() == 3 else heads)
+        return 4 * batch * head_dim * pairs * q_block * kv_block
+
+
+_register_flop_formulas()
+
+
+def count_flops(name: str, img_size: int, model_kwargs: dict) -> int:
+    """FLOPs (2 per multiply-add) of one forward pass at batch 1; the meta device when possible."""
+    def run(device):
+        with torch.device(device):
+            model = create_classifier(name, img_size=img_size, **model_kwargs).eval()
+        x = torch.zeros(1, 3, img_size, img_size, device=device)
+        # the custom-op backends route attention through visionzoo::na_forward, which has a formula
+        with use_backend("cpu"), FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x)
+        return counter.get_total_flops()
+
+    _FlopState.needs_real_tensors = False
+    try:
+        flops = run("meta")
+        if not _FlopState.needs_real_tensors:
+            return flops
+    except (NotImplementedError, RuntimeError):  # data-dependent code (e.g. .item()) cannot run on meta
+        pass
+    return run("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# memory
+# ----------------------------------------------------------------------------------------------
+def _release_freed_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:  # glibc keeps freed blocks; hand them back so the next RSS peak starts clean
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _proc_status_kib(field: str):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, or CPU peak-RSS growth (Linux), in MiB."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mib = None
+
+    @staticmethod
+    def method(device: torch.device) -> str:
+        if device.type == "cuda":
+            return "torch.cuda.max_memory_allocated"
+        return "peak RSS growth (VmHWM)" if _proc_status_kib("VmHWM") is not None else "n/a"
+
+    def __enter__(self):
+        _release_freed_memory()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset the peak RSS to the current RSS
+            except OSError:
+                pass
+            self.start = _proc_status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.mib = (torch.cuda.max_memory_allocated() - self.start) / 2 ** 20
+        elif self.start is not None:
+            self.mib = (_proc_status_kib("VmHWM") - self.start) / 1024
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device, warmup, iters):
+    """Seconds per call of ``fn`` (each call timed; returns the list)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(name, img_size, batch_size, dtype, device, args) -> dict:
+    row = dict(model=name, img_size=img_size, batch_size=batch_size, dtype=dtype, device=device.type,
+               channels_last=args.channels_last, compile=args.compile,
+               memory_method=PeakMemory.method(device))
+    model_kwargs = dict(num_classes=args.num_classes) if args.num_classes else {}
+    flops = count_flops(name, img_size, model_kwargs)
+    default_size = timm.models.get_pretrained_cfg(name)
+    default_size = default_size.input_size[-1] if default_size is not None else img_size
+    flops_default = flops if default_size == img_size else count_flops(name, default_size, model_kwargs)
+    row.update(gflops=flops / 1e9, gmacs=flops / 2e9, gmacs_default=flops_default / 2e9, default_size=default_size)
+
+    torch.manual_seed(0)
+    model = create_classifier(name, img_size=img_size, **model_kwargs).to(device)
+    row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    run_model = torch.compile(model) if args.compile else model
+    amp_dtype = None if dtype == "float32" else getattr(torch, dtype)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+
+    def batch(n):
+        return torch.randn(n, 3, img_size, img_size, device=device).contiguous(memory_format=memory_format)
+
+    # inference
+    model.eval()
+    x, x1 = batch(batch_size), batch(1)
+
+    def infer(inputs):
+        with torch.no_grad(), autocast():
+            run_model(inputs)
+
+    with PeakMemory(device) as memory:
+        times = _timed(lambda: infer(x), device, args.warmup, args.iters)
+    row.update(infer_img_s=batch_size / statistics.median(times), infer_peak_mib=memory.mib)
+    row["infer_latency_ms"] = 1e3 * statistics.median(_timed(lambda: infer(x1), device, args.warmup, args.iters))
+
+    # training
+    if not args.no_train:
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        target = torch.randint(0, getattr(model, "num_classes", None) or 1000, (batch_size,), device=device)
+
+        def train_step():
+            with autocast():
+                loss = torch.nn.functional.cross_entropy(run_model(x), target)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        with PeakMemory(device) as memory:
+            times = _timed(train_step, device, args.warmup, args.iters)
+        row.update(train_img_s=batch_size / statistics.median(times), train_peak_mib=memory.mib)
+        del optimizer
+    del model, run_model, x, x1
+    _release_freed_memory()
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# reports
+# ----------------------------------------------------------------------------------------------
+def machine_description(device: torch.device) -> str:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    text = (f"{platform.platform()}, {os.cpu_count()} CPUs ({cpu or 'unknown CPU'}), {torch.get_num_threads()} "
+            f"torch threads, Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}")
+    if device.type == "cuda":
+        text += f", GPU {torch.cuda.get_device_name(device)}"
+    return text + f", attention backend {get_backend()}"
+
+
+def _fmt(value, digits=1):
+    if value is None or value == "":
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def print_table(rows) -> None:
+    header = ["model", "size", "batch", "dtype", "params (M)", "GMACs", "infer img/s", "latency ms", "infer MiB",
+              "train img/s", "train MiB"]
+    body = [[r["model"], r["img_size"], r["batch_size"], r["dtype"], _fmt(r.get("params_m"), 2),
+             _fmt(r.get("gmacs"), 3), _fmt(r.get("infer_img_s")), _fmt(r.get("infer_latency_ms")),
+             _fmt(r.get("infer_peak_mib"), 0), _fmt(r.get("train_img_s")), _fmt(r.get("train_peak_mib"), 0)]
+            if not r.get("error") else [r["model"], r["img_size"], r["batch_size"], r["dtype"], "error: " + r["error"]]
+            + [""] * 6 for r in rows]
+    widths = [max(len(str(line[i])) for line in [header] + body) for i in range(len(header))]
+    for line in [header, ["-" * w for w in widths]] + body:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)))
+
+
+def plot(rows, output: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if not r.get("error")]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for (size, dtype) in sorted({(r["img_size"], r["dtype"]) for r in rows}):
+        group = [r for r in rows if (r["img_size"], r["dtype"]) == (size, dtype)]
+        ax.scatter([r["gmacs"] for r in group], [r["infer_img_s"] for r in group], label=f"{size}px {dtype}")
+        for r in group:
+            ax.annotate(r["model"].replace("visionzoo_", ""), (r["gmacs"], r["infer_img_s"]), fontsize=7)
+    ax.set(xlabel="GMACs per image", ylabel="inference img/s", title="throughput vs compute", xscale="log",
+           yscale="log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(output / "throughput_vs_flops.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for (model, dtype) in sorted({(r["model"], r["dtype"]) for r in rows}):
+        group = sorted((r for r in rows if (r["model"], r["dtype"]) == (model, dtype)), key=lambda r: r["img_size"])
+        ax.plot([r["img_size"] for r in group], [r["infer_img_s"] for r in group], "o-",
+                label=f"{model.replace('visionzoo_', '')} {dtype}")
+    ax.set(xlabel="input resolution (px)", ylabel="inference img/s", title="throughput vs resolution", yscale="log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(output / "throughput_vs_resolution.png", dpi=110)
+    plt.close(fig)
+
+
+def card_section(rows, command: str, machine: str) -> str:
+    first = rows[0]
+    where = "GPU" if first["device"] == "cuda" else "CPU"
+    lines = [
+        "**Measured** with `tools/benchmark.py` on the machine below (our measurement, not the paper's).",
+        "",
+        "| quantity | value |",
+        "|---|---|",
+        f"| params | {first['params_m']:.2f} M |",
+        f"| GMACs (the papers' \"FLOPs\") at {first['default_size']}x{first['default_size']} | "
+        f"{first['gmacs_default']:.2f} |",
+    ]
+    for r in rows:
+        setting = f"batch {r['batch_size']} at {r['img_size']}x{r['img_size']}, {r['dtype']}"
+        if r["channels_last"]:
+            setting += ", channels-last"
+        if r["compile"]:
+            setting += ", torch.compile"
+        lines.append(f"| {where} inference, {setting} | {r['infer_img_s']:.1f} img/s |")
+        if r.get("train_img_s") not in (None, ""):
+            lines.append(f"| {where} training (fwd + bwd + AdamW), {setting} | {r['train_img_s']:.1f} img/s |")
+    lines += ["", f"Command: `{command}`", "", f"Machine: {machine}."]
+    return "\n".join(lines)
+
+
+def update_card(path: Path, section: str) -> bool:
+    """Replace the measured block of one card; False when the card or its markers are missing."""
+    if not path.is_file():
+        return False
+    text = path.read_text()
+    begin, end = text.find(CARD_BEGIN), text.find(CARD_END)
+    if begin < 0 or end < begin:
+        return False
+    text = text[: begin + len(CARD_BEGIN)] + "\n" + section + "\n" + text[end:]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["visionzoo_*"], help="model names or glob patterns")
+    parser.add_argument("--exclude", nargs="*", default=[], help="glob patterns to leave out")
+    parser.add_argument("--img-size", type=int, nargs="+", default=[224], help="input resolutions")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile (compile time is not timed)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per measurement")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per measurement (median)")
+    parser.add_argument("--no-train", action="store_true", help="inference only")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--output", default="output/benchmark")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--update-cards", action="store_true", help="fill the measured section of model cards")
+    parser.add_argument("--cards-dir", default=str(Path(__file__).resolve().parents[1] / "model_cards"))
+    return parser
+
+
+def resolve_models(patterns, exclude):
+    names = []
+    for pattern in patterns:
+        found = timm.list_models(pattern) if any(c in pattern for c in "*?[") else [pattern]
+        if not found:
+            raise SystemExit(f"no registered model matches {pattern!r}")
+        names += [n for n in found if n not in names]
+    return [n for n in names if not any(fnmatch.fnmatch(n, e) for e in exclude)]
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    names = resolve_models(args.models, args.exclude)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in names:
+        for img_size in args.img_size:
+            for dtype in args.dtype:
+                try:
+                    row = measure(name, img_size, args.batch_size, dtype, device, args)
+                except Exception as e:  # one failing model should not hide the others' numbers
+                    row = dict(model=name, img_size=img_size, batch_size=args.batch_size, dtype=dtype,
+                               device=device.type, error=f"{type(e).__name__}: {e}".replace("\n", " ")[:300])
+                rows.append(row)
+                print(f"{name} {img_size}px {dtype}: " + (
+                    f"{row['infer_img_s']:.1f} img/s inference" if not row.get("error") else row["error"]),
+                    file=sys.stderr, flush=True)
+    with open(output / "benchmark.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r.get(k, "") for k in FIELDS})
+    print_table(rows)
+    if not args.no_plot:
+        plot(rows, output)
+    machine = machine_description(device)
+    print(f"\nmachine: {machine}\nresults: {output / 'benchmark.csv'}")
+    if args.update_cards:
+        backend = os.environ.get("VISIONZOO_ATTN_BACKEND")
+        command = ("VISIONZOO_ATTN_BACKEND=" + backend + " " if backend else "") + "python tools/benchmark.py " + \
+            " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        for name in names:
+            measured = [r for r in rows if r["model"] == name and not r.get("error")]
+            if not measured:
+                continue
+            card = Path(args.cards_dir) / f"{name}.md"
+            if update_card(card, card_section(measured, command, machine)):
+                print(f"updated {card}")
+            else:
+                print(f"skipped {card} (missing, or no {CARD_BEGIN} / {CARD_END} markers)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
