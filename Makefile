@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup mm data demo test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# mmdet / mmseg with mmcv built from source (cached by pip after the first build)
+mm: setup
+	tools/install_mm.sh $(PY)
 
 # the built-in quick-start dataset (Debian package; needs root or sudo)
 data:
@@ -28,7 +32,7 @@ data:
 demo: setup data
 	$(PY) tools/demo.py
 
-test: setup data
+test: setup mm data
 	$(PY) -m pytest -q
 
 bench: setup

@@ -42,11 +42,11 @@ from pathlib import Path
 
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 import visionzoo  # noqa: F401  (registers the visionzoo_* models)
 from visionzoo.engine import create_classifier
-from visionzoo.kernels import get_backend, use_backend
+from visionzoo.kernels import get_backend, resolve_backend, use_backend
 
 CARD_BEGIN = "<!-- measured:begin -->"
 CARD_END = "<!-- measured:end -->"
@@ -65,6 +65,8 @@ class _FlopState:
 def _register_flop_formulas() -> None:
     """Teach FlopCounterMode the cost of the visionzoo attention ops (custom ops are opaque to it)."""
     ops = torch.ops.visionzoo
+    if ops.na_forward in flop_registry:  # this module imported twice in one process
+        return
 
     @register_flop_formula(ops.na_forward)
     def _na_forward_flops(query, key, value, rpb, kernel_size, *args, out_shape=None, **kwargs):
@@ -262,7 +264,8 @@ def machine_description(device: torch.device) -> str:
             f"torch threads, Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}")
     if device.type == "cuda":
         text += f", GPU {torch.cuda.get_device_name(device)}"
-    return text + f", attention backend {get_backend()}"
+    backend, resolved = get_backend(), resolve_backend(None, device)
+    return text + f", attention backend {backend}" + (f" ({resolved})" if resolved != backend else "")
 
 
 def _fmt(value, digits=1):
@@ -284,6 +287,14 @@ def print_table(rows) -> None:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)))
 
 
+def _log_if_wide(ax, xs, ys) -> None:
+    """Log axes only for data spanning more than a decade (log ticks on a narrow range are unreadable)."""
+    for values, setter in ((xs, ax.set_xscale), (ys, ax.set_yscale)):
+        values = [v for v in values if v and v > 0]
+        if values and max(values) / min(values) > 10:
+            setter("log")
+
+
 def plot(rows, output: Path) -> None:
     import matplotlib
 
@@ -297,8 +308,8 @@ def plot(rows, output: Path) -> None:
         ax.scatter([r["gmacs"] for r in group], [r["infer_img_s"] for r in group], label=f"{size}px {dtype}")
         for r in group:
             ax.annotate(r["model"].replace("visionzoo_", ""), (r["gmacs"], r["infer_img_s"]), fontsize=7)
-    ax.set(xlabel="GMACs per image", ylabel="inference img/s", title="throughput vs compute", xscale="log",
-           yscale="log")
+    ax.set(xlabel="GMACs per image", ylabel="inference img/s", title="throughput vs compute")
+    _log_if_wide(ax, [r["gmacs"] for r in rows], [r["infer_img_s"] for r in rows])
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -310,7 +321,8 @@ def plot(rows, output: Path) -> None:
         group = sorted((r for r in rows if (r["model"], r["dtype"]) == (model, dtype)), key=lambda r: r["img_size"])
         ax.plot([r["img_size"] for r in group], [r["infer_img_s"] for r in group], "o-",
                 label=f"{model.replace('visionzoo_', '')} {dtype}")
-    ax.set(xlabel="input resolution (px)", ylabel="inference img/s", title="throughput vs resolution", yscale="log")
+    ax.set(xlabel="input resolution (px)", ylabel="inference img/s", title="throughput vs resolution")
+    _log_if_wide(ax, [r["img_size"] for r in rows], [r["infer_img_s"] for r in rows])
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -29,11 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="visionzoo_nat_m")
     parser.add_argument("--img-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--max-samples", type=int, default=8000, help="training images (of 60,000)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--max-samples", type=int, default=12000, help="training images (of 60,000)")
     parser.add_argument("--max-val-samples", type=int, default=2000, help="held-out test images (of 10,000)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the Debian package's)")
     parser.add_argument("--output", default="output/demo")
@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     train = [sys.executable, TOOLS / "train.py", "--model", args.model, "--dataset", "builtin/fashion-mnist",
              "--img-size", args.img_size, "--epochs", args.epochs, "--max-samples", args.max_samples,
              "--max-val-samples", args.max_val_samples, "--batch-size", args.batch_size, "--lr", args.lr,
-             "--sched-on-updates", "--warmup-epochs", 0, "--min-lr", 1e-5, "--drop-path", 0.0,
+             "--sched-on-updates", "--warmup-epochs", 0.5, "--min-lr", 1e-5, "--clip-grad", 1.0, "--drop-path", 0.0,
              "--scale", 0.75, 1.0, "--ratio", 0.9, 1.1, "--color-jitter", 0.0, "--smoothing", 0.1,
              "--crop-pct", 1.0, "--workers", args.workers, "--output", run_dir]
     if args.data_dir:

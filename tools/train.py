@@ -27,7 +27,6 @@ import csv
 import json
 import logging
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -460,7 +459,13 @@ def main(argv=None) -> dict:
     if checkpoint is not None:
         checkpoint_dir, weights, state = checkpoint
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        # the schedule comes from this run's arguments, positioned at the checkpoint's epoch / step
+        changed = sorted(k for k, v in scheduler.state_dict().items()
+                         if k != "metric" and state["scheduler"].get(k, v) != v)
+        if changed:
+            _logger.warning(f"the lr schedule differs from the checkpoint's ({', '.join(changed)}); using this run's")
+        scheduler.step(int(state["epoch"]))
+        scheduler.step_update(int(state["num_updates"]))
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         if ema is not None:

@@ -93,9 +93,10 @@ def build_model(args):
         if not args.model:
             raise SystemExit(f"{args.checkpoint} is not a tools/train.py checkpoint: pass --model to load it "
                              "through the model's pretrained loader")
+        # with num_classes in the overlay, timm keeps the file's classifier instead of dropping it
+        overlay = dict(file=str(path), **({"num_classes": args.num_classes} if args.num_classes else {}))
         model = create_classifier(args.model, img_size=args.img_size, pretrained=True,
-                                  pretrained_cfg_overlay=dict(file=str(path)), num_classes=args.num_classes,
-                                  **args.model_kwargs)
+                                  pretrained_cfg_overlay=overlay, num_classes=args.num_classes, **args.model_kwargs)
         return model, metadata
     if not args.model:
         raise SystemExit("give --checkpoint, or --model (with --pretrained for its published weights)")

@@ -25,7 +25,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 PathLike = Union[str, os.PathLike]
@@ -130,8 +130,9 @@ def save_checkpoint(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
+    for stale in root.glob(f".{name}.tmp-*"):  # left by a process killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         files = []
@@ -244,8 +245,6 @@ def read_weights(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, str
     """Tensors and header metadata of one safetensors file, with a clear error when it is damaged."""
     path = Path(path)
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
         return load_file(str(path)), metadata

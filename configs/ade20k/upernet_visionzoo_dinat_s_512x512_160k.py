@@ -1,0 +1,12 @@
+# DiNAT small (visionzoo_dinat_s.in1k): UperNet, ADE20K 512x512 crops, 160k iterations.
+# Written by tools/make_mm_configs.py from its MODELS table: edit the table, not this file.
+_base_ = '../_base_/upernet_visionzoo_512x512_160k_ade20k.py'
+model = dict(
+    backbone=dict(
+        type='DiNAT',
+        arch='small',
+        dense_schedule='seg',
+        drop_path_rate=0.5,
+        init_cfg=dict(type='Pretrained', checkpoint='https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/dinat_small_in1k_224.pth')),
+    decode_head=dict(in_channels=[96, 192, 384, 768]),
+    auxiliary_head=dict(in_channels=384))

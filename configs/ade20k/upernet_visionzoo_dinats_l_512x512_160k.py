@@ -1,0 +1,12 @@
+# DiNAT_s large (visionzoo_dinats_l.in22k): UperNet, ADE20K 512x512 crops, 160k iterations.
+# Written by tools/make_mm_configs.py from its MODELS table: edit the table, not this file.
+_base_ = '../_base_/upernet_visionzoo_512x512_160k_ade20k.py'
+model = dict(
+    backbone=dict(
+        type='DiNAT_s',
+        arch='large',
+        dense_schedule='seg',
+        drop_path_rate=0.3,
+        init_cfg=dict(type='Pretrained', checkpoint='https://shi-labs.com/projects/dinat/checkpoints/imagenet22k/dinat_s_large_in22k_224.pth')),
+    decode_head=dict(in_channels=[192, 384, 768, 1536]),
+    auxiliary_head=dict(in_channels=768))

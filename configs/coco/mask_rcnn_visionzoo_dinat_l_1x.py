@@ -1,0 +1,11 @@
+# DiNAT large (visionzoo_dinat_l.in22k): Mask R-CNN + FPN, COCO, 1x (12 epochs).
+# Written by tools/make_mm_configs.py from its MODELS table: edit the table, not this file.
+_base_ = '../_base_/mask_rcnn_visionzoo_fpn_1x_coco.py'
+model = dict(
+    backbone=dict(
+        type='DiNAT',
+        arch='large',
+        dense_schedule='det',
+        drop_path_rate=0.6,
+        init_cfg=dict(type='Pretrained', checkpoint='https://shi-labs.com/projects/dinat/checkpoints/imagenet22k/dinat_large_in22k_224.pth')),
+    neck=dict(in_channels=[192, 384, 768, 1536]))

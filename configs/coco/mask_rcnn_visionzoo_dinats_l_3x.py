@@ -1,0 +1,11 @@
+# DiNAT_s large (visionzoo_dinats_l.in22k): Mask R-CNN + FPN, COCO, 3x (36 epochs), multi-scale resize and crop.
+# Written by tools/make_mm_configs.py from its MODELS table: edit the table, not this file.
+_base_ = '../_base_/mask_rcnn_visionzoo_fpn_ms-crop-3x_coco.py'
+model = dict(
+    backbone=dict(
+        type='DiNAT_s',
+        arch='large',
+        dense_schedule='det',
+        drop_path_rate=0.6,
+        init_cfg=dict(type='Pretrained', checkpoint='https://shi-labs.com/projects/dinat/checkpoints/imagenet22k/dinat_s_large_in22k_224.pth')),
+    neck=dict(in_channels=[192, 384, 768, 1536]))

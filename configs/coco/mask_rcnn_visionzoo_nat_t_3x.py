@@ -1,0 +1,10 @@
+# NAT tiny (visionzoo_nat_t.in1k): Mask R-CNN + FPN, COCO, 3x (36 epochs), multi-scale resize and crop.
+# Written by tools/make_mm_configs.py from its MODELS table: edit the table, not this file.
+_base_ = '../_base_/mask_rcnn_visionzoo_fpn_ms-crop-3x_coco.py'
+model = dict(
+    backbone=dict(
+        type='NAT',
+        arch='tiny',
+        drop_path_rate=0.2,
+        init_cfg=dict(type='Pretrained', checkpoint='https://shi-labs.com/projects/nat/checkpoints/CLS/nat_tiny.pth')),
+    neck=dict(in_channels=[64, 128, 256, 512]))

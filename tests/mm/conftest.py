@@ -1,0 +1,139 @@
+"""Shared fixtures for the mm tests: a generated ADE20K / COCO dataset and tiny configs on the real ones.
+
+The tiny configs inherit the real files under configs/ (so the recipes, the registered backbones and
+the tools are what runs) and only shrink data, heads and schedules: 64x64 images, 32-channel
+necks and heads, a few iterations, no pretrained download.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs"
+TOOLS = ROOT / "tools"
+# the smallest variant of each hierarchical family
+SMALLEST = {"nat": "visionzoo_nat_m", "dinat": "visionzoo_dinat_m", "dinats": "visionzoo_dinats_t"}
+IMAGE_SIZE = 64
+
+
+def load_tool(name: str):
+    """Import ``tools/<name>.py`` as a module (tools/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"visionzoo_tools_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def dense_data(tmp_path_factory) -> Path:
+    """``<root>/ade20k`` and ``<root>/coco``: 8 train and 4 val images of 64x64, up to 2 garments each."""
+    make_dense_data = load_tool("make_dense_data")
+    root = tmp_path_factory.mktemp("dense_data")
+    return make_dense_data.make_dense_data(root, num_train=8, num_val=4, size=IMAGE_SIZE, seed=0,
+                                           max_objects=2, scale=(1.0, 1.8))
+
+
+def _classes() -> tuple:
+    return load_tool("make_dense_data").CLASSES
+
+
+def seg_config(path: Path, data_root: Path, model_name: str, max_iters: int = 2) -> Path:
+    """A tiny UperNet config on ``configs/ade20k/upernet_<model>_512x512_160k.py`` at ``path``."""
+    base = CONFIGS / "ade20k" / f"upernet_{model_name}_512x512_160k.py"
+    path.write_text(f"""
+_base_ = {str(base)!r}
+crop_size = ({IMAGE_SIZE}, {IMAGE_SIZE})
+model = dict(
+    data_preprocessor=dict(size=crop_size),
+    backbone=dict(init_cfg=None),
+    decode_head=dict(channels=32, pool_scales=(1, 2), num_classes=10),
+    auxiliary_head=dict(channels=16, num_classes=10))
+dataset = dict(
+    type='BaseSegDataset', data_root={str(data_root / 'ade20k')!r}, metainfo=dict(classes={_classes()!r}),
+    img_suffix='.jpg', seg_map_suffix='.png', reduce_zero_label=True)
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations'),  # reduce_zero_label: the dataset's
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackSegInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations'),
+    dict(type='PackSegInputs'),
+]
+train_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(_delete_=True, **dataset, pipeline=train_pipeline,
+                 data_prefix=dict(img_path='images/training', seg_map_path='annotations/training')))
+val_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(_delete_=True, **dataset, pipeline=test_pipeline,
+                 data_prefix=dict(img_path='images/validation', seg_map_path='annotations/validation')))
+test_dataloader = val_dataloader
+train_cfg = dict(max_iters={max_iters}, val_interval={max_iters})
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=1),
+    dict(type='PolyLR', eta_min=0.0, power=1.0, begin=1, end={max_iters}, by_epoch=False),
+]
+default_hooks = dict(
+    logger=dict(interval=1), checkpoint=dict(interval={max_iters}), visualization=dict(draw=False))
+""")
+    return path
+
+
+def det_config(path: Path, data_root: Path, model_name: str, schedule: str = "1x") -> Path:
+    """A tiny Mask R-CNN config on ``configs/coco/mask_rcnn_<model>_<schedule>.py``: one epoch of 4 steps."""
+    base = CONFIGS / "coco" / f"mask_rcnn_{model_name}_{schedule}.py"
+    coco = f"{data_root / 'coco'}/"
+    path.write_text(f"""
+_base_ = {str(base)!r}
+data_root = {coco!r}
+metainfo = dict(classes={_classes()!r})
+model = dict(
+    backbone=dict(init_cfg=None),
+    neck=dict(out_channels=32),
+    rpn_head=dict(in_channels=32, feat_channels=32),
+    roi_head=dict(
+        bbox_roi_extractor=dict(out_channels=32),
+        bbox_head=dict(in_channels=32, fc_out_channels=64, num_classes=10),
+        mask_roi_extractor=dict(out_channels=32),
+        mask_head=dict(num_convs=1, in_channels=32, conv_out_channels=32, num_classes=10)),
+    train_cfg=dict(rpn_proposal=dict(nms_pre=200, max_per_img=100), rcnn=dict(sampler=dict(num=64))),
+    # score_thr 0: an untrained model still predicts boxes, so that the metric has something to score
+    test_cfg=dict(rpn=dict(nms_pre=100, max_per_img=50), rcnn=dict(score_thr=0.0, max_per_img=20)))
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='Resize', scale=({IMAGE_SIZE}, {IMAGE_SIZE}), keep_ratio=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=({IMAGE_SIZE}, {IMAGE_SIZE}), keep_ratio=True),
+    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+train_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
+test_evaluator = val_evaluator
+train_cfg = dict(max_epochs=1, val_interval=1)
+param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=2)]
+default_hooks = dict(logger=dict(interval=1), visualization=dict(draw=False))
+""")
+    return path
+
+
+def subprocess_env() -> dict:
+    """The environment for tool subprocesses: one thread each (2 cores shared)."""
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")

@@ -1,0 +1,313 @@
+"""visionzoo.mm backbones: registration, outputs, frozen stages, checkpointing, pretrained loading,
+the official dense dilation schedules, and the import errors without the mm extra.
+
+Official checkpoints are generated from the spec's key layout (tests/models/test_nat.py), not
+from the model code.
+"""
+import logging
+import math
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("mmdet")
+pytest.importorskip("mmseg")
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from mmdet.registry import MODELS as DET_MODELS  # noqa: E402
+from mmengine.logging import MMLogger  # noqa: E402
+from mmseg.registry import MODELS as SEG_MODELS  # noqa: E402
+
+import visionzoo.mm  # noqa: E402
+from tests.mm.conftest import ROOT, SMALLEST, subprocess_env  # noqa: E402
+from tests.models.test_nat import ARCHS, official_forward, official_state_dict  # noqa: E402
+from visionzoo.checkpoint import save_weights  # noqa: E402
+from visionzoo.mm import DiNAT, DiNATs, NAT, VisionZooBackbone, dense_dilations  # noqa: E402
+from visionzoo.models.nat import checkpoint_filter_fn, dinat_dilations  # noqa: E402
+
+# /work/shared/specs/neighborhood.md (DiNAT) and the official DiNAT_s configs, for the T variants
+SPEC_DILATIONS = {
+    ("visionzoo_dinat_t", "det"): [[1, 28, 1], [1, 7, 1, 14], [1, 3, 1, 5, 1, 7] * 3, [1, 3, 1, 3, 1]],
+    ("visionzoo_dinat_t", "seg"): [[1, 16, 1], [1, 4, 1, 8], [1, 2, 1, 3, 1, 4] * 3, [1, 2, 1, 2, 1]],
+    ("visionzoo_dinat_m", "det"): [[1, 28, 1], [1, 7, 1, 14], [1, 3, 1, 5, 1, 7], [1, 3, 1, 3, 1]],
+    ("visionzoo_dinat_m", "seg"): [[1, 16, 1], [1, 4, 1, 8], [1, 2, 1, 3, 1, 4], [1, 2, 1, 2, 1]],
+    ("visionzoo_dinats_t", "det"): [[1, 28], [1, 14], [1, 3, 1, 5, 1, 7], [1, 3]],
+    ("visionzoo_dinats_t", "seg"): [[1, 16], [1, 8], [1, 2, 1, 3, 1, 4], [1, 2]],
+    ("visionzoo_dinats_s", "seg"): [[1, 16], [1, 8], [1, 2, 1, 3, 1, 4] * 3, [1, 2]],
+}
+
+
+def block_dilations(backbone):
+    return [[block.attn.dilation[0] for block in stage.blocks] for stage in backbone.model.stages]
+
+
+class Records(logging.Handler):
+    """Collects the messages of the current mmengine logger."""
+
+    def __enter__(self):
+        self.messages = []
+        MMLogger.get_current_instance().addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        MMLogger.get_current_instance().removeHandler(self)
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    @property
+    def text(self):
+        return "\n".join(self.messages)
+
+
+# ----------------------------------------------------------------------------------------------
+# registration and dilation schedules
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("registry, task", [(DET_MODELS, "det"), (SEG_MODELS, "seg")])
+def test_registered_in_mmdet_and_mmseg(registry, task):
+    assert registry.get("VisionZooBackbone") is VisionZooBackbone
+    for name, cls in (("NAT", NAT), ("DiNAT", DiNAT), ("DiNAT_s", DiNATs), ("DiNATs", DiNATs)):
+        registered = registry.get(name)
+        assert issubclass(registered, cls) and registered.task == task
+    assert set(visionzoo.mm.SCOPES) == {"mmdet", "mmseg"}
+
+
+def test_every_hierarchical_family_has_a_named_backbone():
+    families = set()
+    for name in timm.list_models("visionzoo_*"):
+        with torch.device("meta"):
+            model = timm.create_model(name, num_classes=0)
+        if hasattr(model, "stages"):  # hierarchical: stages at strides 4..32
+            families.add(name.rsplit("_", 1)[0].removeprefix("visionzoo_"))
+    assert families == {NAT.family, DiNAT.family, DiNATs.family}
+
+
+@pytest.mark.parametrize("model_name, task", sorted(SPEC_DILATIONS))
+def test_dense_dilations_equal_the_official_schedules(model_name, task):
+    expected = SPEC_DILATIONS[model_name, task]
+    assert dense_dilations(model_name, task) == expected
+    with torch.device("meta"):
+        backbone = VisionZooBackbone(model_name, dense_schedule=task)
+    assert block_dilations(backbone) == expected
+
+
+@pytest.mark.parametrize("registry, task", [(DET_MODELS, "det"), (SEG_MODELS, "seg")])
+def test_family_backbones_default_to_their_registry_task(registry, task):
+    with torch.device("meta"):
+        built = registry.build(dict(type="DiNAT", arch="mini"))
+        other = registry.build(dict(type="DiNAT_s", arch="t", dense_schedule="seg" if task == "det" else "det"))
+        explicit = registry.build(dict(type="DiNAT", arch="m", dilations=[[1, 2, 1], [1] * 4, [1] * 6, [1] * 5]))
+        classification = registry.build(dict(type="DiNAT", arch="m", dense_schedule=None, img_size=224))
+        nat = registry.build(dict(type="NAT", arch="mini"))
+    assert block_dilations(built) == SPEC_DILATIONS["visionzoo_dinat_m", task]
+    assert block_dilations(other) == SPEC_DILATIONS["visionzoo_dinats_t", "seg" if task == "det" else "det"]
+    assert block_dilations(explicit) == [[1, 2, 1], [1] * 4, [1] * 6, [1] * 5]
+    assert block_dilations(classification) == [[d for d, _ in stage] for stage in dinat_dilations((3, 4, 6, 5), 224)]
+    assert block_dilations(nat) == [[1] * depth for depth in (3, 4, 6, 5)]
+
+
+def test_dense_schedule_errors():
+    with pytest.raises(ValueError, match="no dense dilation schedule"):
+        VisionZooBackbone("visionzoo_nat_m", dense_schedule="det")
+    with pytest.raises(ValueError, match="task must be"):
+        dense_dilations("visionzoo_dinat_m", "cls")
+    with pytest.raises(ValueError, match="not both"):
+        VisionZooBackbone("visionzoo_dinat_m", dense_schedule="det", dilations=[[1] * 3, [1] * 4, [1] * 6, [1] * 5])
+
+
+# ----------------------------------------------------------------------------------------------
+# outputs, frozen stages, gradient checkpointing
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_name", sorted(SMALLEST.values()))
+@pytest.mark.parametrize("out_indices", [(0, 1, 2, 3), (1, 3), (2,)])
+def test_outputs_are_nchw_at_strides_4_to_32(model_name, out_indices):
+    backbone = VisionZooBackbone(model_name, out_indices=out_indices, dense_schedule=None).eval()
+    embed_dim = backbone.model.feature_info[0]["num_chs"]
+    with torch.no_grad():
+        outputs = backbone(torch.randn(2, 3, 64, 96))
+    assert isinstance(outputs, tuple) and len(outputs) == len(out_indices)
+    for i, output in zip(out_indices, outputs):
+        stride = 4 * 2**i
+        assert output.shape == (2, embed_dim * 2**i, math.ceil(64 / stride), math.ceil(96 / stride))
+    assert backbone.strides == [4 * 2**i for i in out_indices]
+    assert backbone.num_features == [embed_dim * 2**i for i in out_indices]
+    # the stages after the last output, the final norm and the head are gone
+    assert len(backbone.model.stages) == max(out_indices) + 1
+    assert {f"norm{i}" for i in out_indices} == {name for name, _ in backbone.named_children() if name.startswith("norm")}
+    assert not any(key.startswith(("model.norm.", "model.head.")) for key in backbone.state_dict())
+
+
+@pytest.mark.parametrize("frozen_stages, with_cp, frozen_prefixes", [
+    (-1, False, ()),
+    (0, False, ("model.patch_embed.",)),
+    (0, True, ("model.patch_embed.",)),  # checkpointed blocks after a frozen stem still get gradients
+    (2, False, ("model.patch_embed.", "model.stages.0.", "model.stages.1.", "norm0.", "norm1.")),
+])
+def test_frozen_stages_freeze_exactly_the_stem_and_first_stages(frozen_stages, with_cp, frozen_prefixes):
+    backbone = VisionZooBackbone("visionzoo_nat_m", frozen_stages=frozen_stages, with_cp=with_cp)
+    backbone.train()
+    for name, param in backbone.named_parameters():
+        assert param.requires_grad == (not name.startswith(frozen_prefixes)), name
+    for name, module in backbone.named_modules():
+        if name:
+            assert module.training == (not (name + ".").startswith(frozen_prefixes)), name
+    # frozen parameters get no gradient; the rest do
+    sum(output.sum() for output in backbone(torch.randn(1, 3, 64, 64))).backward()
+    for name, param in backbone.named_parameters():
+        assert (param.grad is None) == name.startswith(frozen_prefixes), name
+
+
+def test_frozen_stages_beyond_the_model_are_rejected():
+    with pytest.raises(ValueError, match="frozen_stages"):
+        VisionZooBackbone("visionzoo_nat_m", out_indices=(0, 1), frozen_stages=3)
+    frozen = VisionZooBackbone("visionzoo_nat_m", out_indices=(0, 1), frozen_stages=2)
+    assert not any(param.requires_grad for param in frozen.parameters())
+
+
+@pytest.mark.parametrize("model_name", ["visionzoo_nat_m", "visionzoo_dinats_t"])
+def test_with_cp_gives_the_same_outputs_and_gradients(model_name):
+    plain = VisionZooBackbone(model_name, drop_path_rate=0.0)
+    checkpointed = VisionZooBackbone(model_name, drop_path_rate=0.0, with_cp=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    assert all(stage.grad_checkpointing for stage in checkpointed.model.stages)
+    image = torch.randn(1, 3, 64, 64)
+    results = []
+    for backbone in (plain, checkpointed):
+        x = image.clone().requires_grad_()
+        outputs = backbone.train()(x)
+        sum((output**2).mean() for output in outputs).backward()
+        results.append((outputs, x.grad, backbone.model.patch_embed.norm.weight.grad))
+    for expected, actual in zip(*results):
+        torch.testing.assert_close(actual, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# init_cfg=dict(type='Pretrained'): official classification / dense checkpoints, our own layouts
+# ----------------------------------------------------------------------------------------------
+def official_dense_state_dict(model_name, seed=0):
+    """An official dense backbone's keys (classification keys without norm / head, plus norm{i})
+    under ``backbone.``, next to a neck's, as an mmdet / mmseg checkpoint."""
+    arch = ARCHS[model_name]
+    state = {f"backbone.{k}": v for k, v in official_state_dict(arch, seed).items() if not k.startswith(("norm.", "head."))}
+    generator = torch.Generator().manual_seed(seed + 1)
+    for i in range(4):
+        channels = arch["embed_dim"] * 2**i
+        state[f"backbone.norm{i}.weight"] = 1 + 0.1 * torch.randn(channels, generator=generator)
+        state[f"backbone.norm{i}.bias"] = 0.1 * torch.randn(channels, generator=generator)
+    state["neck.lateral_convs.0.conv.weight"] = torch.randn(8, arch["embed_dim"], 1, 1)
+    return state
+
+
+def load_pretrained(model_name, checkpoint, **kwargs):
+    backbone = VisionZooBackbone(model_name, init_cfg=dict(type="Pretrained", checkpoint=str(checkpoint)), **kwargs)
+    with Records() as records:
+        backbone.init_weights()
+    return backbone, records.text
+
+
+def assert_loaded(backbone, expected):
+    state = backbone.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+
+
+@pytest.mark.parametrize("model_name", ["visionzoo_nat_m", "visionzoo_dinats_t"])
+def test_pretrained_official_classification_checkpoint(model_name, tmp_path):
+    official = official_state_dict(ARCHS[model_name])
+    torch.save({"model": official}, tmp_path / "official.pth")
+    backbone, log = load_pretrained(model_name, tmp_path / "official.pth")
+    converted = checkpoint_filter_fn(official, backbone.model)
+    assert_loaded(backbone, {f"model.{k}": v for k, v in converted.items() if not k.startswith(("norm.", "head."))})
+    # reported through the mmengine logger: the classifier and final norm are not used, norm{i} are new
+    assert "unexpected key in source state_dict: model.norm.weight, model.norm.bias, model.head.fc.weight" in log
+    assert "missing keys in source state_dict: norm0.weight, norm0.bias" in log
+
+
+def test_pretrained_classification_checkpoint_gives_the_official_logits(tmp_path):
+    """All four stages loaded from an official NAT-M checkpoint: its final norm, pooling and head on
+    our last stage's output reproduce the official model's logits (independent reference)."""
+    arch = ARCHS["visionzoo_nat_m"]
+    official = official_state_dict(arch)
+    torch.save(official, tmp_path / "official.pth")
+    backbone, _ = load_pretrained("visionzoo_nat_m", tmp_path / "official.pth", out_indices=(3,), out_norms=False)
+    image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        features, = backbone.eval()(image)
+        x = F.layer_norm(features.permute(0, 2, 3, 1), features.shape[1:2], official["norm.weight"], official["norm.bias"])
+        logits = F.linear(x.mean(dim=(1, 2)), official["head.weight"], official["head.bias"])
+        expected = official_forward(official, arch, image, [[1] * depth for depth in arch["depths"]])
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("model_name", ["visionzoo_dinat_m", "visionzoo_dinats_t"])
+def test_pretrained_official_dense_checkpoint(model_name, tmp_path):
+    dense = official_dense_state_dict(model_name)
+    torch.save({"state_dict": dense, "meta": {"epoch": 36, "CLASSES": ("a", "b")}}, tmp_path / "dense.pth")
+    backbone, log = load_pretrained(model_name, tmp_path / "dense.pth")
+    backbone_keys = {k.removeprefix("backbone."): v for k, v in dense.items() if k.startswith("backbone.")}
+    converted = backbone.convert_state_dict(backbone_keys, prefix="")
+    assert converted.keys() == backbone.state_dict().keys()  # every key maps, nothing missing
+    assert_loaded(backbone, converted)
+    assert_loaded(backbone, {f"norm{i}.weight": dense[f"backbone.norm{i}.weight"] for i in range(4)})
+    assert "missing keys" not in log and "unexpected key" not in log
+
+
+def test_pretrained_own_layouts(tmp_path):
+    # a detector checkpoint of this wrapper (backbone.model.*, backbone.norm{i}.*)
+    source = VisionZooBackbone("visionzoo_dinats_t")
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "det.pth")
+    backbone, log = load_pretrained("visionzoo_dinats_t", tmp_path / "det.pth")
+    assert_loaded(backbone, source.state_dict())
+    assert "missing keys" not in log and "unexpected key" not in log
+    # a timm-layout classification model saved as safetensors (visionzoo's training tools)
+    model = timm.create_model("visionzoo_nat_m")
+    save_weights(tmp_path / "model.safetensors", model.state_dict())
+    backbone, _ = load_pretrained("visionzoo_nat_m", tmp_path / "model.safetensors")
+    assert_loaded(backbone, {f"model.{k}": v for k, v in model.state_dict().items() if not k.startswith(("norm.", "head."))})
+
+
+class NotWeights:
+    """Pickled as a class reference: torch.load(weights_only=True) must refuse it."""
+
+
+def test_pretrained_refuses_pickled_code(tmp_path):
+    torch.save({"state_dict": {}, "meta": NotWeights()}, tmp_path / "unsafe.pth")
+    backbone = VisionZooBackbone("visionzoo_nat_m", init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "unsafe.pth")))
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        backbone.init_weights()
+
+
+# ----------------------------------------------------------------------------------------------
+# without the mm extra
+# ----------------------------------------------------------------------------------------------
+def test_import_errors_without_the_mm_extra():
+    script = """
+import sys
+
+class NotInstalled:  # a meta path finder that makes packages look absent
+    blocked = {'mmdet', 'mmseg'}
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in self.blocked:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NotInstalled())
+import timm, visionzoo
+timm.create_model('visionzoo_nat_m', num_classes=0)
+for blocked in ('mmdet', 'mmengine'):
+    NotInstalled.blocked.add(blocked)
+    try:
+        import visionzoo.mm
+    except ImportError as e:
+        print('ERROR', e)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                            env=subprocess_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    errors = [line for line in result.stdout.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 2 and "neither mmdet nor mmseg" in errors[0] and "mmengine" in errors[1]
+    for error in errors:
+        assert "pip install visionzoo[mm]" in error and "mmcv" in error

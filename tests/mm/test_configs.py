@@ -1,0 +1,130 @@
+"""Every config under configs/ade20k and configs/coco parses on mmdet's / mmseg's own base configs,
+carries the papers' recipe, and builds its model (on the meta device: no memory, no init)."""
+import pytest
+
+pytest.importorskip("mmdet")
+pytest.importorskip("mmseg")
+
+import torch  # noqa: E402
+from mmdet.registry import MODELS as DET_MODELS  # noqa: E402
+from mmdet.registry import TRANSFORMS as DET_TRANSFORMS  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+from mmseg.registry import MODELS as SEG_MODELS  # noqa: E402
+from mmseg.registry import TRANSFORMS as SEG_TRANSFORMS  # noqa: E402
+
+import visionzoo.mm  # noqa: E402, F401
+from tests.mm.conftest import CONFIGS, load_tool  # noqa: E402
+from visionzoo.mm import dense_dilations  # noqa: E402
+from visionzoo.mm import runner  # noqa: E402
+from visionzoo.mm.runner import adapt_to_device  # noqa: E402
+
+SEG_CONFIGS = sorted((CONFIGS / "ade20k").glob("*.py"))
+DET_CONFIGS = sorted((CONFIGS / "coco").glob("*.py"))
+GENERATOR = load_tool("make_mm_configs")
+
+
+def test_configs_are_those_of_the_generator_table():
+    assert GENERATOR.main(["--check"]) == 0
+    assert set(SEG_CONFIGS) | set(DET_CONFIGS) == set(GENERATOR.expected_configs())
+    # every hierarchical model of the families, mini variants included
+    assert len(SEG_CONFIGS) == len(GENERATOR.MODELS) == 13 and len(DET_CONFIGS) == 2 * 13
+
+
+def model_name(path, task):
+    stem = path.stem.removeprefix("upernet_" if task == "seg" else "mask_rcnn_")
+    return stem.rsplit("_512x512", 1)[0] if task == "seg" else stem.rsplit("_", 1)[0]
+
+
+def built_backbone(cfg):
+    init_default_scope(cfg.default_scope)
+    registry = {"mmdet": DET_MODELS, "mmseg": SEG_MODELS}[cfg.default_scope]
+    with torch.device("meta"):
+        model = registry.build(cfg.model)
+    return model, model.backbone
+
+
+def build_pipelines(cfg, registry):
+    for loader in (cfg.train_dataloader, cfg.test_dataloader):
+        for transform in loader.dataset.pipeline:
+            registry.build(transform)
+
+
+def block_dilations(backbone):
+    return [[block.attn.dilation[0] for block in stage.blocks] for stage in backbone.model.stages]
+
+
+def check_backbone(cfg, backbone, name, task):
+    spec = GENERATOR.MODELS[name]
+    assert cfg.custom_imports == dict(imports=["visionzoo.mm"], allow_failed_imports=False)
+    assert backbone.model_name == name and backbone.out_indices == (0, 1, 2, 3)
+    assert cfg.model.backbone.drop_path_rate == spec[task]
+    assert cfg.model.backbone.init_cfg.type == "Pretrained"
+    assert cfg.model.backbone.init_cfg.checkpoint.startswith("https://shi-labs.com/projects/")
+    if spec["type"] != "NAT":
+        assert block_dilations(backbone) == dense_dilations(name, task)
+    assert dict(cfg.optim_wrapper.paramwise_cfg.custom_keys) == {
+        "rpb": dict(decay_mult=0.0), "norm": dict(decay_mult=0.0)}
+    assert dict(type="WeightsOnlyCheckpointHook") in cfg.custom_hooks
+
+
+@pytest.mark.parametrize("path", SEG_CONFIGS, ids=lambda p: p.stem)
+def test_upernet_160k_configs(path):
+    cfg = Config.fromfile(path)
+    assert cfg.default_scope == "mmseg"
+    model, backbone = built_backbone(cfg)
+    check_backbone(cfg, backbone, model_name(path, "seg"), "seg")
+    assert type(model).__name__ == "EncoderDecoder" and type(model.decode_head).__name__ == "UPerHead"
+    assert cfg.model.decode_head.in_channels == backbone.num_features
+    assert cfg.model.auxiliary_head.in_channels == backbone.num_features[2]
+    assert cfg.model.decode_head.num_classes == 150 and cfg.model.decode_head.norm_cfg.type == "SyncBN"
+    optimizer = cfg.optim_wrapper.optimizer
+    assert (optimizer.type, optimizer.lr, optimizer.weight_decay) == ("AdamW", 6e-5, 0.01)
+    warmup, poly = cfg.param_scheduler
+    assert (warmup.type, warmup.end, warmup.by_epoch) == ("LinearLR", 1500, False)
+    assert (poly.type, poly.power, poly.begin, poly.end, poly.eta_min) == ("PolyLR", 1.0, 1500, 160000, 0.0)
+    assert cfg.train_cfg.max_iters == 160000 and cfg.train_dataloader.batch_size == 2
+    assert cfg.crop_size == (512, 512) and cfg.train_dataloader.dataset.type == "ADE20KDataset"
+    build_pipelines(cfg, SEG_TRANSFORMS)
+
+
+@pytest.mark.parametrize("path", DET_CONFIGS, ids=lambda p: p.stem)
+def test_mask_rcnn_configs(path):
+    cfg = Config.fromfile(path)
+    assert cfg.default_scope == "mmdet"
+    model, backbone = built_backbone(cfg)
+    check_backbone(cfg, backbone, model_name(path, "det"), "det")
+    assert type(model).__name__ == "MaskRCNN"
+    assert cfg.model.neck.in_channels == backbone.num_features
+    optimizer = cfg.optim_wrapper.optimizer
+    assert (optimizer.type, optimizer.lr, optimizer.weight_decay) == ("AdamW", 1e-4, 0.05)
+    warmup, steps = cfg.param_scheduler
+    assert (warmup.type, warmup.start_factor, warmup.end, warmup.by_epoch) == ("LinearLR", 0.001, 1000, False)
+    three_x = path.stem.endswith("_3x")
+    assert steps.type == "MultiStepLR" and steps.milestones == ([27, 33] if three_x else [8, 11])
+    assert cfg.train_cfg.max_epochs == steps.end == (36 if three_x else 12)
+    transforms = [t.type for t in cfg.train_dataloader.dataset.pipeline]
+    assert ("RandomChoice" in transforms) == three_x  # multi-scale resize + crop
+    assert cfg.val_evaluator.metric == ["bbox", "segm"] and cfg.train_dataloader.dataset.type == "CocoDataset"
+    build_pipelines(cfg, DET_TRANSFORMS)
+
+
+def test_cpu_runs_swap_sync_bn_for_bn(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = Config.fromfile(SEG_CONFIGS[0])
+    cfg.launcher = "pytorch"
+    assert "SyncBN" in repr(cfg.to_dict())
+    adapt_to_device(cfg)
+    assert "SyncBN" not in repr(cfg.to_dict()) and cfg.model.decode_head.norm_cfg.type == "BN"
+    assert cfg.env_cfg.dist_cfg.backend == "gloo" and cfg.model_wrapper_cfg.device_ids is None
+
+
+def test_amp_needs_a_gpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--amp needs a GPU"):
+        runner.train("det", [str(DET_CONFIGS[0]), "--amp", "--work-dir", str(tmp_path)])
+
+
+def test_tools_refuse_a_config_of_the_other_task(tmp_path):
+    with pytest.raises(SystemExit, match="use the seg tool"):
+        runner.train("det", [str(SEG_CONFIGS[0]), "--work-dir", str(tmp_path)])

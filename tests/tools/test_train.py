@@ -1,0 +1,215 @@
+"""tools/train.py: configs, resume after a kill, damaged checkpoints, torchrun."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import visionzoo  # noqa: F401
+from visionzoo.checkpoint import CheckpointError, load_checkpoint, read_state, save_checkpoint
+
+from .conftest import MODEL, ROOT, TINY_TRAIN, TOOLS, load_tool, run_tool, tool_command
+
+CONFIGS = sorted((ROOT / "configs" / "imagenet").glob("*.yaml"))
+
+
+def read_rows(path: Path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def train_tool():
+    return load_tool("train")
+
+
+# ----------------------------------------------------------------------------------------------
+# configs
+# ----------------------------------------------------------------------------------------------
+def test_every_zoo_family_size_has_a_config():
+    assert CONFIGS, "no configs/imagenet/*.yaml"
+    expected = {f"visionzoo_{n}" for n in
+                "nat_m nat_t nat_s nat_b dinat_m dinat_t dinat_s dinat_b dinat_l dinats_t dinats_s dinats_b "
+                "dinats_l nat_iso_s nat_iso_b dinat_iso_s dinat_iso_b".split()}
+    assert expected <= {p.stem for p in CONFIGS}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_config_parses_and_names_a_registered_model(train_tool, config):
+    args = train_tool.parse_args(["-c", str(config)])
+    assert args.model in timm.list_models("visionzoo_*"), f"{config.name}: {args.model} is not registered"
+    assert args.model == config.stem
+    # the papers' recipe (specs/training.md)
+    assert (args.opt, args.sched, args.weight_decay, args.lr_base, args.lr_base_size) == ("adamw", "cosine", 0.05,
+                                                                                         1e-3, 1024)
+    assert (args.mixup, args.cutmix, args.smoothing, args.reprob) == (0.8, 1.0, 0.1, 0.25)
+    assert args.aa.startswith("rand-m9-mstd0.5")
+    assert args.warmup_epochs >= 20 and args.epochs == 300
+    assert 0 < args.drop_path <= 0.5
+    # command-line arguments override the file
+    assert train_tool.parse_args(["-c", str(config), "--epochs", "3"]).epochs == 3
+
+
+def test_config_with_unknown_key_is_an_error(train_tool, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: visionzoo_nat_m\ndrop_pth: 0.1\n")
+    with pytest.raises(SystemExit, match="drop_pth"):
+        train_tool.parse_args(["-c", str(bad)])
+
+
+# ----------------------------------------------------------------------------------------------
+# a finished run, resume after a kill
+# ----------------------------------------------------------------------------------------------
+def test_run_writes_logs_checkpoints_and_plot(finished_run):
+    for name in ("args.yaml", "steps.csv", "metrics.csv", "curves.png", "model.safetensors",
+                 "model_ema.safetensors", "summary.json", "checkpoints/latest"):
+        assert (finished_run / name).is_file(), name
+    metrics = read_rows(finished_run / "metrics.csv")
+    assert [int(r["epoch"]) for r in metrics] == [1, 2]
+    assert 0 <= float(metrics[-1]["top1"]) <= 100 and metrics[-1]["ema_top1"] != ""
+    assert len(read_rows(finished_run / "steps.csv")) == 8  # 2 epochs x 4 steps
+    checkpoint, weights, state, metadata = load_checkpoint(finished_run)
+    assert checkpoint.name == "epoch_0002" and set(weights) == {"model", "ema"}
+    assert metadata["model"] == MODEL and state["epoch"] == 2 and state["num_updates"] == 8
+    # the state file holds only tensors and primitive containers
+    torch.load(checkpoint / "state.pt", weights_only=True)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(finished_run, image_folder, tmp_path):
+    run_dir = tmp_path / "killed"
+    command = tool_command("train", *TINY_TRAIN, "--data-dir", image_folder, "--output", run_dir)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = run_dir / "checkpoints" / "epoch_0001" / "manifest.json"
+    deadline = time.time() + 300
+    while not first.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)  # mid-run, no chance to clean up
+    process.wait()
+    assert first.exists(), process.stderr.read().decode()[-3000:]
+
+    run_tool("train", *TINY_TRAIN, "--data-dir", image_folder, "--output", run_dir,
+             "--resume", run_dir / "checkpoints" / "epoch_0001")
+
+    expected, resumed = read_rows(finished_run / "steps.csv"), read_rows(run_dir / "steps.csv")
+    assert [(r["epoch"], r["step"]) for r in resumed] == [(r["epoch"], r["step"]) for r in expected]
+    for a, b in zip(expected, resumed):
+        assert abs(float(a["loss"]) - float(b["loss"])) <= 1e-6, (a, b)
+        assert a["lr"] == b["lr"]
+    assert read_rows(finished_run / "metrics.csv")[-1]["top1"] == read_rows(run_dir / "metrics.csv")[-1]["top1"]
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        a, b = load_file(finished_run / name), load_file(run_dir / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+# ----------------------------------------------------------------------------------------------
+# damaged checkpoints
+# ----------------------------------------------------------------------------------------------
+def test_truncated_checkpoint_is_a_clear_error_and_the_previous_one_survives(finished_run, image_folder, tmp_path):
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(finished_run, run_dir)
+    latest = run_dir / "checkpoints" / "epoch_0002"
+    weights = latest / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+
+    result = run_tool("train", *TINY_TRAIN, "--data-dir", image_folder, "--output", run_dir,
+                      "--resume", run_dir, check=False)
+    assert result.returncode != 0
+    assert str(weights) in result.stderr and "truncated" in result.stderr, result.stderr[-2000:]
+    assert "epoch_0001" in result.stderr  # points at the checkpoint to fall back on
+    assert "Traceback" not in result.stderr
+
+    # nothing was overwritten: the earlier checkpoint loads, the damaged one still fails the same way
+    checkpoint, weights_, state, _ = load_checkpoint(run_dir / "checkpoints" / "epoch_0001")
+    assert state["epoch"] == 1 and "model" in weights_
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(latest)
+
+
+def test_altered_and_incomplete_checkpoints_are_named(finished_run, tmp_path):
+    root = tmp_path / "checkpoints"
+    shutil.copytree(finished_run / "checkpoints", root)
+    state = root / "epoch_0002" / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"state\.pt: corrupted"):
+        load_checkpoint(root)
+    # a state file read directly (no manifest) still fails cleanly, never unpickling code
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        read_state(tmp_path / "junk.pt")
+    (root / "epoch_0001" / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_checkpoint(root / "epoch_0001")
+
+
+def test_failed_save_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    good = {"model": {"w": torch.ones(3)}}
+    save_checkpoint(root, "epoch_0001", good, {"epoch": 1})
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(root, "epoch_0001", {"model": {"w": torch.zeros(3)}}, {"epoch": 1})
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(root, "epoch_0002", {"model": {"w": torch.zeros(3)}}, {"epoch": 2})
+    monkeypatch.undo()
+    checkpoint, weights, state, _ = load_checkpoint(root)
+    assert checkpoint.name == "epoch_0001" and torch.equal(weights["model"]["w"], torch.ones(3))
+    assert sorted(p.name for p in root.iterdir()) == ["epoch_0001", "latest"]  # no temporary leftovers
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun
+# ----------------------------------------------------------------------------------------------
+def test_torchrun_two_processes(image_folder, tmp_path):
+    run_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               str(TOOLS / "train.py"), "--model", MODEL, "--img-size", "32", "--batch-size", "4", "--workers", "0",
+               "--epochs", "1", "--warmup-epochs", "0", "--lr", "5e-4", "--no-progress", "--no-tensorboard",
+               "--max-val-samples", "15", "--data-dir", str(image_folder), "--output", str(run_dir)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-5000:]
+    steps = read_rows(run_dir / "steps.csv")
+    assert len(steps) == 4  # 32 images / (2 processes x 4)
+    metrics = read_rows(run_dir / "metrics.csv")
+    assert len(metrics) == 1 and metrics[0]["top1"] != ""
+    _, _, state, _ = load_checkpoint(run_dir)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    # the padded last shard of the 2-process evaluation is left out: one process agrees exactly
+    summary = json.loads((run_dir / "summary.json").read_text())
+    single = load_tool("validate").main(["--checkpoint", str(run_dir), "--max-samples", "15", "--workers", "0",
+                                         "--no-progress"])
+    assert single["samples"] == 15
+    assert single["top1"] == pytest.approx(summary["top1"], abs=1e-3)
+    assert single["loss"] == pytest.approx(summary["val_loss"], abs=1e-4)
+
+
+def test_gradient_accumulation_matches_the_full_batch(image_folder, tmp_path):
+    # the mechanics are model-agnostic: timm's 0.4M-parameter test ViT (built for 32x32) keeps it quick
+    common = ["--model", "test_vit", "--img-size", "32", "--workers", "0", "--epochs", "1", "--warmup-epochs", "0",
+              "--lr", "5e-4", "--drop-path", "0", "--no-progress", "--no-tensorboard", "--no-plot", "--val-split", "",
+              "--data-dir", image_folder]
+    run_tool("train", *common, "--batch-size", "8", "--output", tmp_path / "full")
+    run_tool("train", *common, "--batch-size", "4", "--grad-accum-steps", "2", "--output", tmp_path / "accum")
+    full, accum = read_rows(tmp_path / "full" / "steps.csv"), read_rows(tmp_path / "accum" / "steps.csv")
+    assert len(full) == len(accum) == 4
+    for a, b in zip(full, accum):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-4)
