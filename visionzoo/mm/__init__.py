@@ -13,8 +13,8 @@ _INSTALL = (
     "visionzoo.mm needs mmengine and mmdet and/or mmsegmentation: `pip install visionzoo[mm]`, with "
     "mmcv 2.1.0 built against your torch: on CPU `pip install \"setuptools>=77.0.3,<81\" wheel ninja "
     "numpy mmengine==0.10.7` then `MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=2 pip install "
-    "--no-build-isolation mmcv==2.1.0`; on GPU, OpenMMLab's prebuilt mmcv wheel for your torch / CUDA "
-    "(see docs/mm.md)"
+    "--no-build-isolation mmcv==2.1.0` (torch >= 2.10 needs a C++20 compiler wrapper; in a checkout "
+    "`make mm` does it all); on GPU, OpenMMLab's prebuilt mmcv wheel for your torch / CUDA (see docs/mm.md)"
 )
 
 try:

@@ -14,7 +14,6 @@ Nothing here imports mmdet or mmseg: the classes are registered by ``visionzoo/m
 """
 from __future__ import annotations
 
-import logging
 import re
 import sys
 from pathlib import Path
