@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="visionzoo_nat_m")
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--max-samples", type=int, default=12000, help="training images (of 60,000)")
+    parser.add_argument("--max-samples", type=int, default=10000, help="training images (of 60,000)")
     parser.add_argument("--max-val-samples", type=int, default=2000, help="held-out test images (of 10,000)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
