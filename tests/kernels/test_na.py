@@ -34,6 +34,13 @@ CASES = [
 ]
 
 
+def _with_rpb_variants(cases):
+    """Each case without rpb, and with rpb where it is defined (stride 1)."""
+    return [pytest.param(case, False, id=_ids(case)) for case in cases] + [
+        pytest.param(case, True, id=_ids(case) + "-rpb") for case in cases if case[2] == 1
+    ]
+
+
 def _ids(case):
     spatial, kernel, stride, dilation, causal, *_ = case
     return f"{'x'.join(map(str, spatial))}-k{kernel}-s{stride}-d{dilation}-c{causal}".replace(" ", "")
@@ -51,12 +58,9 @@ def _rpb(kernel, num_dims, heads, dtype, seed=1):
     return torch.randn((heads, *(2 * k - 1 for k in kernel)), generator=generator, dtype=dtype)
 
 
-@pytest.mark.parametrize("case", CASES, ids=_ids)
-@pytest.mark.parametrize("with_rpb", [False, True])
+@pytest.mark.parametrize("case, with_rpb", _with_rpb_variants(CASES))
 def test_reference_matches_brute_force(case, with_rpb):
     spatial, kernel, stride, dilation, causal, heads, head_dim = case
-    if with_rpb and stride != 1:
-        pytest.skip("rpb is defined for stride 1")
     q, k, v = _inputs(spatial, heads, head_dim, torch.float64, batch=1)
     rpb = _rpb(kernel, len(spatial), heads, torch.float64) if with_rpb else None
     params = make_params(len(spatial), kernel, stride, dilation, causal)
@@ -76,12 +80,9 @@ def test_every_query_attends_kernel_size_keys(case):
         assert counts.min() >= 1 and counts.max() <= torch.tensor(params.kernel_size).prod()
 
 
-@pytest.mark.parametrize("case", CASES, ids=_ids)
-@pytest.mark.parametrize("with_rpb", [False, True])
+@pytest.mark.parametrize("case, with_rpb", _with_rpb_variants(CASES))
 def test_cpu_matches_reference_fp32(case, with_rpb):
     spatial, kernel, stride, dilation, causal, heads, head_dim = case
-    if with_rpb and stride != 1:
-        pytest.skip("rpb is defined for stride 1")
     op = OPS[len(spatial)]
     q, k, v = _inputs(spatial, heads, head_dim, torch.float32, requires_grad=True)
     rpb = _rpb(kernel, len(spatial), heads, torch.float32).requires_grad_() if with_rpb else None
