@@ -8,10 +8,12 @@ selects the implementation (``"cpu"``: tiled torch ops, ``"triton"``: fused kern
 from __future__ import annotations
 
 import importlib
+import math
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from .checks import NeighborhoodParams
 
@@ -168,3 +170,43 @@ def _bs_autograd(ctx, grad_out, grad_lse):
 
 
 block_sparse_forward.register_autograd(_bs_autograd, setup_context=_bs_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP formulas, so that torch.utils.flop_counter.FlopCounterMode counts the custom ops (2 FLOPs per
+# multiply-add). Each counts the attended (query, key) pairs, not the extra work of a backend's tiles.
+# ----------------------------------------------------------------------------------------------
+def _na_matmul_flops(query_shape, kernel_size) -> int:
+    """One ``[query x window] @ [window x head_dim]``-sized product for every query and head; an
+    upper bound where causal windows are cut short at the start."""
+    batch, *spatial, heads, head_dim = query_shape
+    return 2 * batch * math.prod(spatial) * heads * head_dim * math.prod(kernel_size)
+
+
+@register_flop_formula(torch.ops.visionzoo.na_forward)
+def _na_forward_flops(query, key, value, rpb, kernel_size, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _na_matmul_flops(query, kernel_size)  # Q K^T and P V
+
+
+@register_flop_formula(torch.ops.visionzoo.na_backward)
+def _na_backward_flops(grad_out, query, key, value, out, lse, rpb, kernel_size, *args, out_shape=None, **kwargs) -> int:
+    return 5 * _na_matmul_flops(query, kernel_size)  # recomputed Q K^T, then dV, dP, dQ, dK
+
+
+def _block_pair_flops(query: Tensor, block_mask: Tensor, q_block: int, kv_block: int) -> int:
+    if block_mask.device.type == "meta":
+        raise RuntimeError("block_sparse_attention FLOPs depend on the values of block_mask; count on a real device")
+    batch, _, heads, head_dim = query.shape
+    pairs = int(block_mask.sum()) * (1 if block_mask.dim() == 3 else heads)
+    return 2 * batch * head_dim * pairs * q_block * kv_block  # partial edge blocks counted whole
+
+
+@register_flop_formula(torch.ops.visionzoo.block_sparse_forward, get_raw=True)
+def _block_sparse_forward_flops(query, key, value, block_mask, q_block, kv_block, *args, out_val=None, **kwargs) -> int:
+    return 2 * _block_pair_flops(query, block_mask, q_block, kv_block)
+
+
+@register_flop_formula(torch.ops.visionzoo.block_sparse_backward, get_raw=True)
+def _block_sparse_backward_flops(grad_out, query, key, value, out, lse, block_mask, q_block, kv_block, *args,
+                                 out_val=None, **kwargs) -> int:
+    return 5 * _block_pair_flops(query, block_mask, q_block, kv_block)

@@ -8,10 +8,9 @@
 Per (model, resolution, dtype) it measures, in one process and one run:
   * params; GMACs of one forward pass (multiply-accumulates, the papers' "FLOPs"; ``gflops`` in the
     CSV is twice that), counted with ``torch.utils.flop_counter.FlopCounterMode`` on the meta device.
-    The neighborhood-attention op (``visionzoo::na_forward``) is a custom op the counter cannot see
-    into; its cost is added from its arguments: 4 * B * tokens * heads * head_dim * prod(kernel)
-    FLOPs (QK^T and AV). Block-sparse attention is counted from its block mask when the mask holds
-    values, otherwise the model is counted again on real CPU tensors;
+    The attention custom ops carry FLOP formulas (``visionzoo.kernels.ops``): neighborhood attention
+    4 * B * tokens * heads * head_dim * prod(kernel) FLOPs (QK^T and AV); block-sparse attention is
+    counted from its block mask, which needs values, so such a model is counted on real CPU tensors;
   * inference throughput (img/s at ``--batch-size``, ``torch.no_grad``) and latency (median ms at batch 1);
   * training throughput (forward + backward + AdamW step, img/s);
   * peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the growth of the process's
@@ -30,7 +29,6 @@ import csv
 import ctypes
 import fnmatch
 import gc
-import math
 import os
 import platform
 import shlex
@@ -42,7 +40,7 @@ from pathlib import Path
 
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
+from torch.utils.flop_counter import FlopCounterMode
 
 import visionzoo  # noqa: F401  (registers the visionzoo_* models)
 from visionzoo.engine import create_classifier
@@ -58,53 +56,22 @@ FIELDS = ["model", "img_size", "batch_size", "dtype", "device", "channels_last",
 # ----------------------------------------------------------------------------------------------
 # FLOPs
 # ----------------------------------------------------------------------------------------------
-class _FlopState:
-    needs_real_tensors = False
-
-
-def _register_flop_formulas() -> None:
-    """Teach FlopCounterMode the cost of the visionzoo attention ops (custom ops are opaque to it)."""
-    ops = torch.ops.visionzoo
-    if ops.na_forward in flop_registry:  # this module imported twice in one process
-        return
-
-    @register_flop_formula(ops.na_forward)
-    def _na_forward_flops(query, key, value, rpb, kernel_size, *args, out_shape=None, **kwargs):
-        batch, *spatial, heads, head_dim = query
-        return 4 * batch * math.prod(spatial) * heads * head_dim * math.prod(kernel_size)
-
-    @register_flop_formula(ops.block_sparse_forward, get_raw=True)
-    def _block_sparse_forward_flops(query, key, value, block_mask, q_block, kv_block, *args, out_val=None, **kwargs):
-        batch, _, heads, head_dim = query.shape
-        if block_mask.device.type == "meta":
-            _FlopState.needs_real_tensors = True
-            return 0
-        pairs = block_mask.sum().item() * (1 if block_mask.dim() == 3 else heads)
-        return 4 * batch * head_dim * pairs * q_block * kv_block
-
-
-_register_flop_formulas()
-
-
 def count_flops(name: str, img_size: int, model_kwargs: dict) -> int:
     """FLOPs (2 per multiply-add) of one forward pass at batch 1; the meta device when possible."""
     def run(device):
         with torch.device(device):
             model = create_classifier(name, img_size=img_size, **model_kwargs).eval()
         x = torch.zeros(1, 3, img_size, img_size, device=device)
-        # the custom-op backends route attention through visionzoo::na_forward, which has a formula
+        # the custom-op backends route attention through visionzoo::na_forward, whose FLOP formula
+        # is registered with the op (visionzoo.kernels.ops)
         with use_backend("cpu"), FlopCounterMode(display=False) as counter, torch.no_grad():
             model(x)
         return counter.get_total_flops()
 
-    _FlopState.needs_real_tensors = False
     try:
-        flops = run("meta")
-        if not _FlopState.needs_real_tensors:
-            return flops
-    except (NotImplementedError, RuntimeError):  # data-dependent code (e.g. .item()) cannot run on meta
-        pass
-    return run("cpu")
+        return run("meta")
+    except (NotImplementedError, RuntimeError):  # data-dependent code (e.g. .item(), block masks) needs values
+        return run("cpu")
 
 
 # ----------------------------------------------------------------------------------------------

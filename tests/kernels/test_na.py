@@ -236,3 +236,23 @@ def test_custom_op_passes_opcheck():
         torch.ops.visionzoo.na_forward.default,
         (q, k, v, rpb, [3, 3], [1, 1], [2, 1], [False, True], 0.5, "cpu"),
     )
+
+
+def test_flop_counter_counts_the_custom_ops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from visionzoo.kernels import block_sparse_attention
+
+    q, k, v = _inputs((9, 10), 2, 8, torch.float32, requires_grad=True)
+    window_matmul = 2 * 2 * 90 * 2 * 8 * 15  # 2 FLOPs x B x tokens x heads x head_dim x window (3x5)
+    with FlopCounterMode(display=False) as counter:
+        na2d(q, k, v, (3, 5), backend="cpu").sum().backward()
+    flops = counter.get_flop_counts()["Global"]
+    assert flops[torch.ops.visionzoo.na_forward] == 2 * window_matmul
+    assert flops[torch.ops.visionzoo.na_backward] == 5 * window_matmul
+
+    q = torch.randn(1, 32, 2, 8)
+    mask = torch.tensor([[True, False], [True, True]])
+    with FlopCounterMode(display=False) as counter:
+        block_sparse_attention(q, q, q, mask, 16, backend="cpu")
+    assert counter.get_total_flops() == 2 * (2 * 1 * 8 * 3 * 2 * 16 * 16)  # 3 kept tiles per head, 2 heads
