@@ -8,9 +8,10 @@ group is started here, because mmengine's launcher calls ``torch.cuda.set_device
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -103,9 +104,18 @@ def load_config(args: argparse.Namespace, task: str) -> Config:
     return adapt_to_device(cfg)
 
 
-def _init_cpu_distributed(launcher: str) -> None:
+@contextlib.contextmanager
+def _distributed(launcher: str) -> Iterator[None]:
+    """Start gloo ourselves on CPU (mmengine's launcher calls ``torch.cuda.set_device``) and always
+    destroy the process group at the end: an undestroyed gloo group can abort the process at exit
+    ("terminate called without an active exception")."""
     if launcher == "pytorch" and not torch.cuda.is_available() and not dist.is_initialized():
         dist.init_process_group(backend="gloo")
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def train(task: str, argv: Optional[Sequence[str]] = None) -> Runner:
@@ -122,9 +132,9 @@ def train(task: str, argv: Optional[Sequence[str]] = None) -> Runner:
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
-    _init_cpu_distributed(args.launcher)
-    runner = Runner.from_cfg(cfg)
-    runner.train()
+    with _distributed(args.launcher):
+        runner = Runner.from_cfg(cfg)
+        runner.train()
     return runner
 
 
@@ -134,6 +144,6 @@ def test(task: str, argv: Optional[Sequence[str]] = None) -> dict:
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     cfg = load_config(args, task)
     cfg.load_from = args.checkpoint
-    _init_cpu_distributed(args.launcher)
-    runner = Runner.from_cfg(cfg)
-    return runner.test()
+    with _distributed(args.launcher):
+        runner = Runner.from_cfg(cfg)
+        return runner.test()
