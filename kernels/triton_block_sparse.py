@@ -78,6 +78,20 @@ def _mma(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One KV tile of a flash forward, in base 2: logits ``s [M, N]`` (already masked to -inf) and
+    values ``v [N, D]`` update the running max ``m_i``, sum ``l_i`` and output ``acc``. Rows that
+    have seen no key yet keep ``m = -inf`` without producing NaNs."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], IEEE, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _delta_kernel(OUT, GRAD_OUT, DELTA, rows, head_dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     col = tl.arange(0, BLOCK_D)
@@ -164,14 +178,7 @@ def _bs_fwd_kernel(
         v = tl.load(V + kv_offset, mask=kv_mask, other=0.0)
         s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE, UPCAST) * qk_scale
         s = tl.where(row_valid[:, None] & col_valid[None, :], s, float("-inf"))
-        # online softmax in base 2; rows with nothing seen yet keep m = -inf without NaNs
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], IEEE, UPCAST)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, IEEE, UPCAST)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

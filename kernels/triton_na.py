@@ -29,6 +29,7 @@ from .triton_block_sparse import (
     LN2,
     LOG2E,
     _mma,
+    _online_softmax_step,
     attention_delta,
     check_supported,
     dtype_flags,
@@ -205,14 +206,7 @@ def _na_fwd_kernel(
         v = tl.load(V + kv_offset, mask=kv_mask, other=0.0)
         s, _ = _logits(q, k, RPB, h, qk_scale, row_valid, i0, i1, i2, s0, e0, s1, e1, s2, e2, j0, j1, j2,
                        KS0, KS1, KS2, QT0, QT1, QT2, KT0, KT1, KT2, HAS_RPB, BLOCK_Q, BLOCK_KV, IEEE, UPCAST)
-        # online softmax; a row with no key seen yet keeps m = -inf without producing NaNs
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], IEEE, UPCAST)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, IEEE, UPCAST)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows of the tile see no key
     tl.store(OUT + q_tok[:, None] * head_dim + dim[None, :], (acc / l_safe[:, None]).to(OUT.dtype.element_ty),
