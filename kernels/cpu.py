@@ -18,6 +18,7 @@ import torch
 
 from .checks import NeighborhoodParams
 from .indexing import window_bounds
+from .reference import compute_dtype
 
 
 @dataclass
@@ -152,10 +153,6 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _token_major(x: torch.Tensor) -> torch.Tensor:
     """``[B, *spatial, H, D]`` -> contiguous ``[N, B*H, D]``."""
     batch, heads, head_dim = x.shape[0], x.shape[-2], x.shape[-1]
@@ -193,7 +190,7 @@ class _Tiles:
         spatial = tuple(query.shape[1:-2])
         plan = tile_plan(spatial, params, default_q_tile(spatial, params), rpb is not None)
         device = query.device
-        self.dtype = _compute_dtype(query.dtype)
+        self.dtype = compute_dtype(query.dtype)
         self.batch, self.heads = query.shape[0], query.shape[-2]
         self.num_tokens = math.prod(spatial)
         self.q_index = plan.q_index.to(device)
@@ -310,12 +307,12 @@ def _block_sparse_tiles(query, key, block_mask, q_block, kv_block):
     )
     device = query.device
     q_index, k_index, inverse, mask_bias, row_empty = (t.to(device) for t in plan)
-    return q_index, k_index, inverse, mask_bias.to(_compute_dtype(query.dtype)), row_empty
+    return q_index, k_index, inverse, mask_bias.to(compute_dtype(query.dtype)), row_empty
 
 
 def block_sparse_forward(query, key, value, block_mask, q_block: int, kv_block: int, scale: float):
     """Returns ``(out [B, Nq, H, D], lse [B, Nq, H])``; empty rows give 0 and ``lse = -inf``."""
-    dtype = _compute_dtype(query.dtype)
+    dtype = compute_dtype(query.dtype)
     q_index, k_index, inverse, bias, row_empty = _block_sparse_tiles(query, key, block_mask, q_block, kv_block)
     out_t, lse_t = _flash(
         _gather(_head_major(query, dtype), q_index),
@@ -332,7 +329,7 @@ def block_sparse_forward(query, key, value, block_mask, q_block: int, kv_block: 
 
 def block_sparse_backward(grad_out, query, key, value, out, lse, block_mask, q_block: int, kv_block: int, scale: float):
     """Returns ``(d_query, d_key, d_value)``."""
-    dtype = _compute_dtype(query.dtype)
+    dtype = compute_dtype(query.dtype)
     q_index, k_index, inverse, bias, _ = _block_sparse_tiles(query, key, block_mask, q_block, kv_block)
     # empty rows have lse = -inf; any finite value gives them zero probabilities under the -inf mask
     lse = torch.nan_to_num(lse.to(dtype), neginf=0.0)

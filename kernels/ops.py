@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .checks import NeighborhoodParams
+from .reference import compute_dtype
 
 _IMPLEMENTATIONS = {
     "cpu": (".cpu", ".cpu"),
@@ -28,11 +29,6 @@ def _module(backend: str, which: int):
         return importlib.import_module(_IMPLEMENTATIONS[backend][which], __package__)
     except KeyError:
         raise ValueError(f"no custom-op implementation for backend {backend!r}") from None
-
-
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The log-sum-exp every backend returns: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _params(kernel_size, stride, dilation, is_causal) -> NeighborhoodParams:
@@ -55,14 +51,14 @@ def na_forward(
     scale: float,
     backend: str,
 ) -> Tuple[Tensor, Tensor]:
-    """Returns ``(out [B, *spatial, H, D], lse [B, *spatial, H])``; lse dtype per :func:`lse_dtype`."""
+    """Returns ``(out [B, *spatial, H, D], lse [B, *spatial, H])``; lse dtype per :func:`~visionzoo.kernels.reference.compute_dtype`."""
     params = _params(kernel_size, stride, dilation, is_causal)
     return _module(backend, 0).na_forward(query, key, value, rpb, params, scale)
 
 
 @na_forward.register_fake
 def _na_forward_fake(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend):
-    return torch.empty_like(query), query.new_empty(query.shape[:-1], dtype=lse_dtype(query.dtype))
+    return torch.empty_like(query), query.new_empty(query.shape[:-1], dtype=compute_dtype(query.dtype))
 
 
 @torch.library.custom_op("visionzoo::na_backward", mutates_args=())
@@ -120,13 +116,13 @@ na_forward.register_autograd(_na_autograd, setup_context=_na_setup_context)
 def block_sparse_forward(
     query: Tensor, key: Tensor, value: Tensor, block_mask: Tensor, q_block: int, kv_block: int, scale: float, backend: str
 ) -> Tuple[Tensor, Tensor]:
-    """Returns ``(out [B, Nq, H, D], lse [B, Nq, H])``; lse dtype per :func:`lse_dtype`."""
+    """Returns ``(out [B, Nq, H, D], lse [B, Nq, H])``; lse dtype per :func:`~visionzoo.kernels.reference.compute_dtype`."""
     return _module(backend, 1).block_sparse_forward(query, key, value, block_mask, q_block, kv_block, scale)
 
 
 @block_sparse_forward.register_fake
 def _block_sparse_forward_fake(query, key, value, block_mask, q_block, kv_block, scale, backend):
-    return torch.empty_like(query), query.new_empty(query.shape[:-1], dtype=lse_dtype(query.dtype))
+    return torch.empty_like(query), query.new_empty(query.shape[:-1], dtype=compute_dtype(query.dtype))
 
 
 @torch.library.custom_op("visionzoo::block_sparse_backward", mutates_args=())

@@ -13,7 +13,9 @@ from .checks import NeighborhoodParams
 from .indexing import neighborhood_mask, relative_index
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax / accumulation dtype of every backend (and the dtype of the lse they return):
+    float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -35,7 +37,7 @@ def neighborhood_attention_reference(
     tokens = 1
     for length in spatial:
         tokens *= length
-    dtype = _compute_dtype(query.dtype)
+    dtype = compute_dtype(query.dtype)
     q = query.reshape(batch, tokens, heads, head_dim).to(dtype)
     k = key.reshape(batch, tokens, heads, head_dim).to(dtype)
     v = value.reshape(batch, tokens, heads, head_dim).to(dtype)
@@ -69,7 +71,7 @@ def block_sparse_attention_reference(
     """
     q_block, kv_block = block_sizes
     num_q, num_k = query.shape[1], key.shape[1]
-    dtype = _compute_dtype(query.dtype)
+    dtype = compute_dtype(query.dtype)
     token_mask = block_mask.repeat_interleave(q_block, dim=-2)[..., :num_q, :]
     token_mask = token_mask.repeat_interleave(kv_block, dim=-1)[..., :num_k]
     if token_mask.dim() == 2:
