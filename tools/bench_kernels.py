@@ -12,15 +12,12 @@ x attention density (what a perfectly sparse kernel running at dense-kernel effi
     python tools/bench_kernels.py --tiling-only     # GPU tiling analysis, no timing (runs anywhere)
     python tools/bench_kernels.py --device cuda     # GPU: Triton vs FlexAttention vs flash SDPA vs NATTEN
 
-Peak memory on CPU is the increase of the process's peak resident set (Linux VmHWM, reset before
-each run, after returning freed heap pages to the OS) over the inputs; on CUDA it is
-``torch.cuda.max_memory_allocated``.
+Peak memory is measured as in ``tools/benchmark.py``: on CPU the growth of the process's peak
+resident set (Linux VmHWM, reset before each run), on CUDA ``torch.cuda.max_memory_allocated``.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import math
 import platform
 import sys
@@ -38,6 +35,7 @@ from visionzoo.kernels.tiling import tiling_analysis
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 from bench_gpu import SHAPES as GPU_SHAPES  # noqa: E402
 from bench_gpu import gpu_benchmark_rows  # noqa: E402
+from benchmark import PeakMemory  # noqa: E402
 
 
 @dataclass
@@ -69,43 +67,11 @@ DEFAULT_SHAPES = [
 QUICK_SHAPES = [Shape(1, (28, 28), 2, 32, (7, 7), (1, 1))]
 
 
-# ----------------------------------------------------------------------------------------------
-# peak memory
-# ----------------------------------------------------------------------------------------------
-class PeakMemory:
-    """Peak memory of a call: CUDA allocator statistics, or the Linux peak RSS."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.linux = sys.platform.startswith("linux")
-        if self.linux and device.type == "cpu":
-            self.libc = ctypes.CDLL("libc.so.6")
-
-    @staticmethod
-    def _status(field_name: str) -> int:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field_name):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def measure(self, fn: Callable[[], None]) -> Optional[float]:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - base) / 2**20
-        if not self.linux:
-            return None
-        self.libc.malloc_trim(0)  # hand freed heap pages back, so that re-use shows up in the peak RSS
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")  # reset VmHWM to the current RSS
-        base = self._status("VmRSS")
+def peak_mib(fn: Callable[[], None], device: torch.device) -> Optional[float]:
+    """Peak memory of one call in MiB (see ``tools/benchmark.py``'s :class:`PeakMemory`)."""
+    with PeakMemory(device) as memory:
         fn()
-        return max(0, self._status("VmHWM") - base) / 2**20
+    return memory.mib
 
 
 def timed(fn: Callable[[], None], device: torch.device, min_time: float, max_runs: int) -> float:
@@ -196,7 +162,6 @@ def bench_shape(shape: Shape, device: torch.device, dtype: torch.dtype, args) ->
     size = (shape.batch, *shape.spatial, shape.heads, shape.head_dim)
     q, k, v = (torch.randn(size, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     q_plain, k_plain, v_plain = q.detach(), k.detach(), v.detach()  # compiled FlexAttention on CPU refuses grad inputs
-    peak = PeakMemory(device)
     rows = []
     skip = set(args.skip or [])
     for name, (fn, has_backward) in make_methods(shape, mask, with_flex="flex" not in skip).items():
@@ -213,10 +178,10 @@ def bench_shape(shape: Shape, device: torch.device, dtype: torch.dtype, args) ->
             q.grad = k.grad = v.grad = None
 
         row.forward = timed(forward, device, args.min_time, args.max_runs)
-        row.memory_forward = peak.measure(forward)
+        row.memory_forward = peak_mib(forward, device)
         if has_backward:
             row.forward_backward = timed(forward_backward, device, args.min_time, args.max_runs)
-            row.memory_forward_backward = peak.measure(forward_backward)
+            row.memory_forward_backward = peak_mib(forward_backward, device)
         rows.append(row)
         print(f"  {name:16s} fwd {row.forward * 1e3:9.2f} ms   fwd+bwd "
               + (f"{row.forward_backward * 1e3:9.2f} ms" if row.forward_backward else "      n/a"), file=sys.stderr)
