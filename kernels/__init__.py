@@ -1,12 +1,12 @@
 """visionzoo.kernels: generalized neighborhood attention (1D/2D/3D) and block-sparse attention.
 
-Three backends behind one dispatcher: an exact dense reference, a tiled path built on torch ops
-(fast on CPU), and fused Triton kernels for GPUs. See :func:`na2d` for the calling convention.
+Backends behind one dispatcher: an exact dense reference, fused C++ kernels for CPU (built on first
+use), a tiled path built on ATen's fused attention, and fused Triton kernels for GPUs. See :func:`na2d` for the calling convention.
 """
 from .checks import NeighborhoodParams, make_params
 from .dispatch import BACKENDS, get_backend, resolve_backend, set_backend, use_backend
 from .functional import block_sparse_attention, na1d, na2d, na3d, neighborhood_attention
-from .indexing import attention_density, neighborhood_mask, window_bounds
+from .indexing import attention_density, neighborhood_mask, window_bounds, windows_are_whole_groups
 
 __all__ = [
     "BACKENDS",
@@ -24,4 +24,5 @@ __all__ = [
     "set_backend",
     "use_backend",
     "window_bounds",
+    "windows_are_whole_groups",
 ]

@@ -1,9 +1,18 @@
 """Backend selection for the attention ops.
 
-``"reference"`` is the exact dense oracle, ``"cpu"`` the tiled path built on torch ops (it runs on
-any device), ``"triton"`` the fused GPU kernels (on CPU tensors only under ``TRITON_INTERPRET=1``).
-``"auto"`` picks Triton for CUDA tensors when triton imports, the tiled path otherwise.
+Backends:
+
+* ``"reference"``: the exact dense oracle;
+* ``"native"``: fused C++ kernels for CPU tensors (:mod:`.native`, built on first use);
+* ``"tiled"``: query tiles and their key halo through ATen's fused attention (runs on any device);
+* ``"triton"``: the fused GPU kernels (on CPU tensors only under ``TRITON_INTERPRET=1``);
+* ``"cpu"``: the faster CPU path for the call: ``"tiled"`` where every window is a whole dilation
+  group (plain dense attention per group, which the fused ATen kernel does best), ``"native"``
+  otherwise; ``"tiled"`` if the native kernel cannot be built (or on non-CPU tensors);
+* ``"auto"``: ``"triton"`` for CUDA tensors when triton imports, ``"cpu"`` otherwise.
+
 The process-wide default can be set with the environment variable ``VISIONZOO_ATTN_BACKEND``.
+Block-sparse attention has no native kernel: ``"cpu"`` and ``"native"`` run it tiled.
 """
 from __future__ import annotations
 
@@ -15,7 +24,7 @@ from typing import Iterator, Optional
 
 import torch
 
-BACKENDS = ("auto", "reference", "cpu", "triton")
+BACKENDS = ("auto", "reference", "cpu", "native", "tiled", "triton")
 
 _state = threading.local()
 
@@ -62,11 +71,25 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(requested: Optional[str], device: torch.device) -> str:
-    """Turn ``requested`` (or the thread default) into a concrete backend for ``device``."""
+def resolve_backend(requested: Optional[str], device: torch.device, whole_groups: bool = False) -> str:
+    """Turn ``requested`` (or the thread default) into a concrete backend for ``device``: one of
+    ``"reference"``, ``"native"``, ``"tiled"``, ``"triton"``. ``whole_groups`` says that every window
+    is its whole dilation group (see :func:`visionzoo.kernels.indexing.windows_are_whole_groups`)."""
     name = _check_name(requested if requested is not None else get_backend())
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "cpu"
+        name = "triton" if device.type == "cuda" and triton_available() else "cpu"
+    if name == "cpu":
+        if device.type != "cpu" or whole_groups:
+            return "tiled"
+        from . import native
+
+        return "native" if native.available() else "tiled"
+    if name == "native":
+        if device.type != "cpu":
+            raise RuntimeError(f"backend='native' runs on CPU tensors, got a tensor on {device}")
+        from . import native
+
+        native.library()  # raises with the reason when the kernel cannot be built
     if name == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' requested but triton is not installed (pip install visionzoo[triton])")

@@ -3,7 +3,9 @@
 ``visionzoo::na_forward`` / ``visionzoo::na_backward`` and ``visionzoo::block_sparse_forward`` /
 ``visionzoo::block_sparse_backward`` carry fake (meta) implementations, so ``torch.compile`` and
 ``torch.export`` trace through models that use them without graph breaks. The ``backend`` argument
-selects the implementation (``"cpu"``: tiled torch ops, ``"triton"``: fused kernels).
+selects the implementation (``"native"``: fused C++ CPU kernels, ``"tiled"``: tiles through ATen's
+fused attention, ``"triton"``: fused GPU kernels); :func:`~visionzoo.kernels.dispatch.resolve_backend`
+picks it.
 """
 from __future__ import annotations
 
@@ -18,17 +20,20 @@ from torch.utils.flop_counter import register_flop_formula
 from .checks import NeighborhoodParams
 from .reference import compute_dtype
 
+# backend -> (neighborhood module, block-sparse module)
 _IMPLEMENTATIONS = {
-    "cpu": (".cpu", ".cpu"),
+    "native": (".native", None),
+    "tiled": (".cpu", ".cpu"),
     "triton": (".triton_na", ".triton_block_sparse"),
 }
 
 
 def _module(backend: str, which: int):
-    try:
-        return importlib.import_module(_IMPLEMENTATIONS[backend][which], __package__)
-    except KeyError:
-        raise ValueError(f"no custom-op implementation for backend {backend!r}") from None
+    name = _IMPLEMENTATIONS.get(backend, (None, None))[which]
+    if name is None:
+        kind = ("neighborhood", "block-sparse")[which]
+        raise ValueError(f"no {kind} custom-op implementation for backend {backend!r}")
+    return importlib.import_module(name, __package__)
 
 
 def _params(kernel_size, stride, dilation, is_causal) -> NeighborhoodParams:

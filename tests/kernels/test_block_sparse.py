@@ -56,7 +56,7 @@ def test_cpu_matches_reference(case):
     q, k, v, mask, block_size = _case_inputs(case, torch.float32)
     inputs = [t.requires_grad_() for t in (q, k, v)]
     expected = block_sparse_attention(*inputs, mask, block_size, backend="reference")
-    out = block_sparse_attention(*inputs, mask, block_size, backend="cpu")
+    out = block_sparse_attention(*inputs, mask, block_size, backend="tiled")
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     grad = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
@@ -66,7 +66,7 @@ def test_cpu_matches_reference(case):
 def test_empty_rows_give_zero_output_and_gradient():
     q, k, v, mask, block_size = _case_inputs(CASES[0], torch.float32)
     q.requires_grad_()
-    out = block_sparse_attention(q, k, v, mask, block_size, backend="cpu")
+    out = block_sparse_attention(q, k, v, mask, block_size, backend="tiled")
     assert torch.all(out[:, :8] == 0)
     out.sum().backward()
     assert torch.all(q.grad[:, :8] == 0)
@@ -74,7 +74,7 @@ def test_empty_rows_give_zero_output_and_gradient():
 
 def test_all_empty_mask():
     q, k, v, mask, block_size = _case_inputs(CASES[0], torch.float32)
-    out = block_sparse_attention(q, k, v, torch.zeros_like(mask), block_size, backend="cpu")
+    out = block_sparse_attention(q, k, v, torch.zeros_like(mask), block_size, backend="tiled")
     assert torch.all(out == 0)
 
 
@@ -83,13 +83,13 @@ def test_cpu_gradcheck_fp64(case):
     q, k, v, mask, block_size = _case_inputs(case, torch.float64)
     inputs = [t[:1].clone().requires_grad_() for t in (q, k, v)]
     assert torch.autograd.gradcheck(
-        lambda *args: block_sparse_attention(*args, mask, block_size, backend="cpu"), inputs, eps=1e-6, atol=1e-6
+        lambda *args: block_sparse_attention(*args, mask, block_size, backend="tiled"), inputs, eps=1e-6, atol=1e-6
     )
 
 
 def test_dense_mask_equals_sdpa():
     q, k, v, _, _ = _case_inputs(CASES[0], torch.float32)
-    out = block_sparse_attention(q, k, v, torch.ones(4, 4, dtype=torch.bool), 8, backend="cpu")
+    out = block_sparse_attention(q, k, v, torch.ones(4, 4, dtype=torch.bool), 8, backend="tiled")
     expected = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 

@@ -16,6 +16,8 @@ from visionzoo.kernels import (
 )
 
 OPS = {1: na1d, 2: na2d, 3: na3d}
+# the two CPU implementations; "cpu" picks one of them per call
+CPU_PATHS = ["native", "tiled"]
 
 # (spatial, kernel_size, stride, dilation, is_causal, heads, head_dim)
 CASES = [
@@ -80,15 +82,16 @@ def test_every_query_attends_kernel_size_keys(case):
         assert counts.min() >= 1 and counts.max() <= torch.tensor(params.kernel_size).prod()
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("case, with_rpb", _with_rpb_variants(CASES))
-def test_cpu_matches_reference_fp32(case, with_rpb):
+def test_cpu_matches_reference_fp32(case, with_rpb, path):
     spatial, kernel, stride, dilation, causal, heads, head_dim = case
     op = OPS[len(spatial)]
     q, k, v = _inputs(spatial, heads, head_dim, torch.float32, requires_grad=True)
     rpb = _rpb(kernel, len(spatial), heads, torch.float32).requires_grad_() if with_rpb else None
     inputs = [q, k, v] + ([rpb] if with_rpb else [])
     expected = op(q, k, v, kernel, stride, dilation, causal, rpb=rpb, backend="reference")
-    out = op(q, k, v, kernel, stride, dilation, causal, rpb=rpb, backend="cpu")
+    out = op(q, k, v, kernel, stride, dilation, causal, rpb=rpb, backend=path)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     grad = torch.randn_like(out)
     grads_expected = torch.autograd.grad(expected, inputs, grad)
@@ -97,8 +100,9 @@ def test_cpu_matches_reference_fp32(case, with_rpb):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6], CASES[7], CASES[11]], ids=_ids)
-def test_cpu_gradcheck_fp64(case):
+def test_cpu_gradcheck_fp64(case, path):
     spatial, kernel, stride, dilation, causal, heads, head_dim = case
     op = OPS[len(spatial)]
     q, k, v = _inputs(spatial, heads, head_dim, torch.float64, batch=1, requires_grad=True)
@@ -110,19 +114,20 @@ def test_cpu_gradcheck_fp64(case):
 
     def fn(*args):
         return op(args[0], args[1], args[2], kernel, stride, dilation, causal, rpb=args[3] if rpb is not None else None,
-                  backend="cpu")
+                  backend=path)
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("case", [CASES[2], CASES[6], CASES[10]], ids=_ids)
-def test_cpu_bf16_close_to_reference(case):
+def test_cpu_bf16_close_to_reference(case, path):
     spatial, kernel, stride, dilation, causal, heads, head_dim = case
     op = OPS[len(spatial)]
     q, k, v = _inputs(spatial, heads, 16, torch.float32)
     expected = op(q, k, v, kernel, stride, dilation, causal, backend="reference")
     inputs = [t.bfloat16().requires_grad_() for t in (q, k, v)]
-    out = op(*inputs, kernel, stride, dilation, causal, backend="cpu")
+    out = op(*inputs, kernel, stride, dilation, causal, backend=path)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, rtol=5e-2, atol=5e-2)
     out.float().sum().backward()
@@ -132,12 +137,13 @@ def test_cpu_bf16_close_to_reference(case):
         torch.testing.assert_close(got.grad.float(), want.grad, rtol=5e-2, atol=5e-2)
 
 
-def test_larger_nat_shape_fp32():
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_larger_nat_shape_fp32(path):
     """A NAT-like stage (odd size, dilation, rpb) at fp32 tolerance, forward and backward."""
     q, k, v = _inputs((23, 19), 3, 32, torch.float32, requires_grad=True)
     rpb = _rpb(7, 2, 3, torch.float32).requires_grad_()
     expected = na2d(q, k, v, 7, dilation=(3, 2), rpb=rpb, backend="reference")
-    out = na2d(q, k, v, 7, dilation=(3, 2), rpb=rpb, backend="cpu")
+    out = na2d(q, k, v, 7, dilation=(3, 2), rpb=rpb, backend=path)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     grad = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, [q, k, v, rpb], grad),
@@ -145,10 +151,11 @@ def test_larger_nat_shape_fp32():
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
 
 
-def test_blocked_attention_equals_window_attention():
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_blocked_attention_equals_window_attention(path):
     """stride == kernel == window: the op is Swin's (unshifted) window attention."""
     q, k, v = _inputs((8, 12), 2, 8, torch.float64)
-    out = na2d(q, k, v, 4, stride=4, backend="cpu")
+    out = na2d(q, k, v, 4, stride=4, backend=path)
     windows = [t.reshape(2, 2, 4, 3, 4, 2, 8).permute(0, 1, 3, 5, 2, 4, 6).reshape(2, 6, 2, 16, 8) for t in (q, k, v)]
     expected = torch.softmax(windows[0] @ windows[1].transpose(-1, -2) * 8 ** -0.5, -1) @ windows[2]
     expected = expected.reshape(2, 2, 3, 2, 4, 4, 8).permute(0, 1, 4, 2, 5, 3, 6).reshape(out.shape)
@@ -229,12 +236,13 @@ def test_custom_op_compiles_without_graph_break():
         torch.testing.assert_close(got, want)
 
 
-def test_custom_op_passes_opcheck():
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_custom_op_passes_opcheck(path):
     q, k, v = _inputs((6, 7), 2, 4, torch.float32, requires_grad=True)
     rpb = torch.randn(2, 5, 5, requires_grad=True)
     torch.library.opcheck(
         torch.ops.visionzoo.na_forward.default,
-        (q, k, v, rpb, [3, 3], [1, 1], [2, 1], [False, True], 0.5, "cpu"),
+        (q, k, v, rpb, [3, 3], [1, 1], [2, 1], [False, True], 0.5, path),
     )
 
 

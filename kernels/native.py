@@ -1,0 +1,234 @@
+"""Fused C++ kernels for neighborhood attention on CPU (forward and backward).
+
+The kernel (``csrc/na_cpu.cpp``) is plain C++ with OpenMP and no torch headers, so it builds in a
+few seconds with the system compiler on first use and is cached under
+``$VISIONZOO_CACHE_DIR`` (default ``~/.cache/visionzoo``), keyed by the source, the compiler and the
+CPU's instruction set. Each query visits exactly its own window (no tile halo), so the work is the
+attended pairs and nothing else. If no compiler is found or the build fails, :func:`available`
+returns False with the reason in :func:`unavailable_reason` and ``backend="cpu"`` uses the tiled
+torch-op path instead; ``VISIONZOO_NATIVE=0`` turns the kernel off.
+
+The index math stays in :mod:`.indexing`: per dimension, this module turns
+:func:`~visionzoo.kernels.indexing.window_bounds` into the tables the kernel walks (first key,
+key count and first rpb index of every position).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from .checks import NeighborhoodParams
+from .indexing import window_bounds
+from .reference import compute_dtype
+
+SOURCE = Path(__file__).with_name("csrc") / "na_cpu.cpp"
+ABI_VERSION = 1
+# -ffast-math at compile time only (vectorized exp); the link step leaves it out so that the library
+# does not pull in crtfastmath.o, which would flush denormals to zero for the whole process.
+COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
+LINK_FLAGS = ["-shared", "-fopenmp"]
+
+_lock = threading.Lock()
+_reason: Optional[str] = None
+
+
+def _compiler() -> Optional[str]:
+    for name in (os.environ.get("VISIONZOO_CXX"), os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name.split()[0]):
+            return name
+    return None
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.machine() + platform.processor()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("VISIONZOO_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "visionzoo"
+    )
+    return Path(root) / "native"
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    version = subprocess.run(compiler.split() + ["--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(COMPILE_FLAGS + LINK_FLAGS).encode(), version.encode(), _cpu_signature().encode()])
+    ).hexdigest()[:16]
+    target = cache_dir() / f"na_cpu_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # build in a private directory, then rename atomically: concurrent processes (DDP ranks) each
+    # build their own copy and the last rename wins, never a half-written library
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        obj, lib = Path(tmp) / "na_cpu.o", Path(tmp) / "na_cpu.so"
+        for command in (
+            compiler.split() + COMPILE_FLAGS + ["-c", str(SOURCE), "-o", str(obj)],
+            compiler.split() + LINK_FLAGS + [str(obj), "-o", str(lib), "-lm"],
+        ):
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+        os.replace(lib, target)
+    return target
+
+
+def _bind(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.vz_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"{path} has ABI {lib.vz_abi_version()}, expected {ABI_VERSION}")
+    p, i, d = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+    for suffix in ("f32", "f64"):
+        getattr(lib, f"vz_na_forward_{suffix}").argtypes = [p] * 8 + [d, i]
+        getattr(lib, f"vz_na_backward_{suffix}").argtypes = [p] * 13 + [d, i]
+    return lib
+
+
+_library: Optional[ctypes.CDLL] = None
+
+
+def library() -> ctypes.CDLL:
+    """The loaded kernel library, built on first call; raises RuntimeError (with the reason) when it
+    cannot be built or is disabled."""
+    global _library, _reason
+    if _library is not None:
+        return _library
+    with _lock:
+        if _library is None and _reason is None:
+            if os.environ.get("VISIONZOO_NATIVE", "1") == "0":
+                _reason = "disabled by VISIONZOO_NATIVE=0"
+            else:
+                compiler = _compiler()
+                if compiler is None:
+                    _reason = "no C++ compiler found (set CXX or VISIONZOO_CXX)"
+                else:
+                    try:
+                        _library = _bind(_build(compiler))
+                    except (OSError, RuntimeError) as error:
+                        _reason = f"building the native CPU kernel failed: {error}"
+    if _library is None:
+        raise RuntimeError(f"the native CPU kernel is not available: {_reason}")
+    return _library
+
+
+def available() -> bool:
+    """Whether the native kernel can be used (builds it on first call)."""
+    try:
+        library()
+    except RuntimeError:
+        return False
+    return True
+
+
+def unavailable_reason() -> Optional[str]:
+    return None if available() else _reason
+
+
+# ----------------------------------------------------------------------------------------------
+# geometry tables
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=128)
+def _tables(spatial: Tuple[int, ...], params: NeighborhoodParams) -> Tuple[torch.Tensor, Tuple[int, ...], int]:
+    """``(tables [3 * (L0 + L1 + L2)] int64, per-dim (length, dilation, rpb stride), max keys)`` with
+    1D/2D problems padded to 3D by leading dimensions of length 1."""
+    pad = 3 - len(spatial)
+    first, count, rfirst, dims = [], [], [], []
+    rpb_extent = [2 * k - 1 for k in params.kernel_size]
+    for dim in range(3):
+        if dim < pad:
+            first.append(torch.zeros(1, dtype=torch.long))
+            count.append(torch.ones(1, dtype=torch.long))
+            rfirst.append(torch.zeros(1, dtype=torch.long))
+            dims.append((1, 1, 0))
+            continue
+        i = dim - pad
+        kernel, dilation = params.kernel_size[i], params.dilation[i]
+        group, coord, start, end = window_bounds(spatial[i], kernel, params.stride[i], dilation, params.is_causal[i])
+        first.append(group + dilation * start)
+        count.append(end - start)
+        rfirst.append(start - coord + kernel - 1)
+        dims.append((spatial[i], dilation, math.prod(rpb_extent[i + 1:])))
+    tables = torch.cat(first + count + rfirst).contiguous()
+    return tables, tuple(dims), math.prod(params.kernel_size)
+
+
+def _geometry(query: torch.Tensor, params: NeighborhoodParams, rpb: Optional[torch.Tensor]):
+    spatial = tuple(query.shape[1:-2])
+    tables, dims, max_keys = _tables(spatial, params)
+    rpb_size = rpb[0].numel() if rpb is not None else 0
+    geom = torch.tensor(
+        [query.shape[0], *(d[0] for d in dims), query.shape[-2], query.shape[-1], *(d[1] for d in dims),
+         *(d[2] for d in dims), rpb_size, int(rpb is not None), max_keys],
+        dtype=torch.long,
+    )
+    return geom, tables
+
+
+def _ptr(x: Optional[torch.Tensor]):
+    return None if x is None else ctypes.c_void_p(x.data_ptr())
+
+
+def _prepare(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(dtype).contiguous()
+
+
+def _suffix(dtype: torch.dtype) -> str:
+    return "f64" if dtype == torch.float64 else "f32"
+
+
+def na_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float):
+    """Fused forward on CPU tensors ``[B, *spatial, H, D]``; returns ``(out, lse [B, *spatial, H])``."""
+    lib = library()
+    dtype = compute_dtype(query.dtype)
+    q, k, v = (_prepare(x, dtype) for x in (query, key, value))
+    bias = None if rpb is None else _prepare(rpb, dtype)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:-1], dtype=dtype)
+    geom, tables = _geometry(q, params, bias)
+    getattr(lib, f"vz_na_forward_{_suffix(dtype)}")(
+        _ptr(q), _ptr(k), _ptr(v), _ptr(bias), _ptr(out), _ptr(lse), _ptr(geom), _ptr(tables), scale,
+        torch.get_num_threads(),
+    )
+    return out.to(query.dtype), lse
+
+
+def na_backward(grad_out, query, key, value, out, lse, rpb, params: NeighborhoodParams, scale: float):
+    """Fused backward from the saved ``lse``; returns ``(d_query, d_key, d_value, d_rpb or None)``."""
+    lib = library()
+    dtype = compute_dtype(query.dtype)
+    q, k, v, o, do = (_prepare(x, dtype) for x in (query, key, value, out, grad_out))
+    row_lse = _prepare(lse, dtype)
+    bias = None if rpb is None else _prepare(rpb, dtype)
+    d_query = torch.empty_like(q)
+    d_key = torch.zeros_like(k)
+    d_value = torch.zeros_like(v)
+    d_bias = None if rpb is None else torch.zeros(q.shape[0], rpb.shape[0], rpb[0].numel(), dtype=dtype)
+    geom, tables = _geometry(q, params, bias)
+    getattr(lib, f"vz_na_backward_{_suffix(dtype)}")(
+        _ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(do), _ptr(row_lse), _ptr(bias), _ptr(d_query), _ptr(d_key),
+        _ptr(d_value), _ptr(d_bias), _ptr(geom), _ptr(tables), scale, torch.get_num_threads(),
+    )
+    d_rpb = None if rpb is None else d_bias.sum(0).reshape(rpb.shape).to(rpb.dtype)
+    return d_query.to(query.dtype), d_key.to(key.dtype), d_value.to(value.dtype), d_rpb
