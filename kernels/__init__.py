@@ -6,7 +6,7 @@ use), a tiled path built on ATen's fused attention, and fused Triton kernels for
 from .checks import NeighborhoodParams, make_params
 from .dispatch import BACKENDS, get_backend, resolve_backend, set_backend, use_backend
 from .functional import block_sparse_attention, na1d, na2d, na3d, neighborhood_attention
-from .indexing import attention_density, neighborhood_mask, window_bounds, windows_are_whole_groups
+from .indexing import attention_density, neighborhood_mask, window_bounds
 
 __all__ = [
     "BACKENDS",
@@ -24,5 +24,4 @@ __all__ = [
     "set_backend",
     "use_backend",
     "window_bounds",
-    "windows_are_whole_groups",
 ]

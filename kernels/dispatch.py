@@ -6,9 +6,9 @@ Backends:
 * ``"native"``: fused C++ kernels for CPU tensors (:mod:`.native`, built on first use);
 * ``"tiled"``: query tiles and their key halo through ATen's fused attention (runs on any device);
 * ``"triton"``: the fused GPU kernels (on CPU tensors only under ``TRITON_INTERPRET=1``);
-* ``"cpu"``: the faster CPU path for the call: ``"tiled"`` where every window is a whole dilation
-  group (plain dense attention per group, which the fused ATen kernel does best), ``"native"``
-  otherwise; ``"tiled"`` if the native kernel cannot be built (or on non-CPU tensors);
+* ``"cpu"``: ``"native"`` on CPU tensors (it measured faster than ``"tiled"`` on every benchmark
+  shape, see ``tools/bench_kernels.py``); ``"tiled"`` if the native kernel cannot be built, or on
+  other devices;
 * ``"auto"``: ``"triton"`` for CUDA tensors when triton imports, ``"cpu"`` otherwise.
 
 The process-wide default can be set with the environment variable ``VISIONZOO_ATTN_BACKEND``.
@@ -71,15 +71,14 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(requested: Optional[str], device: torch.device, whole_groups: bool = False) -> str:
+def resolve_backend(requested: Optional[str], device: torch.device) -> str:
     """Turn ``requested`` (or the thread default) into a concrete backend for ``device``: one of
-    ``"reference"``, ``"native"``, ``"tiled"``, ``"triton"``. ``whole_groups`` says that every window
-    is its whole dilation group (see :func:`visionzoo.kernels.indexing.windows_are_whole_groups`)."""
+    ``"reference"``, ``"native"``, ``"tiled"``, ``"triton"``."""
     name = _check_name(requested if requested is not None else get_backend())
     if name == "auto":
         name = "triton" if device.type == "cuda" and triton_available() else "cpu"
     if name == "cpu":
-        if device.type != "cpu" or whole_groups:
+        if device.type != "cpu":
             return "tiled"
         from . import native
 

@@ -19,7 +19,6 @@ from .checks import (
     make_params,
 )
 from .dispatch import resolve_backend
-from .indexing import windows_are_whole_groups
 from .reference import block_sparse_attention_reference, neighborhood_attention_reference
 
 
@@ -67,7 +66,7 @@ def _neighborhood(op_name, num_dims, query, key, value, kernel_size, stride, dil
     params = make_params(num_dims, kernel_size, stride, dilation, is_causal)
     check_neighborhood_inputs(op_name, query, key, value, params, rpb)
     scale = float(query.shape[-1] ** -0.5 if scale is None else scale)
-    name = resolve_backend(backend, query.device, windows_are_whole_groups(tuple(query.shape[1:-2]), params))
+    name = resolve_backend(backend, query.device)
     if name == "reference":
         return neighborhood_attention_reference(query, key, value, params, scale, rpb)
     if rpb is not None and rpb.dtype != query.dtype:

@@ -95,12 +95,3 @@ def attention_density(spatial: Sequence[int], params: NeighborhoodParams) -> flo
         density *= mask_dim.float().mean().item()
     return density
 
-
-def windows_are_whole_groups(spatial: Sequence[int], params: NeighborhoodParams) -> bool:
-    """True when every query attends exactly its whole dilation group in every dimension (non-causal,
-    equal groups, window = group length): the op is then plain dense attention within each group."""
-    return all(
-        not params.is_causal[dim] and length % params.dilation[dim] == 0
-        and params.kernel_size[dim] == length // params.dilation[dim]
-        for dim, length in enumerate(spatial)
-    )

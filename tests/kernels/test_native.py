@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from visionzoo.kernels import block_sparse_attention, make_params, na2d, na3d, native, resolve_backend
-from visionzoo.kernels import windows_are_whole_groups
 from visionzoo.kernels.reference import neighborhood_attention_reference
 
 CPU = torch.device("cpu")
@@ -101,14 +100,8 @@ def test_disabled_native_kernel_falls_back_to_tiled(monkeypatch):
 def test_cpu_dispatch():
     assert resolve_backend("cpu", CPU) == "native"
     assert resolve_backend("auto", CPU) == "native"
-    assert resolve_backend("cpu", CPU, whole_groups=True) == "tiled"
     assert resolve_backend("tiled", CPU) == "tiled"
-    # windows that are whole dilation groups: dense attention per group
-    assert windows_are_whole_groups((14, 14), make_params(2, 7, 1, 2))
-    assert windows_are_whole_groups((7, 7), make_params(2, 7))
-    assert not windows_are_whole_groups((15, 14), make_params(2, 7, 1, 2))  # unequal groups
-    assert not windows_are_whole_groups((14, 14), make_params(2, 7, 1, 1))
-    assert not windows_are_whole_groups((7, 7), make_params(2, 7, 1, 1, True))
+    assert resolve_backend("cpu", torch.device("meta")) == "tiled"
 
 
 def test_block_sparse_on_cpu_backend_runs_tiled():
