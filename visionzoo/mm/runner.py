@@ -107,12 +107,15 @@ def load_config(args: argparse.Namespace, task: str) -> Config:
 @contextlib.contextmanager
 def _distributed(launcher: str) -> Iterator[None]:
     """Start gloo ourselves on CPU (mmengine's launcher calls ``torch.cuda.set_device``) and always
-    destroy the process group at the end: an undestroyed gloo group can abort the process at exit
-    ("terminate called without an active exception")."""
+    destroy the process group at the end. Ranks meet at a barrier first: a rank that tears its gloo
+    connections down while a peer still uses them can abort that peer at exit ("terminate called
+    without an active exception")."""
     if launcher == "pytorch" and not torch.cuda.is_available() and not dist.is_initialized():
         dist.init_process_group(backend="gloo")
     try:
         yield
+        if dist.is_initialized():
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
