@@ -94,4 +94,3 @@ def attention_density(spatial: Sequence[int], params: NeighborhoodParams) -> flo
         )
         density *= mask_dim.float().mean().item()
     return density
-

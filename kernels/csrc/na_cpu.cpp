@@ -22,10 +22,6 @@
 
 namespace {
 
-// queries are visited in kTile x kTile blocks of the last two dims, so that the keys of a block's
-// windows stay in L1/L2 while the block is processed
-constexpr int64_t kTile = 8;
-
 struct Geometry {
   int64_t B, L[3], H, D, dil[3], rs[3], R;
   bool has_rpb;
@@ -230,25 +226,13 @@ inline void weighted_sum(const T* __restrict weight, const int64_t* __restrict o
                          const T* __restrict rows, T factor, T* __restrict dst, int64_t dim) {
   if constexpr (vectorized<T, DH>()) {
     constexpr int L = Vec<T>::lanes;
-    // kChains independent accumulators per vector, so that consecutive rows do not wait on one
-    // another's FMA latency
-    constexpr int kChains = DH / L >= 4 ? 1 : 4 / (DH / L);
-    typename Vec<T>::type acc[kChains][DH / L] = {};
-    int64_t c = 0;
-    for (; c + kChains <= count; c += kChains)
-      for (int u = 0; u < kChains; ++u) {
-        const T* row = rows + offset[c + u];
-        const T w = weight[c + u];
-        for (int i = 0; i < DH / L; ++i) acc[u][i] += w * load(row + i * L);
-      }
-    for (; c < count; ++c) {
+    typename Vec<T>::type acc[DH / L] = {};
+    for (int64_t c = 0; c < count; ++c) {
       const T* row = rows + offset[c];
       const T w = weight[c];
-      for (int i = 0; i < DH / L; ++i) acc[0][i] += w * load(row + i * L);
+      for (int i = 0; i < DH / L; ++i) acc[i] += w * load(row + i * L);
     }
-    for (int u = 1; u < kChains; ++u)
-      for (int i = 0; i < DH / L; ++i) acc[0][i] += acc[u][i];
-    for (int i = 0; i < DH / L; ++i) store(dst + i * L, acc[0][i] * factor);
+    for (int i = 0; i < DH / L; ++i) store(dst + i * L, acc[i] * factor);
   } else {
     for (int64_t d = 0; d < dim; ++d) dst[d] = 0;
     for (int64_t c = 0; c < count; ++c) axpy<T, DH>(weight[c], rows + offset[c], dst, dim);
@@ -272,10 +256,8 @@ void forward(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, c
           const T* kb = k + base;
           const T* vb = v + base;
           const T* bias = g.has_rpb ? rpb + h * g.R : nullptr;
-          for (int64_t t1 = 0; t1 < g.L[1]; t1 += kTile)
-          for (int64_t t2 = 0; t2 < g.L[2]; t2 += kTile)
-          for (int64_t x1 = t1; x1 < std::min(t1 + kTile, g.L[1]); ++x1)
-            for (int64_t x2 = t2; x2 < std::min(t2 + kTile, g.L[2]); ++x2) {
+          for (int64_t x1 = 0; x1 < g.L[1]; ++x1)
+            for (int64_t x2 = 0; x2 < g.L[2]; ++x2) {
               const int64_t pos = (x0 * g.L[1] + x1) * g.L[2] + x2;
               const T* qp = q + base + pos * H * D;
               const int64_t count = g.neighbors(x0, x1, x2, key_offset.data(), rpb_index.data());
@@ -319,10 +301,8 @@ void backward(const T* q, const T* k, const T* v, const T* out, const T* dout, c
         const T* bias = g.has_rpb ? rpb + h * g.R : nullptr;
         T* dbias = g.has_rpb ? drpb + (b * H + h) * g.R : nullptr;
         for (int64_t x0 = 0; x0 < g.L[0]; ++x0)
-          for (int64_t t1 = 0; t1 < g.L[1]; t1 += kTile)
-          for (int64_t t2 = 0; t2 < g.L[2]; t2 += kTile)
-          for (int64_t x1 = t1; x1 < std::min(t1 + kTile, g.L[1]); ++x1)
-            for (int64_t x2 = t2; x2 < std::min(t2 + kTile, g.L[2]); ++x2) {
+          for (int64_t x1 = 0; x1 < g.L[1]; ++x1)
+            for (int64_t x2 = 0; x2 < g.L[2]; ++x2) {
               const int64_t pos = (x0 * g.L[1] + x1) * g.L[2] + x2;
               const int64_t at = base + pos * H * D;
               const T* qp = q + at;
