@@ -3,16 +3,19 @@
 Backends:
 
 * ``"reference"``: the exact dense oracle;
+* ``"blocked"``: dense attention per block through batched matmuls (:mod:`.blocked`), for windows
+  that cut the input into disjoint blocks (blocked / window attention, windows spanning whole
+  dilation groups); any device;
 * ``"native"``: fused C++ kernels for CPU tensors (:mod:`.native`, built on first use);
 * ``"tiled"``: query tiles and their key halo through ATen's fused attention (runs on any device);
 * ``"triton"``: the fused GPU kernels (on CPU tensors only under ``TRITON_INTERPRET=1``);
-* ``"cpu"``: ``"native"`` on CPU tensors (2-4x faster than ``"tiled"`` on the undilated benchmark
-  shapes of ``tools/bench_kernels.py``, about even on the dilated ones); ``"tiled"`` if the native
-  kernel cannot be built, or on other devices;
+* ``"cpu"``: ``"blocked"`` where the windows are disjoint blocks, else ``"native"`` on CPU tensors
+  (2-4x faster than ``"tiled"`` on the undilated benchmark shapes of ``tools/bench_kernels.py``),
+  else ``"tiled"`` (the native kernel cannot be built, or other devices);
 * ``"auto"``: ``"triton"`` for CUDA tensors when triton imports, ``"cpu"`` otherwise.
 
 The process-wide default can be set with the environment variable ``VISIONZOO_ATTN_BACKEND``.
-Block-sparse attention has no native kernel: ``"cpu"`` and ``"native"`` run it tiled.
+Block-sparse attention has no native or blocked kernel: those names run it tiled.
 """
 from __future__ import annotations
 
@@ -20,13 +23,15 @@ import contextlib
 import functools
 import os
 import threading
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 
 from . import native
+from .checks import NeighborhoodParams
+from .indexing import disjoint_blocks
 
-BACKENDS = ("auto", "reference", "cpu", "native", "tiled", "triton")
+BACKENDS = ("auto", "reference", "cpu", "blocked", "native", "tiled", "triton")
 
 _state = threading.local()
 
@@ -73,14 +78,37 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(requested: Optional[str], device: torch.device) -> str:
+@torch.compiler.assume_constant_result  # torch.compile calls it on the (static) geometry instead of tracing it
+def _disjoint_blocks(spatial, kernel_size, stride, dilation, is_causal) -> Optional[Tuple[int, ...]]:
+    return disjoint_blocks(spatial, NeighborhoodParams(kernel_size, stride, dilation, is_causal))
+
+
+def resolve_backend(
+    requested: Optional[str],
+    device: torch.device,
+    spatial: Optional[Tuple[int, ...]] = None,
+    params: Optional[NeighborhoodParams] = None,
+) -> str:
     """Turn ``requested`` (or the thread default) into a concrete backend for ``device``: one of
-    ``"reference"``, ``"native"``, ``"tiled"``, ``"triton"``."""
+    ``"reference"``, ``"blocked"``, ``"native"``, ``"tiled"``, ``"triton"``. With the call's
+    ``spatial`` size and ``params``, ``"cpu"`` can pick ``"blocked"``; without them it never does."""
     name = _check_name(requested if requested is not None else get_backend())
     if name == "auto":
         name = "triton" if device.type == "cuda" and triton_available() else "cpu"
+    blocks = None
+    if params is not None:
+        blocks = _disjoint_blocks(tuple(spatial), params.kernel_size, params.stride, params.dilation, params.is_causal)
     if name == "cpu":
+        if blocks is not None:
+            return "blocked"
         return "native" if device.type == "cpu" and native.available() else "tiled"
+    if name == "blocked" and params is not None and blocks is None:
+        raise ValueError(
+            "backend='blocked' needs windows that cut the input into disjoint blocks (non-causal; stride == "
+            "kernel_size with sizes divisible by kernel_size * dilation, or kernel_size * dilation == size); got "
+            f"spatial {list(spatial)}, kernel_size {list(params.kernel_size)}, stride {list(params.stride)}, "
+            f"dilation {list(params.dilation)}, is_causal {list(params.is_causal)}"
+        )
     if name == "native":
         if device.type != "cpu":
             raise RuntimeError(f"backend='native' runs on CPU tensors, got a tensor on {device}")

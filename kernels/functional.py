@@ -45,7 +45,7 @@ def neighborhood_attention(
         is_causal: causal masking per dimension.
         scale: logit scale, default ``head_dim ** -0.5``.
         rpb: optional relative position bias ``[heads, 2*k0-1, 2*k1-1, ...]`` (stride 1 only).
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"native"``, ``"tiled"`` or ``"triton"``
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"blocked"``, ``"native"``, ``"tiled"`` or ``"triton"``
             (see :mod:`visionzoo.kernels.dispatch`); ``None`` uses the thread default set by
             :func:`visionzoo.kernels.use_backend`.
 
@@ -66,7 +66,7 @@ def _neighborhood(op_name, num_dims, query, key, value, kernel_size, stride, dil
     params = make_params(num_dims, kernel_size, stride, dilation, is_causal)
     check_neighborhood_inputs(op_name, query, key, value, params, rpb)
     scale = float(query.shape[-1] ** -0.5 if scale is None else scale)
-    name = resolve_backend(backend, query.device)
+    name = resolve_backend(backend, query.device, tuple(query.shape[1:-2]), params)
     if name == "reference":
         return neighborhood_attention_reference(query, key, value, params, scale, rpb)
     if rpb is not None and rpb.dtype != query.dtype:
@@ -124,7 +124,7 @@ def block_sparse_attention(
     q_block, kv_block = check_block_sparse_inputs(query, key, value, block_mask, block_size)
     scale = float(query.shape[-1] ** -0.5 if scale is None else scale)
     name = resolve_backend(backend, query.device)
-    if name == "native":  # no native block-sparse kernel: its tiles are dense blocks, which ATen does well
+    if name in ("native", "blocked"):  # block-sparse tiles are dense blocks already, which ATen does well
         name = "tiled"
     block_mask = block_mask.to(query.device)
     if name == "reference":

@@ -13,7 +13,8 @@ The n-D mask is the AND of the per-dimension masks. Every backend builds on thes
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+import functools
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -60,6 +61,30 @@ def relative_index_1d(length: int, kernel_size: int, dilation: int = 1) -> torch
     coordinates, plus ``k - 1``. Only meaningful where the mask is true (clamped elsewhere)."""
     coord = torch.arange(length) // dilation
     return (coord[None, :] - coord[:, None] + kernel_size - 1).clamp(0, 2 * kernel_size - 2)
+
+
+@functools.lru_cache(maxsize=128)
+def disjoint_blocks(spatial: Tuple[int, ...], params: NeighborhoodParams) -> Optional[Tuple[int, ...]]:
+    """Blocks per dilation group in each dimension when the windows cut every group into disjoint
+    blocks of exactly ``kernel_size`` tokens (non-causal only), else None.
+
+    Then every query of a block attends to every key of its block and to nothing else: the op is
+    block-diagonal dense attention. Two geometries do this: blocked / window attention
+    (``stride == kernel_size`` and group lengths divisible by it), and windows that span their whole
+    dilation group (``kernel_size * dilation == length``, any stride), which is every dilated DiNAT
+    layer at its training resolution. Decided from :func:`window_bounds`: position
+    ``(b * kernel_size + c) * dilation + g`` must attend block ``b`` of group ``g``.
+    """
+    blocks = []
+    for dim, length in enumerate(spatial):
+        kernel, dilation = params.kernel_size[dim], params.dilation[dim]
+        if params.is_causal[dim] or length % (kernel * dilation):
+            return None
+        _, coord, start, _ = window_bounds(length, kernel, params.stride[dim], dilation, False)
+        if not torch.equal(start, coord // kernel * kernel):
+            return None
+        blocks.append(length // (kernel * dilation))
+    return tuple(blocks)
 
 
 def neighborhood_mask(spatial: Sequence[int], params: NeighborhoodParams) -> torch.Tensor:

@@ -29,11 +29,11 @@ from typing import Optional, Tuple
 import torch
 
 from .checks import NeighborhoodParams
-from .indexing import window_bounds
+from .indexing import disjoint_blocks, window_bounds
 from .reference import compute_dtype
 
 SOURCE = Path(__file__).with_name("csrc") / "na_cpu.cpp"
-ABI_VERSION = 1
+ABI_VERSION = 2
 # -ffast-math at compile time only (vectorized exp); the link step leaves it out so that the library
 # does not pull in crtfastmath.o, which would flush denormals to zero for the whole process.
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
@@ -103,6 +103,9 @@ def _bind(path: Path) -> ctypes.CDLL:
     for suffix in ("f32", "f64"):
         getattr(lib, f"vz_na_forward_{suffix}").argtypes = [p] * 8 + [d, i]
         getattr(lib, f"vz_na_backward_{suffix}").argtypes = [p] * 13 + [d, i]
+        getattr(lib, f"vz_block_forward_{suffix}").argtypes = [p] * 8 + [d, i]
+        getattr(lib, f"vz_block_backward_{suffix}").argtypes = [p] * 12 + [d, i]
+    lib.vz_block_bias_chunks.restype = ctypes.c_int64
     return lib
 
 
@@ -133,8 +136,10 @@ def library() -> ctypes.CDLL:
     return _library
 
 
+@torch.compiler.assume_constant_result
 def available() -> bool:
-    """Whether the native kernel can be used (builds it on first call)."""
+    """Whether the native kernel can be used (builds it on first call). A constant to
+    ``torch.compile``, which runs it eagerly instead of tracing the build and its lock."""
     try:
         library()
     except RuntimeError:
@@ -232,3 +237,86 @@ def na_backward(grad_out, query, key, value, out, lse, rpb, params: Neighborhood
     )
     d_rpb = None if rpb is None else d_bias.sum(0).reshape(rpb.shape).to(rpb.dtype)
     return d_query.to(query.dtype), d_key.to(key.dtype), d_value.to(value.dtype), d_rpb
+
+
+
+# ----------------------------------------------------------------------------------------------
+# blocked attention: windows that are disjoint blocks (see blocked.py)
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _block_tables(spatial: Tuple[int, ...], params: NeighborhoodParams) -> Tuple[torch.Tensor, Tuple[int, ...]]:
+    """``(tables, (blocks per dim..., kernel per dim...))`` padded to 3D: per dimension the positions of
+    every block's tokens, one row per distinct window of :func:`window_bounds`."""
+    if disjoint_blocks(spatial, params) is None:
+        raise ValueError(f"the windows of spatial {list(spatial)} with {params} are not disjoint blocks")
+    pad = 3 - len(spatial)
+    tables, blocks, kernels = [], [], []
+    for dim in range(3):
+        if dim < pad:
+            tables.append(torch.zeros(1, dtype=torch.long))
+            blocks.append(1)
+            kernels.append(1)
+            continue
+        i = dim - pad
+        kernel, dilation = params.kernel_size[i], params.dilation[i]
+        group, _, start, _ = window_bounds(spatial[i], kernel, params.stride[i], dilation, False)
+        first = torch.unique(group + dilation * start)  # first token of every block
+        tables.append((first[:, None] + dilation * torch.arange(kernel)).flatten())
+        blocks.append(first.numel())
+        kernels.append(kernel)
+    return torch.cat(tables).contiguous(), tuple(blocks + kernels)
+
+
+def _block_call(query: torch.Tensor, params: NeighborhoodParams, bias: Optional[torch.Tensor], dtype: torch.dtype):
+    """Geometry, tables and the logit bias of one blocked call. ``bias`` is ``[H, K, K]`` (query, key)
+    or None; the kernel takes it transposed like its logits, ``[H or 1, K (keys), Kp (queries)]``
+    with the queries padded to whole vectors."""
+    spatial = tuple(query.shape[1:-2])
+    tables, dims = _block_tables(spatial, params)
+    padded = [1] * (3 - len(spatial)) + list(spatial)
+    tokens = math.prod(params.kernel_size)
+    lanes = 64 // torch.empty(0, dtype=dtype).element_size()
+    kernel_bias = torch.zeros(1 if bias is None else bias.shape[0], tokens, -(-tokens // lanes) * lanes, dtype=dtype)
+    if bias is not None:
+        kernel_bias[..., :tokens] = bias.transpose(1, 2)
+    geom = torch.tensor(
+        [query.shape[0], *padded, query.shape[-2], query.shape[-1], *dims, kernel_bias.shape[0]], dtype=torch.long
+    )
+    return geom, tables, kernel_bias
+
+
+def block_forward(query, key, value, bias, params: NeighborhoodParams, scale: float):
+    """Blocked forward on CPU tensors ``[B, *spatial, H, D]`` with an optional logit bias ``[H, K, K]``
+    (``K = prod(kernel_size)``); returns ``(out, lse [B, *spatial, H])``."""
+    lib = library()
+    dtype = compute_dtype(query.dtype)
+    q, k, v = (_prepare(x, dtype) for x in (query, key, value))
+    geom, tables, kernel_bias = _block_call(q, params, bias, dtype)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:-1], dtype=dtype)
+    getattr(lib, f"vz_block_forward_{_suffix(dtype)}")(
+        _ptr(q), _ptr(k), _ptr(v), _ptr(kernel_bias), _ptr(out), _ptr(lse), _ptr(geom), _ptr(tables), scale,
+        torch.get_num_threads(),
+    )
+    return out.to(query.dtype), lse
+
+
+def block_backward(grad_out, query, key, value, lse, bias, params: NeighborhoodParams, scale: float):
+    """Blocked backward from the saved ``lse``; returns ``(d_query, d_key, d_value, d_bias [H, K, K] or None)``."""
+    lib = library()
+    dtype = compute_dtype(query.dtype)
+    q, k, v, do = (_prepare(x, dtype) for x in (query, key, value, grad_out))
+    geom, tables, kernel_bias = _block_call(q, params, bias, dtype)
+    d_query, d_key, d_value = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # one partial bias gradient per fixed chunk of blocks, summed here in a fixed order
+    d_bias = None if bias is None else torch.zeros(lib.vz_block_bias_chunks(), *kernel_bias.shape, dtype=dtype)
+    getattr(lib, f"vz_block_backward_{_suffix(dtype)}")(
+        _ptr(q), _ptr(k), _ptr(v), _ptr(do), _ptr(_prepare(lse, dtype)), _ptr(kernel_bias), _ptr(d_query),
+        _ptr(d_key), _ptr(d_value), _ptr(d_bias), _ptr(geom), _ptr(tables), scale, torch.get_num_threads(),
+    )
+    return (
+        d_query.to(query.dtype),
+        d_key.to(key.dtype),
+        d_value.to(value.dtype),
+        None if d_bias is None else d_bias.sum(0)[..., : d_bias.shape[2]].transpose(1, 2),
+    )

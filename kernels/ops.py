@@ -3,9 +3,9 @@
 ``visionzoo::na_forward`` / ``visionzoo::na_backward`` and ``visionzoo::block_sparse_forward`` /
 ``visionzoo::block_sparse_backward`` carry fake (meta) implementations, so ``torch.compile`` and
 ``torch.export`` trace through models that use them without graph breaks. The ``backend`` argument
-selects the implementation (``"native"``: fused C++ CPU kernels, ``"tiled"``: tiles through ATen's
-fused attention, ``"triton"``: fused GPU kernels); :func:`~visionzoo.kernels.dispatch.resolve_backend`
-picks it.
+selects the implementation (``"blocked"``: dense attention per disjoint block, ``"native"``: fused
+C++ CPU kernels, ``"tiled"``: tiles through ATen's fused attention, ``"triton"``: fused GPU kernels);
+:func:`~visionzoo.kernels.dispatch.resolve_backend` picks it.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from .reference import compute_dtype
 
 # backend -> (neighborhood module, block-sparse module)
 _IMPLEMENTATIONS = {
+    "blocked": (".blocked", None),
     "native": (".native", None),
     "tiled": (".cpu", ".cpu"),
     "triton": (".triton_na", ".triton_block_sparse"),

@@ -11,6 +11,8 @@
 //
 // geom = {B, L0, L1, L2, H, D, dil0, dil1, dil2, rs0, rs1, rs2, R, has_rpb, max_keys}
 // tables = {kfirst[L0 + L1 + L2], kcount[L0 + L1 + L2], rfirst[L0 + L1 + L2]}
+//
+// The blocked path (blocked.py, windows that are disjoint blocks) has its own kernels below.
 #include <omp.h>
 
 #include <algorithm>
@@ -360,11 +362,374 @@ void backward_dispatch(const T* q, const T* k, const T* v, const T* out, const T
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Blocked attention (blocked.py): the windows cut the input into disjoint blocks of K tokens and
+// every query attends to all keys of its block. One task per (b, h, block) gathers the block into
+// per-thread scratch (padded to whole vectors, pads zero), runs the small dense GEMMs with a
+// register-blocked kernel, and writes the results straight back to the [B, L0, L1, L2, H, D]
+// layout: no permuting copies and no temporaries the size of the problem.
+//
+// bgeom = {B, L0, L1, L2, H, D, nb0, nb1, nb2, k0, k1, k2, bias_heads}
+// btables = {token[nb0 * k0], token[nb1 * k1], token[nb2 * k2]}: per dimension, the positions of
+//           the tokens of every block (block-major), so block (i0, i1, i2) holds the tokens
+//           (token0[i0][c0], token1[i1][c1], token2[i2][c2]) in row-major (c0, c1, c2) order.
+// bias: [bias_heads, K, Kp] added to the transposed logits (keys x queries; zero for padded queries).
+// ---------------------------------------------------------------------------------------------
+struct BlockGeometry {
+  int64_t B, L[3], H, D, nb[3], k[3], bias_heads;
+  const int64_t* token[3];
+  int64_t K, Kp, Dp;
+
+  BlockGeometry(const int64_t* g, const int64_t* tables, int lanes) {
+    B = g[0];
+    for (int i = 0; i < 3; ++i) {
+      L[i] = g[1 + i];
+      nb[i] = g[6 + i];
+      k[i] = g[9 + i];
+    }
+    H = g[4];
+    D = g[5];
+    bias_heads = g[12];
+    int64_t offset = 0;
+    for (int i = 0; i < 3; ++i) {
+      token[i] = tables + offset;
+      offset += nb[i] * k[i];
+    }
+    K = k[0] * k[1] * k[2];
+    Kp = (K + lanes - 1) / lanes * lanes;
+    Dp = (D + lanes - 1) / lanes * lanes;
+  }
+
+  int64_t blocks() const { return nb[0] * nb[1] * nb[2]; }
+
+  // flat positions of the K tokens of block `block`
+  void tokens(int64_t block, int64_t* __restrict pos) const {
+    const int64_t i2 = block % nb[2], i1 = block / nb[2] % nb[1], i0 = block / (nb[1] * nb[2]);
+    const int64_t* t0 = token[0] + i0 * k[0];
+    const int64_t* t1 = token[1] + i1 * k[1];
+    const int64_t* t2 = token[2] + i2 * k[2];
+    const int64_t k0 = k[0], k1 = k[1], k2 = k[2], L1 = L[1], L2 = L[2];
+    int64_t c = 0;
+    for (int64_t c0 = 0; c0 < k0; ++c0)
+      for (int64_t c1 = 0; c1 < k1; ++c1) {
+        const int64_t row = (t0[c0] * L1 + t1[c1]) * L2;
+        for (int64_t c2 = 0; c2 < k2; ++c2) pos[c++] = row + t2[c2];
+      }
+  }
+};
+
+// C[r, :CH*L] = sum_j A[r, j] * B[j, :CH*L] for R rows, A[r, j] at A[r * ar + j * aj] (so a
+// transposed A costs nothing): R x CH accumulators stay in registers
+template <typename T, int CH, int R>
+inline void gemm_tile(const T* __restrict A, int64_t ar, int64_t aj, const T* __restrict Bm, int64_t ldb,
+                      T* __restrict C, int64_t ldc, int64_t depth) {
+  typedef typename Vec<T>::type vec;
+  constexpr int L = Vec<T>::lanes;
+  vec acc[R][CH];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CH; ++c) acc[r][c] = vec{};
+  for (int64_t j = 0; j < depth; ++j) {
+    vec b[CH];
+    for (int c = 0; c < CH; ++c) b[c] = load(Bm + j * ldb + c * L);
+    for (int r = 0; r < R; ++r) {
+      const T a = A[r * ar + j * aj];
+      for (int c = 0; c < CH; ++c) acc[r][c] += a * b[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CH; ++c) store(C + r * ldc + c * L, acc[r][c]);
+}
+
+template <typename T, int CH>
+inline void gemm_columns(const T* A, int64_t ar, int64_t aj, const T* Bm, int64_t ldb, T* C, int64_t ldc,
+                         int64_t rows, int64_t depth) {
+  constexpr int R = CH >= 4 ? 6 : 8;  // R * CH accumulators + CH rows of B + 1 broadcast within 32 registers
+  int64_t r = 0;
+  for (; r + R <= rows; r += R) gemm_tile<T, CH, R>(A + r * ar, ar, aj, Bm, ldb, C + r * ldc, ldc, depth);
+  switch (rows - r) {
+#define VZ_TAIL(n) \
+  case n: return gemm_tile<T, CH, n>(A + r * ar, ar, aj, Bm, ldb, C + r * ldc, ldc, depth);
+    VZ_TAIL(1) VZ_TAIL(2) VZ_TAIL(3) VZ_TAIL(4) VZ_TAIL(5) VZ_TAIL(6) VZ_TAIL(7)
+#undef VZ_TAIL
+    default: return;
+  }
+}
+
+// C[rows, cols] = A[rows, depth] @ B[depth, cols], cols a whole number of vectors; A[r, j] is at
+// A[r * ar + j * aj]
+template <typename T>
+void gemm(const T* A, int64_t ar, int64_t aj, const T* Bm, int64_t ldb, T* C, int64_t ldc, int64_t rows,
+          int64_t depth, int64_t cols) {
+  constexpr int L = Vec<T>::lanes;
+  int64_t c = 0;
+  for (; c + 4 * L <= cols; c += 4 * L) gemm_columns<T, 4>(A, ar, aj, Bm + c, ldb, C + c, ldc, rows, depth);
+  switch ((cols - c) / L) {
+    case 3: return gemm_columns<T, 3>(A, ar, aj, Bm + c, ldb, C + c, ldc, rows, depth);
+    case 2: return gemm_columns<T, 2>(A, ar, aj, Bm + c, ldb, C + c, ldc, rows, depth);
+    case 1: return gemm_columns<T, 1>(A, ar, aj, Bm + c, ldb, C + c, ldc, rows, depth);
+    default: return;
+  }
+}
+
+// Per-thread scratch of one block. The logits are kept transposed, keys x queries ([K, Kp]), so
+// that the softmax over keys runs down the columns: L queries per vector, no horizontal sums.
+// Rows of D are padded to Dp and rows of queries to Kp; pads stay zero.
+template <typename T>
+struct BlockScratch {
+  std::vector<int64_t> pos, at;
+  std::vector<T> qt, q, k, v, dot, dout, st, dst, out, lse;
+  BlockScratch(const BlockGeometry& g)
+      : pos(g.K), at(g.K), qt(g.D * g.Kp), q(g.K * g.Dp), k(g.K * g.Dp), v(g.K * g.Dp), dot(g.D * g.Kp),
+        dout(g.K * g.Dp), st(g.K * g.Kp), dst(g.K * g.Kp), out(g.K * g.Dp), lse(g.Kp) {}
+};
+
+// exp over one vector through the vectorized libm, arguments clamped at -80: hopeless logits
+// (exp(-80) ~ 2e-35, nothing next to the row's largest term of 1) stay off its slow underflow path
+template <typename T>
+inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
+  constexpr int L = Vec<T>::lanes;
+  T in[L], out[L];
+  std::memcpy(in, &x, sizeof(x));
+#pragma omp simd
+  for (int i = 0; i < L; ++i) out[i] = std::exp(std::max(in[i], T(-80)));
+  return load(out);
+}
+
+template <typename T>
+inline typename Vec<T>::type vlog(typename Vec<T>::type x) {
+  constexpr int L = Vec<T>::lanes;
+  T in[L], out[L];
+  std::memcpy(in, &x, sizeof(x));
+#pragma omp simd
+  for (int i = 0; i < L; ++i) out[i] = std::log(in[i]);
+  return load(out);
+}
+
+// rows [K, D] of x at the block's tokens -> dst [K, Dp] (times factor)
+template <typename T>
+inline void gather_rows(const T* x, const int64_t* at, const BlockGeometry& g, T factor, T* dst) {
+  for (int64_t c = 0; c < g.K; ++c)
+    for (int64_t d = 0; d < g.D; ++d) dst[c * g.Dp + d] = x[at[c] + d] * factor;
+}
+
+// Lanes of the two-vector shuffles of an L x L transpose: at level h, rows i and i + h swap their
+// off-diagonal h x h sub-blocks (lo keeps row i's, hi row i + h's).
+template <typename T>
+struct TransposeMasks {
+  typedef typename Vec<T>::index_scalar index;
+  static constexpr int L = Vec<T>::lanes;
+  index lo[4][16], hi[4][16];
+  constexpr TransposeMasks() : lo{}, hi{} {
+    for (int level = 0; (1 << level) < L; ++level) {
+      const int h = 1 << level;
+      for (int j = 0; j < L; ++j) {
+        lo[level][j] = (j & h) ? L + j - h : j;
+        hi[level][j] = (j & h) ? L + j : j + h;
+      }
+    }
+  }
+};
+
+// r[i][j] <- r[j][i] for an L x L tile held in L vectors
+template <typename T>
+inline void transpose_tile(typename Vec<T>::type* r) {
+  typedef typename Vec<T>::type vec;
+  constexpr int L = Vec<T>::lanes;
+  static constexpr TransposeMasks<T> masks;
+#pragma GCC unroll 4
+  for (int level = 0; (1 << level) < L; ++level) {
+    const int h = 1 << level;
+    const auto lo = mask_vector<T>(masks.lo[level]), hi = mask_vector<T>(masks.hi[level]);
+#pragma GCC unroll 16
+    for (int i = 0; i < L; ++i)
+      if (!(i & h)) {
+        const vec a = r[i], b = r[i + h];
+        r[i] = __builtin_shuffle(a, b, lo);
+        r[i + h] = __builtin_shuffle(a, b, hi);
+      }
+  }
+}
+
+// the same rows transposed -> dst [D, Kp] (times factor; columns >= K zero), in L x L register tiles
+template <typename T>
+inline void gather_columns(const T* x, const int64_t* at, const BlockGeometry& g, T factor, T* dst) {
+  typedef typename Vec<T>::type vec;
+  constexpr int L = Vec<T>::lanes;
+  for (int64_t c0 = 0; c0 < g.Kp; c0 += L)
+    for (int64_t d0 = 0; d0 < g.D; d0 += L) {
+      const int64_t width = std::min<int64_t>(L, g.D - d0);
+      vec tile[L];
+      for (int i = 0; i < L; ++i) {
+        tile[i] = vec{};
+        if (c0 + i >= g.K) continue;
+        if (width == L)
+          tile[i] = load(x + at[c0 + i] + d0);
+        else
+          std::memcpy(&tile[i], x + at[c0 + i] + d0, width * sizeof(T));
+      }
+      transpose_tile<T>(tile);
+      for (int64_t i = 0; i < width; ++i) store(dst + (d0 + i) * g.Kp + c0, tile[i] * factor);
+    }
+}
+
+template <typename T>
+inline void scatter_rows(const T* src, const int64_t* at, const BlockGeometry& g, T factor, T* x) {
+  for (int64_t c = 0; c < g.K; ++c)
+    for (int64_t d = 0; d < g.D; ++d) x[at[c] + d] = src[c * g.Dp + d] * factor;
+}
+
+template <typename T>
+inline void block_offsets(const BlockGeometry& g, int64_t b, int64_t h, int64_t block, BlockScratch<T>& w) {
+  g.tokens(block, w.pos.data());
+  const int64_t N = g.L[0] * g.L[1] * g.L[2], row = g.H * g.D, base = b * N * row + h * g.D, K = g.K;
+  const int64_t* __restrict pos = w.pos.data();
+  int64_t* __restrict at = w.at.data();
+  for (int64_t c = 0; c < K; ++c) at[c] = base + pos[c] * row;
+}
+
+// bias: [bias_heads, K (keys), Kp (queries)], the logit bias transposed like the logits
+template <typename T>
+void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T* lse, const BlockGeometry& g,
+                   T scale, int threads) {
+  typedef typename Vec<T>::type vec;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t N = g.L[0] * g.L[1] * g.L[2], K = g.K, Kp = g.Kp, Dp = g.Dp;
+#pragma omp parallel num_threads(threads)
+  {
+    BlockScratch<T> w(g);
+#pragma omp for collapse(3) schedule(static)
+    for (int64_t b = 0; b < g.B; ++b)
+      for (int64_t h = 0; h < g.H; ++h)
+        for (int64_t block = 0; block < g.blocks(); ++block) {
+          block_offsets(g, b, h, block, w);
+          gather_columns(q, w.at.data(), g, scale, w.qt.data());
+          gather_rows(k, w.at.data(), g, T(1), w.k.data());
+          gather_rows(v, w.at.data(), g, T(1), w.v.data());
+          gemm(w.k.data(), Dp, 1, w.qt.data(), Kp, w.st.data(), Kp, K, g.D, Kp);  // S^T = K Q^T
+          const T* bias_h = bias + (g.bias_heads > 1 ? h : 0) * K * Kp;
+          for (int64_t r = 0; r < Kp; r += L) {  // L queries at a time, down the keys
+            T* col = w.st.data() + r;
+            const T* bias_col = bias_h + r;
+            vec m = load(col) + load(bias_col);
+            store(col, m);
+            for (int64_t c = 1; c < K; ++c) {
+              const vec x = load(col + c * Kp) + load(bias_col + c * Kp);
+              store(col + c * Kp, x);
+              m = m > x ? m : x;
+            }
+            vec total = vec{};
+            for (int64_t c = 0; c < K; ++c) {
+              const vec e = vexp<T>(load(col + c * Kp) - m);
+              store(col + c * Kp, e);
+              total += e;
+            }
+            const vec inverse = T(1) / total;
+            for (int64_t c = 0; c < K; ++c) store(col + c * Kp, load(col + c * Kp) * inverse);
+            store(w.lse.data() + r, m + vlog<T>(total));
+          }
+          for (int64_t r = 0; r < K; ++r) lse[(b * N + w.pos[r]) * g.H + h] = w.lse[r];
+          gemm(w.st.data(), 1, Kp, w.v.data(), Dp, w.out.data(), Dp, K, K, Dp);  // O = P V
+          scatter_rows(w.out.data(), w.at.data(), g, T(1), out);
+        }
+  }
+}
+
+// The (b, h, block) tasks run in kBiasChunks fixed contiguous chunks, each summing its bias
+// gradient into its own slice of dbias [kBiasChunks, bias_heads, K (keys), Kp (queries)] (reduced
+// by the caller in a fixed order), so the result does not depend on the thread count. dbias may
+// be null.
+constexpr int64_t kBiasChunks = 32;
+
+template <typename T>
+void block_backward(const T* q, const T* k, const T* v, const T* dout, const T* lse, const T* bias, T* dq, T* dk,
+                    T* dv, T* dbias, const BlockGeometry& g, T scale, int threads) {
+  typedef typename Vec<T>::type vec;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t N = g.L[0] * g.L[1] * g.L[2], K = g.K, Kp = g.Kp, Dp = g.Dp;
+  const int64_t tasks = g.B * g.H * g.blocks();
+#pragma omp parallel num_threads(threads)
+  {
+    BlockScratch<T> w(g);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t chunk = 0; chunk < kBiasChunks; ++chunk) {
+      T* dbias_chunk = dbias ? dbias + chunk * g.bias_heads * K * Kp : nullptr;
+      for (int64_t task = tasks * chunk / kBiasChunks; task < tasks * (chunk + 1) / kBiasChunks; ++task) {
+        const int64_t block = task % g.blocks(), h = task / g.blocks() % g.H, b = task / (g.blocks() * g.H);
+        block_offsets(g, b, h, block, w);
+        gather_columns(q, w.at.data(), g, scale, w.qt.data());
+        gather_rows(q, w.at.data(), g, scale, w.q.data());
+        gather_rows(k, w.at.data(), g, T(1), w.k.data());
+        gather_rows(v, w.at.data(), g, T(1), w.v.data());
+        gather_columns(dout, w.at.data(), g, T(1), w.dot.data());
+        gather_rows(dout, w.at.data(), g, T(1), w.dout.data());
+        for (int64_t r = 0; r < K; ++r) w.lse[r] = lse[(b * N + w.pos[r]) * g.H + h];
+        gemm(w.k.data(), Dp, 1, w.qt.data(), Kp, w.st.data(), Kp, K, g.D, Kp);    // S^T = K Q^T
+        gemm(w.v.data(), Dp, 1, w.dot.data(), Kp, w.dst.data(), Kp, K, g.D, Kp);  // dP^T = V dO^T
+        const int64_t head = g.bias_heads > 1 ? h : 0;
+        const T* bias_h = bias + head * K * Kp;
+        for (int64_t r = 0; r < Kp; r += L) {
+          T* p = w.st.data() + r;
+          T* ds = w.dst.data() + r;
+          const T* bias_col = bias_h + r;
+          const vec row_lse = load(w.lse.data() + r);
+          vec delta = vec{};  // sum over keys of P dP = sum over d of dO O
+          for (int64_t c = 0; c < K; ++c) {
+            const vec pc = vexp<T>(load(p + c * Kp) + load(bias_col + c * Kp) - row_lse);
+            store(p + c * Kp, pc);
+            delta += pc * load(ds + c * Kp);
+          }
+          for (int64_t c = 0; c < K; ++c) {
+            const vec dsc = load(p + c * Kp) * (load(ds + c * Kp) - delta);
+            store(ds + c * Kp, dsc);
+            if (dbias_chunk) {
+              T* db = dbias_chunk + (head * K + c) * Kp + r;
+              store(db, load(db) + dsc);
+            }
+          }
+        }
+        gemm(w.dst.data(), 1, Kp, w.k.data(), Dp, w.out.data(), Dp, K, K, Dp);  // dQ = dS K
+        scatter_rows(w.out.data(), w.at.data(), g, scale, dq);
+        gemm(w.dst.data(), Kp, 1, w.q.data(), Dp, w.out.data(), Dp, K, K, Dp);  // dK = dS^T (scale Q)
+        scatter_rows(w.out.data(), w.at.data(), g, T(1), dk);
+        gemm(w.st.data(), Kp, 1, w.dout.data(), Dp, w.out.data(), Dp, K, K, Dp);  // dV = P^T dO
+        scatter_rows(w.out.data(), w.at.data(), g, T(1), dv);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-int vz_abi_version() { return 1; }
+int vz_abi_version() { return 2; }
+
+int64_t vz_block_bias_chunks() { return kBiasChunks; }
+
+void vz_block_forward_f32(const float* q, const float* k, const float* v, const float* bias, float* out,
+                          float* lse, const int64_t* geom, const int64_t* tables, double scale, int threads) {
+  block_forward<float>(q, k, v, bias, out, lse, BlockGeometry(geom, tables, Vec<float>::lanes), float(scale),
+                       threads);
+}
+
+void vz_block_forward_f64(const double* q, const double* k, const double* v, const double* bias, double* out,
+                          double* lse, const int64_t* geom, const int64_t* tables, double scale, int threads) {
+  block_forward<double>(q, k, v, bias, out, lse, BlockGeometry(geom, tables, Vec<double>::lanes), scale, threads);
+}
+
+void vz_block_backward_f32(const float* q, const float* k, const float* v, const float* dout, const float* lse,
+                           const float* bias, float* dq, float* dk, float* dv, float* dbias, const int64_t* geom,
+                           const int64_t* tables, double scale, int threads) {
+  block_backward<float>(q, k, v, dout, lse, bias, dq, dk, dv, dbias, BlockGeometry(geom, tables, Vec<float>::lanes),
+                        float(scale), threads);
+}
+
+void vz_block_backward_f64(const double* q, const double* k, const double* v, const double* dout, const double* lse,
+                           const double* bias, double* dq, double* dk, double* dv, double* dbias, const int64_t* geom,
+                           const int64_t* tables, double scale, int threads) {
+  block_backward<double>(q, k, v, dout, lse, bias, dq, dk, dv, dbias,
+                         BlockGeometry(geom, tables, Vec<double>::lanes), scale, threads);
+}
 
 void vz_na_forward_f32(const float* q, const float* k, const float* v, const float* rpb, float* out, float* lse,
                        const int64_t* geom, const int64_t* tables, double scale, int threads) {

@@ -1,0 +1,172 @@
+"""The blocked path: windows that are disjoint blocks run as dense attention per block, through the
+native kernel on CPU and through batched matmuls elsewhere (or without a compiler)."""
+import itertools
+
+import pytest
+import torch
+
+from tests.kernels.brute_force import window_1d
+from visionzoo.kernels import blocked, block_sparse_attention, make_params, neighborhood_attention, resolve_backend
+from visionzoo.kernels.indexing import disjoint_blocks
+from visionzoo.kernels.reference import neighborhood_attention_reference
+
+CPU = torch.device("cpu")
+# the two implementations of the blocked path: the native kernel (CPU) and batched torch matmuls
+IMPLEMENTATIONS = ["native", "matmul"]
+
+# (spatial, kernel_size, stride, dilation, heads, head_dim); all are disjoint blocks
+CASES = [
+    ((14, 14), 7, 1, 2, 2, 32),  # DiNAT: the window spans the whole dilation group
+    ((7, 7), 7, 1, 1, 3, 16),  # NAT's last stage: one window covers the input
+    ((12, 8), 4, 4, (1, 2), 2, 24),  # blocked (Swin window) attention, dilated on one axis
+    ((21, 10), (7, 5), (7, 1), (1, 2), 1, 3),  # blocked on one axis, whole groups on the other
+    ((21,), 7, 1, 3, 2, 64),  # 1D
+    ((4, 6, 9), (2, 3, 3), (2, 3, 1), (1, 1, 3), 2, 8),  # 3D, mixed
+    ((3, 10, 10), (3, 5, 5), (1, 5, 5), 1, 1, 32),  # 75 keys per block: more than one vector of keys
+]
+
+
+def _ids(case):
+    spatial, kernel, stride, dilation, *_ = case
+    return f"{'x'.join(map(str, spatial))}-k{kernel}-s{stride}-d{dilation}".replace(" ", "")
+
+
+def _inputs(spatial, heads, head_dim, dtype, batch=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, *spatial, heads, head_dim)
+    return [torch.randn(shape, generator=generator, dtype=dtype).requires_grad_() for _ in range(3)]
+
+
+def _rpb(params, heads, dtype):
+    generator = torch.Generator().manual_seed(1)
+    shape = (heads, *(2 * k - 1 for k in params.kernel_size))
+    return torch.randn(shape, generator=generator, dtype=dtype).requires_grad_()
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def implementation(request, monkeypatch):
+    if request.param == "matmul":
+        monkeypatch.setattr(blocked, "_native", lambda query: False)
+    return request.param
+
+
+def test_disjoint_blocks_against_brute_force_windows():
+    """Wherever disjoint_blocks says yes, the windows (enumerated independently) of the tokens of one
+    block are all that block; wherever it says no, some two windows overlap without being equal."""
+    for length, kernel, stride, dilation, causal in itertools.product(
+        range(4, 17), range(2, 6), range(1, 6), range(1, 4), (False, True)
+    ):
+        if stride > kernel or kernel * dilation > length:
+            continue
+        params = make_params(1, kernel, stride, dilation, causal)
+        windows = {frozenset(key for key, _ in window_1d(x, length, kernel, stride, dilation, causal))
+                   for x in range(length)}
+        partition = all(a == b or not (a & b) for a in windows for b in windows)
+        expected = (len(windows) * kernel, len(windows)) if partition else None
+        blocks = disjoint_blocks((length,), params)
+        got = None if blocks is None else (length, blocks[0] * dilation)
+        assert got == expected, (length, kernel, stride, dilation, causal)
+
+
+def test_disjoint_blocks_needs_every_dimension():
+    assert disjoint_blocks((14, 14), make_params(2, 7, 1, 2)) == (1, 1)
+    assert disjoint_blocks((56, 56), make_params(2, 7, 7, 1)) == (8, 8)
+    assert disjoint_blocks((14, 15), make_params(2, 7, 1, 2)) is None
+    assert disjoint_blocks((14, 14), make_params(2, 7, 1, (2, 1))) is None
+    assert disjoint_blocks((14, 14), make_params(2, 7, 1, 2, (False, True))) is None
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_blocked_matches_reference_fp32(case, implementation):
+    spatial, kernel, stride, dilation, heads, head_dim = case
+    params = make_params(len(spatial), kernel, stride, dilation)
+    q, k, v = _inputs(spatial, heads, head_dim, torch.float32)
+    rpb = _rpb(params, heads, torch.float32) if all(s == 1 for s in params.stride) else None
+    inputs = [q, k, v] + ([rpb] if rpb is not None else [])
+    expected = neighborhood_attention_reference(q, k, v, params, head_dim ** -0.5, rpb)
+    out = neighborhood_attention(q, k, v, kernel, stride, dilation, rpb=rpb, backend="blocked")
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+    grad = torch.randn_like(out)
+    for name, got, want in zip(["dq", "dk", "dv", "drpb"], torch.autograd.grad(out, inputs, grad),
+                               torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=_ids)
+def test_blocked_gradcheck_fp64(case, implementation):
+    spatial, kernel, stride, dilation, heads, _ = case
+    params = make_params(len(spatial), kernel, stride, dilation)
+    q, k, v = _inputs(spatial, heads, 3, torch.float64, batch=1)
+    with_rpb = all(s == 1 for s in params.stride)
+    inputs = [q, k, v] + ([_rpb(params, heads, torch.float64)] if with_rpb else [])
+
+    def fn(*args):
+        return neighborhood_attention(args[0], args[1], args[2], kernel, stride, dilation,
+                                      rpb=args[3] if with_rpb else None, backend="blocked")
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_blocked_bf16_close_to_reference(implementation):
+    q, k, v = _inputs((14, 14), 2, 16, torch.float32)
+    params = make_params(2, 7, 1, 2)
+    expected = neighborhood_attention_reference(q, k, v, params, 0.25)
+    inputs = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    out = neighborhood_attention(*inputs, 7, dilation=2, backend="blocked")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=5e-2, atol=5e-2)
+    out.float().sum().backward()
+    expected.sum().backward()
+    for got, want in zip(inputs, (q, k, v)):
+        torch.testing.assert_close(got.grad.float(), want.grad, rtol=5e-2, atol=5e-2)
+
+
+def test_blocked_results_do_not_depend_on_the_thread_count():
+    """The native kernel sums the rpb gradient in fixed chunks, so any thread count gives the same bits."""
+    q, k, v = _inputs((14, 14), 3, 32, torch.float32, batch=3)
+    rpb = _rpb(make_params(2, 7), 3, torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            out = neighborhood_attention(q, k, v, 7, dilation=2, rpb=rpb, backend="blocked")
+            results.append([out, *torch.autograd.grad(out.square().sum(), [q, k, v, rpb])])
+    finally:
+        torch.set_num_threads(threads)
+    for one, three in zip(*results):
+        assert torch.equal(one, three)
+
+
+def test_cpu_picks_blocked_only_for_disjoint_blocks():
+    assert resolve_backend("cpu", CPU, (14, 14), make_params(2, 7, 1, 2)) == "blocked"
+    assert resolve_backend("cpu", CPU, (56, 56), make_params(2, 7, 7)) == "blocked"
+    assert resolve_backend("cpu", CPU, (56, 56), make_params(2, 7)) == "native"
+    assert resolve_backend("cpu", CPU) == "native"  # no geometry given: never blocked
+    assert resolve_backend("reference", CPU, (14, 14), make_params(2, 7, 1, 2)) == "reference"
+
+
+def test_blocked_refuses_windows_that_overlap():
+    q = torch.randn(1, 9, 9, 1, 4)
+    with pytest.raises(ValueError, match="disjoint blocks.*spatial \\[9, 9\\]"):
+        neighborhood_attention(q, q, q, 3, backend="blocked")
+    with pytest.raises(ValueError, match="disjoint blocks"):
+        neighborhood_attention(q[:, :7, :7], q[:, :7, :7], q[:, :7, :7], 7, is_causal=True, backend="blocked")
+
+
+def test_block_sparse_with_blocked_backend_runs_tiled():
+    q = torch.randn(1, 32, 2, 8, dtype=torch.float64)
+    mask = torch.tensor([[True, False], [True, True]])
+    torch.testing.assert_close(
+        block_sparse_attention(q, q, q, mask, 16, backend="blocked"),
+        block_sparse_attention(q, q, q, mask, 16, backend="reference"),
+    )
+
+
+def test_custom_op_passes_opcheck_on_blocked(implementation):
+    q, k, v = _inputs((14, 7), 2, 4, torch.float32)
+    rpb = torch.randn(2, 13, 13, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.visionzoo.na_forward.default,
+        (q, k, v, rpb, [7, 7], [1, 1], [2, 1], [False, False], 0.5, "blocked"),
+    )
