@@ -16,10 +16,16 @@ and NATTEN (if installed), plus the "speed of light": dense unmasked SDPA time x
 
 Peak memory is measured as in ``tools/benchmark.py``: on CPU the growth of the process's peak
 resident set (Linux VmHWM, reset before each run), on CUDA ``torch.cuda.max_memory_allocated``.
+
+On CPU the benchmark first raises glibc's mmap and trim thresholds (``mallopt``), so that the
+multi-MiB temporaries every method allocates are reused from the heap instead of being returned to
+the kernel and page-faulted in again on the next call; with glibc's defaults that page faulting
+made repeated timings of one method vary by up to 2x. ``--default-allocator`` leaves glibc alone.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import platform
 import sys
@@ -76,6 +82,16 @@ DEFAULT_SHAPES = [
     Shape(2, (8, 16, 16), 2, 32, (3, 5, 5), (1, 1, 1)),
 ]
 QUICK_SHAPES = [Shape(1, (28, 28), 2, 32, (7, 7), (1, 1))]
+
+
+def steady_allocator() -> bool:
+    """Keep freed heap memory in the process (glibc): M_MMAP_THRESHOLD and M_TRIM_THRESHOLD to 1 GiB."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def peak_mib(fn: Callable[[], None], device: torch.device) -> Optional[float]:
@@ -366,6 +382,8 @@ def main(argv=None) -> None:
     parser.add_argument("--markdown", help="also write the tables to this file")
     parser.add_argument("--plot", help="write a bar chart (PNG) to this file")
     parser.add_argument("--tiling-only", action="store_true", help="print the GPU tiling analysis and stop")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's malloc thresholds alone (see the module docstring)")
     args = parser.parse_args(argv)
 
     tiling = render_tiling()
@@ -385,6 +403,8 @@ def main(argv=None) -> None:
     shapes = QUICK_SHAPES if args.quick else DEFAULT_SHAPES
     if device.type == "cpu":
         device_name = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        if not args.default_allocator and steady_allocator():
+            device_name += "; glibc malloc thresholds raised (freed buffers are reused)"
     else:
         device_name = torch.cuda.get_device_name(device)
     results = []

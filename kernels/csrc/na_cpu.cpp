@@ -550,9 +550,11 @@ inline void transpose_tile(typename Vec<T>::type* r) {
   }
 }
 
-// the same rows transposed -> dst [D, Kp] (times factor; columns >= K zero), in L x L register tiles
+// the same rows transposed -> columns [D, Kp] (times factor; columns >= K zero), in L x L register
+// tiles; with rows != null also the rows themselves -> rows [K, Dp] (times factor), from one read
 template <typename T>
-inline void gather_columns(const T* x, const int64_t* at, const BlockGeometry& g, T factor, T* dst) {
+inline void gather_columns(const T* x, const int64_t* at, const BlockGeometry& g, T factor, T* columns,
+                           T* rows = nullptr) {
   typedef typename Vec<T>::type vec;
   constexpr int L = Vec<T>::lanes;
   for (int64_t c0 = 0; c0 < g.Kp; c0 += L)
@@ -563,12 +565,13 @@ inline void gather_columns(const T* x, const int64_t* at, const BlockGeometry& g
         tile[i] = vec{};
         if (c0 + i >= g.K) continue;
         if (width == L)
-          tile[i] = load(x + at[c0 + i] + d0);
+          tile[i] = load(x + at[c0 + i] + d0) * factor;
         else
-          std::memcpy(&tile[i], x + at[c0 + i] + d0, width * sizeof(T));
+          std::memcpy(&tile[i], x + at[c0 + i] + d0, width * sizeof(T)), tile[i] *= factor;
+        if (rows) store(rows + (c0 + i) * g.Dp + d0, tile[i]);  // Dp >= d0 + L: the pad lanes are zero
       }
       transpose_tile<T>(tile);
-      for (int64_t i = 0; i < width; ++i) store(dst + (d0 + i) * g.Kp + c0, tile[i] * factor);
+      for (int64_t i = 0; i < width; ++i) store(columns + (d0 + i) * g.Kp + c0, tile[i]);
     }
 }
 
@@ -656,12 +659,10 @@ void block_backward(const T* q, const T* k, const T* v, const T* dout, const T* 
       for (int64_t task = tasks * chunk / kBiasChunks; task < tasks * (chunk + 1) / kBiasChunks; ++task) {
         const int64_t block = task % g.blocks(), h = task / g.blocks() % g.H, b = task / (g.blocks() * g.H);
         block_offsets(g, b, h, block, w);
-        gather_columns(q, w.at.data(), g, scale, w.qt.data());
-        gather_rows(q, w.at.data(), g, scale, w.q.data());
+        gather_columns(q, w.at.data(), g, scale, w.qt.data(), w.q.data());
         gather_rows(k, w.at.data(), g, T(1), w.k.data());
         gather_rows(v, w.at.data(), g, T(1), w.v.data());
-        gather_columns(dout, w.at.data(), g, T(1), w.dot.data());
-        gather_rows(dout, w.at.data(), g, T(1), w.dout.data());
+        gather_columns(dout, w.at.data(), g, T(1), w.dot.data(), w.dout.data());
         for (int64_t r = 0; r < K; ++r) w.lse[r] = lse[(b * N + w.pos[r]) * g.H + h];
         gemm(w.k.data(), Dp, 1, w.qt.data(), Kp, w.st.data(), Kp, K, g.D, Kp);    // S^T = K Q^T
         gemm(w.v.data(), Dp, 1, w.dot.data(), Kp, w.dst.data(), Kp, K, g.D, Kp);  // dP^T = V dO^T
