@@ -101,8 +101,9 @@ def peak_mib(fn: Callable[[], None], device: torch.device) -> Optional[float]:
     return memory.mib
 
 
-def timed(fn: Callable[[], None], device: torch.device, min_time: float, max_runs: int) -> float:
-    """Median seconds per call after one warm-up call."""
+def samples(fn: Callable[[], None], device: torch.device, min_time: float, max_runs: int) -> List[float]:
+    """Seconds per call of at least 3 calls (up to ``max_runs``, about ``min_time`` in all) after one
+    warm-up call."""
     fn()
     times = []
     start = time.perf_counter()
@@ -114,8 +115,12 @@ def timed(fn: Callable[[], None], device: torch.device, min_time: float, max_run
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - begin)
-    times.sort()
-    return times[len(times) // 2]
+    return times
+
+
+def median(values: List[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,13 +204,13 @@ def bench_shape(shape: Shape, device: torch.device, dtype: torch.dtype, args) ->
     size = (shape.batch, *shape.spatial, shape.heads, shape.head_dim)
     q, k, v = (torch.randn(size, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     q_plain, k_plain, v_plain = q.detach(), k.detach(), v.detach()  # compiled FlexAttention on CPU refuses grad inputs
-    rows = []
     skip = set(args.skip or [])
-    for name, (fn, has_backward) in make_methods(shape, params, mask, with_flex="flex" not in skip).items():
-        if name in skip or (name == "reference" and math.prod(shape.spatial) > args.max_reference_tokens):
-            continue
-        row = Row(shape, name)
+    methods = {
+        name: method for name, method in make_methods(shape, params, mask, with_flex="flex" not in skip).items()
+        if name not in skip and not (name == "reference" and math.prod(shape.spatial) > args.max_reference_tokens)
+    }
 
+    def runners(fn: Callable, has_backward: bool) -> Tuple[Callable[[], None], Optional[Callable[[], None]]]:
         def forward():
             with torch.no_grad():
                 fn(q_plain, k_plain, v_plain)
@@ -214,32 +219,35 @@ def bench_shape(shape: Shape, device: torch.device, dtype: torch.dtype, args) ->
             fn(q, k, v).float().sum().backward()
             q.grad = k.grad = v.grad = None
 
-        row.forward = timed(forward, device, args.min_time, args.max_runs)
-        row.memory_forward = peak_mib(forward, device)
-        if has_backward:
-            row.forward_backward = timed(forward_backward, device, args.min_time, args.max_runs)
+        return forward, (forward_backward if has_backward else None)
+
+    # the speed of light: dense (unmasked) SDPA, scaled by the density of the neighborhood mask below
+    dense = (lambda q, k, v: F.scaled_dot_product_attention(_flat(q), _flat(k), _flat(v)), True)
+    timings = {name: runners(*method) for name, method in {**methods, "dense": dense}.items()}
+    # methods take turns over the rounds, so that a slow spell of a shared machine hits them all alike
+    measured = {name: ([], []) for name in timings}
+    for _ in range(args.rounds):
+        for name, (forward, forward_backward) in timings.items():
+            measured[name][0].extend(samples(forward, device, args.min_time / args.rounds, args.max_runs))
+            if forward_backward is not None:
+                measured[name][1].extend(samples(forward_backward, device, args.min_time / args.rounds, args.max_runs))
+    rows = []
+    for name in methods:
+        forward, forward_backward = timings[name]
+        row = Row(shape, name, forward=median(measured[name][0]), memory_forward=peak_mib(forward, device))
+        if forward_backward is not None:
+            row.forward_backward = median(measured[name][1])
             row.memory_forward_backward = peak_mib(forward_backward, device)
         rows.append(row)
         print(f"  {name:16s} fwd {row.forward * 1e3:9.2f} ms   fwd+bwd "
               + (f"{row.forward_backward * 1e3:9.2f} ms" if row.forward_backward else "      n/a"), file=sys.stderr)
 
-    # speed of light: dense (unmasked) SDPA at the density of the neighborhood mask
     density = attention_density(shape.spatial, params)
-    dense = lambda: F.scaled_dot_product_attention(_flat(q), _flat(k), _flat(v))  # noqa: E731
-
-    def dense_forward():
-        with torch.no_grad():
-            F.scaled_dot_product_attention(_flat(q_plain), _flat(k_plain), _flat(v_plain))
-
-    def dense_forward_backward():
-        dense().sum().backward()
-        q.grad = k.grad = v.grad = None
-
     plan = tile_plan(shape.spatial, params, default_q_tile(shape.spatial, params), False)
     light = {
         "density": density,
-        "forward": timed(dense_forward, device, args.min_time, args.max_runs) * density,
-        "forward_backward": timed(dense_forward_backward, device, args.min_time, args.max_runs) * density,
+        "forward": median(measured["dense"][0]) * density,
+        "forward_backward": median(measured["dense"][1]) * density,
         "halo": plan.kv_slots / plan.keys_per_query,
         "q_tile": default_q_tile(shape.spatial, params),
         "path": resolve_backend("cpu", device, shape.spatial, params),
@@ -291,11 +299,12 @@ def render(results, device_name: str) -> str:
         )
     notes = [
         "",
-        "'ours' is backend='cpu', which runs the path named in 'ours runs': 'blocked' where the windows cut",
-        "the input into disjoint blocks (dense attention per block through batched GEMMs: no extra pairs,",
-        "but small 49x49 GEMMs and a block-permuting copy of every tensor), else the native kernel wherever",
-        "it builds (exactly each query's window, no extra work, but per-query dot products of one query",
-        "against its 49 keys run well below dense-GEMM efficiency).",
+        "'ours' is backend='cpu', which runs the path named in 'ours runs'. 'blocked' (windows that cut the",
+        "input into disjoint blocks, e.g. whole dilation groups) is dense attention per block: no extra pairs,",
+        "register-blocked GEMMs, but 49-token blocks keep those GEMMs small and every block gathers its",
+        "scattered rows, so it runs at about half the efficiency of a large dense kernel. 'native' visits",
+        "exactly each query's window, but one query's 49 dot products and weighted sums run well below GEMM",
+        "efficiency, and its backward read-modify-writes dK and dV for every pair.",
         "Speed of light = dense unmasked SDPA time x attention density. 'tiled halo' is the keys a query",
         "tile of the tiled path computes per query over the keys it needs (that path's extra work).",
     ]
@@ -376,8 +385,10 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--quick", action="store_true", help="one small shape")
     parser.add_argument("--skip", nargs="*", help="methods to leave out (e.g. flex reference)")
-    parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per measurement")
-    parser.add_argument("--max-runs", type=int, default=20)
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per method (all rounds)")
+    parser.add_argument("--max-runs", type=int, default=20, help="timed calls per method and round at most")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="methods take turns this many times; the time is the median over all calls")
     parser.add_argument("--max-reference-tokens", type=int, default=4096, help="skip the dense reference above this")
     parser.add_argument("--markdown", help="also write the tables to this file")
     parser.add_argument("--plot", help="write a bar chart (PNG) to this file")
