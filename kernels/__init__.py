@@ -1,8 +1,9 @@
 """visionzoo.kernels: generalized neighborhood attention (1D/2D/3D) and block-sparse attention.
 
 Backends behind one dispatcher: an exact dense reference, fused C++ kernels for CPU (built on first
-use), a tiled path built on ATen's fused attention, and fused Triton kernels for GPUs. See
-:func:`na2d` for the calling convention.
+use: one per query window, one per block where the windows are disjoint blocks), a tiled path built
+on ATen's fused attention, and fused Triton kernels for GPUs. See :func:`na2d` for the calling
+convention and :mod:`visionzoo.kernels.dispatch` for the backends.
 """
 from .checks import NeighborhoodParams, make_params
 from .dispatch import BACKENDS, get_backend, resolve_backend, set_backend, use_backend
