@@ -1,13 +1,18 @@
-"""Neighborhood attention whose windows are disjoint blocks: dense attention per block, batched GEMMs.
+"""Neighborhood attention whose windows are disjoint blocks: dense attention per block.
 
 When :func:`~visionzoo.kernels.indexing.disjoint_blocks` holds, every dilation group is cut into
-blocks of exactly ``kernel_size`` tokens per dimension, each query attends to all keys of its own
-block and nothing else: blocked / window attention (``stride == kernel_size``), and windows that
+blocks of exactly ``kernel_size`` tokens per dimension, and each query attends to all keys of its
+own block and nothing else: blocked / window attention (``stride == kernel_size``), and windows that
 span their whole dilation group (``kernel_size * dilation == length``, e.g. every dilated DiNAT
-layer at its training resolution). Then the op is block-diagonal dense attention. One permuting
-copy puts each block's tokens together (``[B*H*blocks, K, D]`` with ``K = prod(kernel_size)``), and
-batched matmuls do the work at dense-GEMM efficiency with no mask, no gather and no wasted pairs.
-Runs on any device (plain torch ops); the backward is written out from the saved log-sum-exp.
+layer at its training resolution). The op is then block-diagonal dense attention with no mask and
+no wasted pairs.
+
+* CPU tensors (when the native library builds): the native per-block kernels
+  (:func:`~visionzoo.kernels.native.block_forward`), which gather each block into cache, run its
+  GEMMs with register-blocked micro-kernels and write the results straight back.
+* Elsewhere: one permuting copy puts each block's tokens together (``[B*H*blocks, K, D]``,
+  ``K = prod(kernel_size)``) and batched torch matmuls do the work; the backward is written out from
+  the saved log-sum-exp.
 """
 from __future__ import annotations
 

@@ -1,16 +1,18 @@
-"""Fused C++ kernels for neighborhood attention on CPU (forward and backward).
+"""Fused C++ kernels for neighborhood attention on CPU (forward and backward): one that visits each
+query's window (``na_forward`` / ``na_backward``) and one for windows that are disjoint blocks
+(``block_forward`` / ``block_backward``, used by :mod:`.blocked`).
 
 The kernel (``csrc/na_cpu.cpp``) is plain C++ with OpenMP and no torch headers, so it builds in a
 few seconds with the system compiler on first use and is cached under
 ``$VISIONZOO_CACHE_DIR`` (default ``~/.cache/visionzoo``), keyed by the source, the compiler and the
-CPU's instruction set. Each query visits exactly its own window (no tile halo), so the work is the
-attended pairs and nothing else. If no compiler is found or the build fails, :func:`available`
+CPU's instruction set. Either kernel computes exactly the attended pairs: the window kernel visits
+each query's own window (no tile halo), the block kernel the dense blocks. If no compiler is found or the build fails, :func:`available`
 returns False with the reason in :func:`unavailable_reason` and ``backend="cpu"`` uses the tiled
 torch-op path instead; ``VISIONZOO_NATIVE=0`` turns the kernel off.
 
 The index math stays in :mod:`.indexing`: per dimension, this module turns
-:func:`~visionzoo.kernels.indexing.window_bounds` into the tables the kernel walks (first key,
-key count and first rpb index of every position).
+:func:`~visionzoo.kernels.indexing.window_bounds` into the tables the kernels walk (first key, key
+count and first rpb index of every position; the tokens of every block).
 """
 from __future__ import annotations
 
