@@ -477,10 +477,10 @@ void gemm(const T* A, int64_t ar, int64_t aj, const T* Bm, int64_t ldb, T* C, in
 template <typename T>
 struct BlockScratch {
   std::vector<int64_t> pos, at;
-  std::vector<T> qt, q, k, v, dot, dout, st, dst, out, lse;
+  std::vector<T> qt, q, k, v, dot, dout, st, dst, out, lse, inverse;
   BlockScratch(const BlockGeometry& g)
       : pos(g.K), at(g.K), qt(g.D * g.Kp), q(g.K * g.Dp), k(g.K * g.Dp), v(g.K * g.Dp), dot(g.D * g.Kp),
-        dout(g.K * g.Dp), st(g.K * g.Kp), dst(g.K * g.Kp), out(g.K * g.Dp), lse(g.Kp) {}
+        dout(g.K * g.Dp), st(g.K * g.Kp), dst(g.K * g.Kp), out(g.K * g.Dp), lse(g.Kp), inverse(g.Kp) {}
 };
 
 // exp over one vector through the vectorized libm, arguments clamped at -80: hopeless logits
@@ -575,10 +575,14 @@ inline void gather_columns(const T* x, const int64_t* at, const BlockGeometry& g
     }
 }
 
+// src [K, Dp] -> rows [K, D] of x at the block's tokens, times factor (and row_factor[c] if given)
 template <typename T>
-inline void scatter_rows(const T* src, const int64_t* at, const BlockGeometry& g, T factor, T* x) {
-  for (int64_t c = 0; c < g.K; ++c)
-    for (int64_t d = 0; d < g.D; ++d) x[at[c] + d] = src[c * g.Dp + d] * factor;
+inline void scatter_rows(const T* src, const int64_t* at, const BlockGeometry& g, T factor, T* x,
+                         const T* row_factor = nullptr) {
+  for (int64_t c = 0; c < g.K; ++c) {
+    const T f = row_factor ? factor * row_factor[c] : factor;
+    for (int64_t d = 0; d < g.D; ++d) x[at[c] + d] = src[c * g.Dp + d] * f;
+  }
 }
 
 template <typename T>
@@ -626,13 +630,12 @@ void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T*
               store(col + c * Kp, e);
               total += e;
             }
-            const vec inverse = T(1) / total;
-            for (int64_t c = 0; c < K; ++c) store(col + c * Kp, load(col + c * Kp) * inverse);
+            store(w.inverse.data() + r, T(1) / total);  // the normalisation is applied to O's rows
             store(w.lse.data() + r, m + vlog<T>(total));
           }
           for (int64_t r = 0; r < K; ++r) lse[(b * N + w.pos[r]) * g.H + h] = w.lse[r];
-          gemm(w.st.data(), 1, Kp, w.v.data(), Dp, w.out.data(), Dp, K, K, Dp);  // O = P V
-          scatter_rows(w.out.data(), w.at.data(), g, T(1), out);
+          gemm(w.st.data(), 1, Kp, w.v.data(), Dp, w.out.data(), Dp, K, K, Dp);  // O = exp(S - max) V
+          scatter_rows(w.out.data(), w.at.data(), g, T(1), out, w.inverse.data());
         }
   }
 }
