@@ -483,26 +483,27 @@ struct BlockScratch {
         dout(g.K * g.Dp), st(g.K * g.Kp), dst(g.K * g.Kp), out(g.K * g.Dp), lse(g.Kp), inverse(g.Kp) {}
 };
 
-// exp over one vector through the vectorized libm, arguments clamped at -80: hopeless logits
-// (exp(-80) ~ 2e-35, nothing next to the row's largest term of 1) stay off its slow underflow path
-template <typename T>
-inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
+// f on every lane of x, as one call of the vectorized libm where f is exp or log
+template <typename T, typename F>
+inline typename Vec<T>::type lanewise(typename Vec<T>::type x, F f) {
   constexpr int L = Vec<T>::lanes;
   T in[L], out[L];
   std::memcpy(in, &x, sizeof(x));
 #pragma omp simd
-  for (int i = 0; i < L; ++i) out[i] = std::exp(std::max(in[i], T(-80)));
+  for (int i = 0; i < L; ++i) out[i] = f(in[i]);
   return load(out);
+}
+
+// arguments clamped at -80: hopeless logits (exp(-80) ~ 2e-35, nothing next to the largest term
+// of 1) stay off the slow underflow path
+template <typename T>
+inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
+  return lanewise<T>(x, [](T a) { return std::exp(std::max(a, T(-80))); });
 }
 
 template <typename T>
 inline typename Vec<T>::type vlog(typename Vec<T>::type x) {
-  constexpr int L = Vec<T>::lanes;
-  T in[L], out[L];
-  std::memcpy(in, &x, sizeof(x));
-#pragma omp simd
-  for (int i = 0; i < L; ++i) out[i] = std::log(in[i]);
-  return load(out);
+  return lanewise<T>(x, [](T a) { return std::log(a); });
 }
 
 // rows [K, D] of x at the block's tokens -> dst [K, Dp] (times factor)
