@@ -3,9 +3,9 @@
 Backends:
 
 * ``"reference"``: the exact dense oracle;
-* ``"blocked"``: dense attention per block through batched matmuls (:mod:`.blocked`), for windows
-  that cut the input into disjoint blocks (blocked / window attention, windows spanning whole
-  dilation groups); any device;
+* ``"blocked"``: dense attention per block (:mod:`.blocked`; the native block kernel on CPU tensors,
+  batched matmuls elsewhere), for windows that cut the input into disjoint blocks (blocked / window
+  attention, windows spanning whole dilation groups); any device;
 * ``"native"``: fused C++ kernels for CPU tensors (:mod:`.native`, built on first use);
 * ``"tiled"``: query tiles and their key halo through ATen's fused attention (runs on any device);
 * ``"triton"``: the fused GPU kernels (on CPU tensors only under ``TRITON_INTERPRET=1``);
