@@ -6,9 +6,9 @@ The kernel (``csrc/na_cpu.cpp``) is plain C++ with OpenMP and no torch headers, 
 few seconds with the system compiler on first use and is cached under
 ``$VISIONZOO_CACHE_DIR`` (default ``~/.cache/visionzoo``), keyed by the source, the compiler and the
 CPU's instruction set. Either kernel computes exactly the attended pairs: the window kernel visits
-each query's own window (no tile halo), the block kernel the dense blocks. If no compiler is found or the build fails, :func:`available`
-returns False with the reason in :func:`unavailable_reason` and ``backend="cpu"`` uses the tiled
-torch-op path instead; ``VISIONZOO_NATIVE=0`` turns the kernel off.
+each query's own window (no tile halo), the block kernel the dense blocks. If no compiler is found
+or the build fails, :func:`available` returns False with the reason in :func:`unavailable_reason`
+and ``backend="cpu"`` uses the torch-op paths instead; ``VISIONZOO_NATIVE=0`` turns the kernels off.
 
 The index math stays in :mod:`.indexing`: per dimension, this module turns
 :func:`~visionzoo.kernels.indexing.window_bounds` into the tables the kernels walk (first key, key
@@ -239,7 +239,6 @@ def na_backward(grad_out, query, key, value, out, lse, rpb, params: Neighborhood
     )
     d_rpb = None if rpb is None else d_bias.sum(0).reshape(rpb.shape).to(rpb.dtype)
     return d_query.to(query.dtype), d_key.to(key.dtype), d_value.to(value.dtype), d_rpb
-
 
 
 # ----------------------------------------------------------------------------------------------

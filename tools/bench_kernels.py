@@ -3,10 +3,10 @@
 
 For each shape: forward and forward+backward time and peak memory of ``backend="cpu"`` ("ours") and
 of the CPU paths it chooses between (blocked dense attention where the windows are disjoint blocks,
-native C++ kernel, tiled ATen path), the dense reference, a
-naive per-query gather, dense SDPA with a boolean mask, compiled FlexAttention (forward only on CPU)
-and NATTEN (if installed), plus the "speed of light": dense unmasked SDPA time x attention density
-(what a perfectly sparse kernel running at dense-kernel efficiency would take).
+native C++ kernel, tiled ATen path), the dense reference, a naive per-query gather, dense SDPA with a
+boolean mask, compiled FlexAttention (forward only on CPU) and NATTEN (if installed), plus the "speed
+of light": dense unmasked SDPA time x attention density (what a perfectly sparse kernel running at
+dense-kernel efficiency would take).
 
     python tools/bench_kernels.py                   # the default NAT-like shapes
     python tools/bench_kernels.py --quick           # one small shape, a few seconds

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.kernels.brute_force import window_1d
+from tests.kernels.test_na import _inputs as random_inputs
 from visionzoo.kernels import blocked, make_params, neighborhood_attention, resolve_backend
 from visionzoo.kernels.indexing import disjoint_blocks
 from visionzoo.kernels.reference import neighborhood_attention_reference
@@ -31,10 +32,8 @@ def _ids(case):
     return f"{'x'.join(map(str, spatial))}-k{kernel}-s{stride}-d{dilation}".replace(" ", "")
 
 
-def _inputs(spatial, heads, head_dim, dtype, batch=2, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    shape = (batch, *spatial, heads, head_dim)
-    return [torch.randn(shape, generator=generator, dtype=dtype).requires_grad_() for _ in range(3)]
+def _inputs(spatial, heads, head_dim, dtype, batch=2):
+    return random_inputs(spatial, heads, head_dim, dtype, batch=batch, requires_grad=True)
 
 
 def _rpb(params, heads, dtype):
