@@ -11,8 +11,13 @@ no wasted pairs.
   (:func:`~visionzoo.kernels.native.block_forward`), which gather each block into cache, run its
   GEMMs with register-blocked micro-kernels and write the results straight back.
 * Elsewhere: one permuting copy puts each block's tokens together (``[B*H*blocks, K, D]``,
-  ``K = prod(kernel_size)``) and batched torch matmuls do the work; the backward is written out from
-  the saved log-sum-exp.
+  ``K = prod(kernel_size)``) and batched torch matmuls do the work; the backward is written out.
+
+When the forward runs for training it keeps the attention probabilities of every block
+(``B * H * tokens * K`` elements, the size of the attention matrix of the attended pairs, as the
+unfused NAT kernels and windowed-attention layers keep it) and the backward reads them instead of
+recomputing ``Q K^T`` and the softmax: a fifth less GEMM work and no exponentials. Without them (an
+inference forward) the backward recomputes from the saved log-sum-exp.
 """
 from __future__ import annotations
 
@@ -26,6 +31,9 @@ from . import native
 from .checks import NeighborhoodParams
 from .indexing import disjoint_blocks, relative_index
 from .reference import compute_dtype
+
+
+SAVES_PROBABILITIES = True  # na_forward / na_backward take and give the saved probabilities
 
 
 @functools.lru_cache(maxsize=64)
@@ -107,36 +115,51 @@ class _Blocks:
         return logits.sub_(lse).exp_(), lse
 
 
+def probabilities_numel(query_shape, params: NeighborhoodParams) -> int:
+    """Elements of the saved probabilities (either implementation): see
+    :func:`~visionzoo.kernels.native.probabilities_numel`."""
+    return native.probabilities_numel(query_shape, params)
+
+
 def _native(query: torch.Tensor) -> bool:
     """CPU tensors run the native blocked kernels (fused gather, GEMMs and softmax per block)."""
     return query.device.type == "cpu" and native.available()
 
 
-def na_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float):
-    """Blocked forward. Inputs ``[B, *spatial, H, D]``; returns ``(out, lse [B, *spatial, H])``, lse in
-    float32 (float64 for float64 inputs)."""
+def na_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float, save_probabilities: bool = False):
+    """Blocked forward. Inputs ``[B, *spatial, H, D]``; returns ``(out, lse [B, *spatial, H], probabilities)``,
+    lse in float32 (float64 for float64 inputs); the probabilities (for :func:`na_backward`) are
+    empty unless ``save_probabilities``."""
     blocks = _Blocks(query, params, rpb)
     if _native(query):
-        return native.block_forward(query, key, value, blocks.bias, params, scale)
+        return native.block_forward(query, key, value, blocks.bias, params, scale, save_probabilities)
     q = blocks.to_blocks(query).mul_(scale)
     probs, lse = blocks.probabilities(q, blocks.to_blocks(key))
     out = torch.bmm(probs, blocks.to_blocks(value))
     lse = blocks.from_blocks(lse, query.shape[:-1] + (1,), blocks.dtype).squeeze(-1)
-    return blocks.from_blocks(out, query.shape, query.dtype), lse
+    saved = q.new_empty(probabilities_numel(query.shape, params) if save_probabilities else 0)
+    if save_probabilities:  # same size as the native kernel's, whose layout differs
+        saved[: probs.numel()] = probs.flatten()
+        saved[probs.numel():] = 0
+    return blocks.from_blocks(out, query.shape, query.dtype), lse, saved
 
 
-def na_backward(grad_out, query, key, value, out, lse, rpb, params: NeighborhoodParams, scale: float):
-    """Blocked backward from the saved ``lse``; returns ``(d_query, d_key, d_value, d_rpb or None)``."""
+def na_backward(grad_out, query, key, value, out, lse, probabilities, rpb, params: NeighborhoodParams, scale: float):
+    """Blocked backward from the saved ``probabilities`` of :func:`na_forward`, or (when empty) from
+    the saved ``lse``; returns ``(d_query, d_key, d_value, d_rpb or None)``."""
     blocks = _Blocks(query, params, rpb)
     if _native(query):
-        d_query, d_key, d_value, d_bias = native.block_backward(grad_out, query, key, value, lse, blocks.bias, params,
-                                                                scale)
+        d_query, d_key, d_value, d_bias = native.block_backward(grad_out, query, key, value, lse, probabilities,
+                                                                blocks.bias, params, scale)
         return d_query, d_key, d_value, blocks.rpb_gradient(d_bias, rpb)
     dtype = blocks.dtype
     delta = (grad_out.to(dtype) * out.to(dtype)).sum(-1, keepdim=True)  # [B, *spatial, H, 1]
     q = blocks.to_blocks(query).mul_(scale)
     k, v, grad = blocks.to_blocks(key), blocks.to_blocks(value), blocks.to_blocks(grad_out)
-    probs, _ = blocks.probabilities(q, k, blocks.to_blocks(lse.unsqueeze(-1)))
+    if probabilities.numel():
+        probs = probabilities[: q.shape[0] * q.shape[1] ** 2].view(q.shape[0], q.shape[1], q.shape[1])
+    else:
+        probs, _ = blocks.probabilities(q, k, blocks.to_blocks(lse.unsqueeze(-1)))
     d_value = torch.bmm(probs.transpose(1, 2), grad)
     d_logits = torch.bmm(grad, v.transpose(1, 2)).sub_(blocks.to_blocks(delta)).mul_(probs)
     d_query = torch.bmm(d_logits, k).mul_(scale)

@@ -35,7 +35,7 @@ from .indexing import disjoint_blocks, window_bounds
 from .reference import compute_dtype
 
 SOURCE = Path(__file__).with_name("csrc") / "na_cpu.cpp"
-ABI_VERSION = 2
+ABI_VERSION = 3
 # -ffast-math at compile time only (vectorized exp); the link step leaves it out so that the library
 # does not pull in crtfastmath.o, which would flush denormals to zero for the whole process.
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
@@ -105,8 +105,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     for suffix in ("f32", "f64"):
         getattr(lib, f"vz_na_forward_{suffix}").argtypes = [p] * 8 + [d, i]
         getattr(lib, f"vz_na_backward_{suffix}").argtypes = [p] * 13 + [d, i]
-        getattr(lib, f"vz_block_forward_{suffix}").argtypes = [p] * 8 + [d, i]
-        getattr(lib, f"vz_block_backward_{suffix}").argtypes = [p] * 12 + [d, i]
+        getattr(lib, f"vz_block_forward_{suffix}").argtypes = [p] * 9 + [d, i]
+        getattr(lib, f"vz_block_backward_{suffix}").argtypes = [p] * 13 + [d, i]
     lib.vz_block_bias_chunks.restype = ctypes.c_int64
     return lib
 
@@ -270,50 +270,95 @@ def _block_tables(spatial: Tuple[int, ...], params: NeighborhoodParams) -> Tuple
 
 def _block_call(query: torch.Tensor, params: NeighborhoodParams, bias: Optional[torch.Tensor], dtype: torch.dtype):
     """Geometry, tables and the logit bias of one blocked call. ``bias`` is ``[H, K, K]`` (query, key)
-    or None; the kernel takes it transposed like its logits, ``[H or 1, K (keys), Kp (queries)]``
-    with the queries padded to whole vectors."""
+    or None; the kernel takes it transposed like its logits, ``[H, K (keys), Kp (queries)]`` with the
+    queries padded to whole vectors."""
     spatial = tuple(query.shape[1:-2])
     tables, dims = _block_tables(spatial, params)
     padded = [1] * (3 - len(spatial)) + list(spatial)
-    tokens = math.prod(params.kernel_size)
-    lanes = 64 // torch.empty(0, dtype=dtype).element_size()
-    kernel_bias = torch.zeros(1 if bias is None else bias.shape[0], tokens, -(-tokens // lanes) * lanes, dtype=dtype)
+    kernel_bias = None
     if bias is not None:
+        tokens = bias.shape[-1]
+        kernel_bias = torch.zeros(bias.shape[0], tokens, -(-tokens // _lanes(dtype)) * _lanes(dtype), dtype=dtype)
         kernel_bias[..., :tokens] = bias.transpose(1, 2)
+    group = _head_group(query.shape[0] * math.prod(dims[:3]), query.shape[-2], dims[3] * dims[4] * dims[5],
+                        query.shape[-1], dtype)
     geom = torch.tensor(
-        [query.shape[0], *padded, query.shape[-2], query.shape[-1], *dims, kernel_bias.shape[0]], dtype=torch.long
+        [query.shape[0], *padded, query.shape[-2], query.shape[-1], *dims, 1 if bias is None else bias.shape[0], group],
+        dtype=torch.long,
     )
     return geom, tables, kernel_bias
 
 
-def block_forward(query, key, value, bias, params: NeighborhoodParams, scale: float):
+def _head_group(blocks: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Heads per task of the block kernels: as many as keep at least 4 tasks per thread (so that the
+    threads share the work evenly) and one task's token rows (7 arrays of ``tokens x heads x head_dim``,
+    padded) within 1 MiB of cache."""
+    lanes = _lanes(dtype)
+    row_bytes = -(-head_dim // lanes) * lanes * torch.empty(0, dtype=dtype).element_size()
+    for groups in range(1, heads + 1):
+        if heads % groups:
+            continue
+        group = heads // groups
+        if blocks * groups >= 4 * torch.get_num_threads() and 7 * tokens * group * row_bytes <= 1 << 20:
+            return group
+    return 1
+
+
+def _lanes(dtype: torch.dtype) -> int:
+    """Elements per 64-byte vector of the kernel."""
+    return 64 // torch.empty(0, dtype=dtype).element_size()
+
+
+PROBABILITIES_SLACK = 16  # the lanes of a float32 vector: >= those of any dtype, and a multiple of them
+
+
+def probabilities_numel(query_shape, params: NeighborhoodParams) -> int:
+    """Elements of the attention probabilities that :func:`block_forward` saves for ``query_shape``:
+    per block ``K * K`` rounded up to whole vectors, plus one vector of slack (see ``csrc/na_cpu.cpp``)."""
+    tokens = math.prod(params.kernel_size)
+    blocks = query_shape[0] * query_shape[-2] * math.prod(query_shape[1:-2]) // tokens
+    return blocks * -(-tokens * tokens // PROBABILITIES_SLACK) * PROBABILITIES_SLACK + PROBABILITIES_SLACK
+
+
+def block_forward(query, key, value, bias, params: NeighborhoodParams, scale: float, save_probabilities: bool = False):
     """Blocked forward on CPU tensors ``[B, *spatial, H, D]`` with an optional logit bias ``[H, K, K]``
-    (``K = prod(kernel_size)``); returns ``(out, lse [B, *spatial, H])``."""
+    (``K = prod(kernel_size)``); returns ``(out, lse [B, *spatial, H], probabilities)``. With
+    ``save_probabilities`` the last is the softmax of every block (flat, ``probabilities_numel``
+    elements, for :func:`block_backward`), else it is empty."""
     lib = library()
     dtype = compute_dtype(query.dtype)
     q, k, v = (_prepare(x, dtype) for x in (query, key, value))
     geom, tables, kernel_bias = _block_call(q, params, bias, dtype)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=dtype)
+    probs = torch.empty(probabilities_numel(q.shape, params) if save_probabilities else 0, dtype=dtype)
+    probs[probs.numel() - PROBABILITIES_SLACK:] = 0  # the slack the backward's vector loads reach into
     getattr(lib, f"vz_block_forward_{_suffix(dtype)}")(
-        _ptr(q), _ptr(k), _ptr(v), _ptr(kernel_bias), _ptr(out), _ptr(lse), _ptr(geom), _ptr(tables), scale,
-        torch.get_num_threads(),
+        _ptr(q), _ptr(k), _ptr(v), _ptr(kernel_bias), _ptr(out), _ptr(lse), _ptr(probs if save_probabilities else None),
+        _ptr(geom), _ptr(tables), scale, torch.get_num_threads(),
     )
-    return out.to(query.dtype), lse
+    return out.to(query.dtype), lse, probs
 
 
-def block_backward(grad_out, query, key, value, lse, bias, params: NeighborhoodParams, scale: float):
-    """Blocked backward from the saved ``lse``; returns ``(d_query, d_key, d_value, d_bias [H, K, K] or None)``."""
+def block_backward(grad_out, query, key, value, lse, probs, bias, params: NeighborhoodParams, scale: float):
+    """Blocked backward; returns ``(d_query, d_key, d_value, d_bias [H, K, K] or None)``. Uses the
+    probabilities saved by :func:`block_forward` when ``probs`` has them, else recomputes them from
+    the saved ``lse``."""
     lib = library()
     dtype = compute_dtype(query.dtype)
     q, k, v, do = (_prepare(x, dtype) for x in (query, key, value, grad_out))
     geom, tables, kernel_bias = _block_call(q, params, bias, dtype)
+    saved = probs is not None and probs.numel() > 0
+    if saved and (probs.dtype != dtype or probs.numel() != probabilities_numel(q.shape, params)):
+        raise ValueError(f"block_backward: probs of {probs.numel()} {probs.dtype} elements do not belong to query "
+                         f"{list(q.shape)} {dtype}")
     d_query, d_key, d_value = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     # one partial bias gradient per fixed chunk of blocks, summed here in a fixed order
     d_bias = None if bias is None else torch.zeros(lib.vz_block_bias_chunks(), *kernel_bias.shape, dtype=dtype)
     getattr(lib, f"vz_block_backward_{_suffix(dtype)}")(
-        _ptr(q), _ptr(k), _ptr(v), _ptr(do), _ptr(_prepare(lse, dtype)), _ptr(kernel_bias), _ptr(d_query),
-        _ptr(d_key), _ptr(d_value), _ptr(d_bias), _ptr(geom), _ptr(tables), scale, torch.get_num_threads(),
+        _ptr(q), _ptr(k), _ptr(v), _ptr(do), _ptr(_prepare(lse, dtype)), _ptr(kernel_bias),
+        _ptr(probs if saved else None), _ptr(d_query), _ptr(d_key), _ptr(d_value), _ptr(d_bias), _ptr(geom),
+        _ptr(tables), scale, torch.get_num_threads(),
     )
     return (
         d_query.to(query.dtype),

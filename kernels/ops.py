@@ -56,15 +56,33 @@ def na_forward(
     is_causal: List[bool],
     scale: float,
     backend: str,
-) -> Tuple[Tensor, Tensor]:
-    """Returns ``(out [B, *spatial, H, D], lse [B, *spatial, H])``; lse dtype per :func:`~visionzoo.kernels.reference.compute_dtype`."""
+    save_probabilities: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(out [B, *spatial, H, D], lse [B, *spatial, H], saved)``; lse dtype per
+    :func:`~visionzoo.kernels.reference.compute_dtype`. ``saved`` is what a backend keeps for its
+    backward besides the lse when ``save_probabilities`` (the blocked path: the attention
+    probabilities, see :mod:`.blocked`), else empty."""
     params = _params(kernel_size, stride, dilation, is_causal)
-    return _module(backend, 0).na_forward(query, key, value, rpb, params, scale)
+    module = _module(backend, 0)
+    if getattr(module, "SAVES_PROBABILITIES", False):
+        return module.na_forward(query, key, value, rpb, params, scale, save_probabilities)
+    out, lse = module.na_forward(query, key, value, rpb, params, scale)
+    return out, lse, query.new_empty(0, dtype=compute_dtype(query.dtype))
+
+
+def _saved_numel(query, kernel_size, stride, dilation, is_causal, backend, save_probabilities):
+    module = _module(backend, 0)
+    if not (save_probabilities and getattr(module, "SAVES_PROBABILITIES", False)):
+        return 0
+    return module.probabilities_numel(query.shape, _params(kernel_size, stride, dilation, is_causal))
 
 
 @na_forward.register_fake
-def _na_forward_fake(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend):
-    return torch.empty_like(query), query.new_empty(query.shape[:-1], dtype=compute_dtype(query.dtype))
+def _na_forward_fake(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend,
+                     save_probabilities=False):
+    dtype = compute_dtype(query.dtype)
+    saved = _saved_numel(query, kernel_size, stride, dilation, is_causal, backend, save_probabilities)
+    return torch.empty_like(query), query.new_empty(query.shape[:-1], dtype=dtype), query.new_empty(saved, dtype=dtype)
 
 
 @torch.library.custom_op("visionzoo::na_backward", mutates_args=())
@@ -75,6 +93,7 @@ def na_backward(
     value: Tensor,
     out: Tensor,
     lse: Tensor,
+    saved: Tensor,
     rpb: Optional[Tensor],
     kernel_size: List[int],
     stride: List[int],
@@ -83,33 +102,45 @@ def na_backward(
     scale: float,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(d_query, d_key, d_value, d_rpb)``; ``d_rpb`` is empty when ``rpb`` is None."""
+    """Returns ``(d_query, d_key, d_value, d_rpb)``; ``d_rpb`` is empty when ``rpb`` is None. ``saved``
+    is the forward's third output."""
     params = _params(kernel_size, stride, dilation, is_causal)
-    d_query, d_key, d_value, d_rpb = _module(backend, 0).na_backward(
-        grad_out, query, key, value, out, lse, rpb, params, scale
-    )
+    module = _module(backend, 0)
+    if getattr(module, "SAVES_PROBABILITIES", False):
+        d_query, d_key, d_value, d_rpb = module.na_backward(grad_out, query, key, value, out, lse, saved, rpb, params,
+                                                            scale)
+    else:
+        d_query, d_key, d_value, d_rpb = module.na_backward(grad_out, query, key, value, out, lse, rpb, params, scale)
     if d_rpb is None:
         d_rpb = query.new_empty(0)
     return d_query, d_key, d_value, d_rpb
 
 
 @na_backward.register_fake
-def _na_backward_fake(grad_out, query, key, value, out, lse, rpb, kernel_size, stride, dilation, is_causal, scale, backend):
+def _na_backward_fake(grad_out, query, key, value, out, lse, saved, rpb, kernel_size, stride, dilation, is_causal, scale,
+                      backend):
     d_rpb = torch.empty_like(rpb) if rpb is not None else query.new_empty(0)
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), d_rpb
 
 
 def _na_setup_context(ctx, inputs, output):
-    query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(query, key, value, out, lse, rpb)
+    query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend, *_ = inputs
+    out, lse, saved = output
+    ctx.save_for_backward(query, key, value, out, lse, saved, rpb)
     ctx.config = (kernel_size, stride, dilation, is_causal, scale, backend)
+    # lse and saved carry no gradient: never fill zeros of their size for the backward
+    ctx.mark_non_differentiable(lse, saved)
+    ctx.set_materialize_grads(False)
 
 
-def _na_autograd(ctx, grad_out, grad_lse):
-    query, key, value, out, lse, rpb = ctx.saved_tensors
-    d_query, d_key, d_value, d_rpb = na_backward(grad_out.contiguous(), query, key, value, out, lse, rpb, *ctx.config)
-    return d_query, d_key, d_value, (d_rpb if rpb is not None else None), None, None, None, None, None, None
+def _na_autograd(ctx, grad_out, grad_lse, grad_saved):
+    if grad_out is None:  # the output took no part in the loss
+        return (None,) * 11
+    query, key, value, out, lse, saved, rpb = ctx.saved_tensors
+    d_query, d_key, d_value, d_rpb = na_backward(
+        grad_out.contiguous(), query, key, value, out, lse, saved, rpb, *ctx.config
+    )
+    return d_query, d_key, d_value, (d_rpb if rpb is not None else None), None, None, None, None, None, None, None
 
 
 na_forward.register_autograd(_na_autograd, setup_context=_na_setup_context)
@@ -160,9 +191,13 @@ def _bs_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(query, key, value, out, lse, block_mask)
     ctx.config = (q_block, kv_block, scale, backend)
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
 
 
 def _bs_autograd(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return (None,) * 8
     query, key, value, out, lse, block_mask = ctx.saved_tensors
     q_block, kv_block, scale, backend = ctx.config
     d_query, d_key, d_value = block_sparse_backward(
@@ -191,8 +226,10 @@ def _na_forward_flops(query, key, value, rpb, kernel_size, *args, out_shape=None
 
 
 @register_flop_formula(torch.ops.visionzoo.na_backward)
-def _na_backward_flops(grad_out, query, key, value, out, lse, rpb, kernel_size, *args, out_shape=None, **kwargs) -> int:
-    return 5 * _na_matmul_flops(query, kernel_size)  # recomputed Q K^T, then dV, dP, dQ, dK
+def _na_backward_flops(grad_out, query, key, value, out, lse, saved, rpb, kernel_size, *args, out_shape=None,
+                       **kwargs) -> int:
+    # dV, dP, dQ, dK, and Q K^T again unless the forward saved the probabilities
+    return (4 if math.prod(saved) else 5) * _na_matmul_flops(query, kernel_size)
 
 
 def _block_pair_flops(query: Tensor, block_mask: Tensor, q_block: int, kv_block: int) -> int:

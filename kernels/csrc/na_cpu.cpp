@@ -21,6 +21,9 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -364,21 +367,30 @@ void backward_dispatch(const T* q, const T* k, const T* v, const T* out, const T
 
 // ---------------------------------------------------------------------------------------------
 // Blocked attention (blocked.py): the windows cut the input into disjoint blocks of K tokens and
-// every query attends to all keys of its block. One task per (b, h, block) gathers the block into
-// per-thread scratch (padded to whole vectors, pads zero), runs the small dense GEMMs with a
+// every query attends to all keys of its block. One task per (b, block, group of G heads) copies
+// the block's rows of those heads (G * D contiguous elements per token) into per-thread scratch
+// (padded to whole vectors, pads zero), runs the small dense GEMMs of each head with a
 // register-blocked kernel, and writes the results straight back to the [B, L0, L1, L2, H, D]
-// layout: no permuting copies and no temporaries the size of the problem.
+// layout: no permuting copies and no temporaries the size of the problem. Taking the heads of a
+// token together turns K scattered D-element reads per head into K contiguous runs of G * D.
 //
-// bgeom = {B, L0, L1, L2, H, D, nb0, nb1, nb2, k0, k1, k2, bias_heads}
+// bgeom = {B, L0, L1, L2, H, D, nb0, nb1, nb2, k0, k1, k2, bias_heads, G}
 // btables = {token[nb0 * k0], token[nb1 * k1], token[nb2 * k2]}: per dimension, the positions of
 //           the tokens of every block (block-major), so block (i0, i1, i2) holds the tokens
 //           (token0[i0][c0], token1[i1][c1], token2[i2][c2]) in row-major (c0, c1, c2) order.
-// bias: [bias_heads, K, Kp] added to the transposed logits (keys x queries; zero for padded queries).
+// bias: [bias_heads, K, Kp] added to the transposed logits (keys x queries; zero for padded queries),
+//       or null (no bias).
+// probs: [B * blocks * H, KKp] + lanes of slack, the attention probabilities transposed like the
+//       logits, [K (keys), K (queries)] packed into the first K * K elements of each (b, block, h)'s
+//       KKp (a whole number of vectors). The forward writes them when given (training); the
+//       backward then reads them instead of recomputing Q K^T and the softmax. Its vector loads
+//       run over the end of each row (into the next row, or the zeroed slack at the end): those
+//       lanes are padded queries, whose dO columns are zero, so they contribute nothing.
 // ---------------------------------------------------------------------------------------------
 struct BlockGeometry {
-  int64_t B, L[3], H, D, nb[3], k[3], bias_heads;
+  int64_t B, L[3], H, D, nb[3], k[3], bias_heads, G;
   const int64_t* token[3];
-  int64_t K, Kp, Dp;
+  int64_t K, Kp, Dp, KKp, row;  // row: G * Dp, one token's heads in scratch
 
   BlockGeometry(const int64_t* g, const int64_t* tables, int lanes) {
     B = g[0];
@@ -390,6 +402,7 @@ struct BlockGeometry {
     H = g[4];
     D = g[5];
     bias_heads = g[12];
+    G = g[13];
     int64_t offset = 0;
     for (int i = 0; i < 3; ++i) {
       token[i] = tables + offset;
@@ -397,10 +410,13 @@ struct BlockGeometry {
     }
     K = k[0] * k[1] * k[2];
     Kp = (K + lanes - 1) / lanes * lanes;
+    KKp = (K * K + lanes - 1) / lanes * lanes;
     Dp = (D + lanes - 1) / lanes * lanes;
+    row = G * Dp;
   }
 
   int64_t blocks() const { return nb[0] * nb[1] * nb[2]; }
+  int64_t tasks() const { return B * blocks() * (H / G); }
 
   // flat positions of the K tokens of block `block`
   void tokens(int64_t block, int64_t* __restrict pos) const {
@@ -412,8 +428,8 @@ struct BlockGeometry {
     int64_t c = 0;
     for (int64_t c0 = 0; c0 < k0; ++c0)
       for (int64_t c1 = 0; c1 < k1; ++c1) {
-        const int64_t row = (t0[c0] * L1 + t1[c1]) * L2;
-        for (int64_t c2 = 0; c2 < k2; ++c2) pos[c++] = row + t2[c2];
+        const int64_t r = (t0[c0] * L1 + t1[c1]) * L2;
+        for (int64_t c2 = 0; c2 < k2; ++c2) pos[c++] = r + t2[c2];
       }
   }
 };
@@ -471,16 +487,18 @@ void gemm(const T* A, int64_t ar, int64_t aj, const T* Bm, int64_t ldb, T* C, in
   }
 }
 
-// Per-thread scratch of one block. The logits are kept transposed, keys x queries ([K, Kp]), so
-// that the softmax over keys runs down the columns: L queries per vector, no horizontal sums.
-// Rows of D are padded to Dp and rows of queries to Kp; pads stay zero.
+// Per-thread scratch of one task. Token rows [K, G * Dp] hold the group's heads side by side (head
+// j at column j * Dp). The logits are kept transposed, keys x queries ([K, Kp]), so that the
+// softmax over keys runs down the columns: L queries per vector, no horizontal sums. Pads stay zero.
 template <typename T>
 struct BlockScratch {
-  std::vector<int64_t> pos, at;
-  std::vector<T> qt, q, k, v, dot, dout, st, dst, out, lse, inverse;
-  BlockScratch(const BlockGeometry& g)
-      : pos(g.K), at(g.K), qt(g.D * g.Kp), q(g.K * g.Dp), k(g.K * g.Dp), v(g.K * g.Dp), dot(g.D * g.Kp),
-        dout(g.K * g.Dp), st(g.K * g.Kp), dst(g.K * g.Kp), out(g.K * g.Dp), lse(g.Kp), inverse(g.Kp) {}
+  std::vector<int64_t> pos, at, local;
+  std::vector<T> q, k, v, dout, dq, dk, dv, qt, dot, st, dst, lse, inverse;
+  BlockScratch(const BlockGeometry& g, bool backward)
+      : pos(g.K), at(g.K), local(g.K), q(g.K * g.row), k(g.K * g.row), v(g.K * g.row),
+        dout(backward ? g.K * g.row : 0), dq(g.K * g.row), dk(backward ? g.K * g.row : 0),
+        dv(backward ? g.K * g.row : 0), qt(g.D * g.Kp), dot(backward ? g.D * g.Kp : 0), st(g.K * g.Kp),
+        dst(g.K * g.Kp), lse(g.Kp), inverse(g.G * g.Kp) {}
 };
 
 // f on every lane of x, as one call of the vectorized libm where f is exp or log
@@ -506,11 +524,39 @@ inline typename Vec<T>::type vlog(typename Vec<T>::type x) {
   return lanewise<T>(x, [](T a) { return std::log(a); });
 }
 
-// rows [K, D] of x at the block's tokens -> dst [K, Dp] (times factor)
+// dst[:n] = src[:n] * factor in whole vectors and a partial tail (an explicit loop: with factor 1
+// the compiler would otherwise call memmove for every short row)
 template <typename T>
-inline void gather_rows(const T* x, const int64_t* at, const BlockGeometry& g, T factor, T* dst) {
+inline void scaled_copy(const T* __restrict src, T* __restrict dst, int64_t n, T factor) {
+  typedef typename Vec<T>::type vec;
+  constexpr int L = Vec<T>::lanes;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) store(dst + i, load(src + i) * factor);
+  if (i < n) {
+    T tail[L];
+    for (int64_t t = 0; i + t < n; ++t) tail[t] = src[i + t] * factor;
+    for (int64_t t = 0; i + t < n; ++t) dst[i + t] = tail[t];
+  }
+}
+
+// rows [K, G * D] of x at the block's tokens (at[c]: the first head of the group) -> dst [K, G * Dp]
+// (times factor): contiguous runs of G * D elements
+template <typename T>
+inline void gather_heads(const T* x, const int64_t* at, const BlockGeometry& g, T factor, T* __restrict dst) {
   for (int64_t c = 0; c < g.K; ++c)
-    for (int64_t d = 0; d < g.D; ++d) dst[c * g.Dp + d] = x[at[c] + d] * factor;
+    for (int64_t j = 0; j < g.G; ++j) scaled_copy(x + at[c] + j * g.D, dst + c * g.row + j * g.Dp, g.D, factor);
+}
+
+// src [K, G * Dp] -> rows [K, G * D] of x at the block's tokens, times factor (and, with
+// row_factor [G, Kp], row_factor[j][c] for head j)
+template <typename T>
+inline void scatter_heads(const T* src, const int64_t* at, const BlockGeometry& g, T factor, T* x,
+                          const T* row_factor = nullptr) {
+  for (int64_t c = 0; c < g.K; ++c)
+    for (int64_t j = 0; j < g.G; ++j) {
+      const T f = row_factor ? factor * row_factor[j * g.Kp + c] : factor;
+      scaled_copy(src + c * g.row + j * g.Dp, x + at[c] + j * g.D, g.D, f);
+    }
 }
 
 // Lanes of the two-vector shuffles of an L x L transpose: at level h, rows i and i + h swap their
@@ -551,153 +597,196 @@ inline void transpose_tile(typename Vec<T>::type* r) {
   }
 }
 
-// the same rows transposed -> columns [D, Kp] (times factor; columns >= K zero), in L x L register
-// tiles; with rows != null also the rows themselves -> rows [K, Dp] (times factor), from one read
+// x's rows [K, D] at offsets at[c] transposed -> columns [D, Kp] (columns >= K zero), in L x L
+// register tiles
 template <typename T>
-inline void gather_columns(const T* x, const int64_t* at, const BlockGeometry& g, T factor, T* columns,
-                           T* rows = nullptr) {
+inline void transpose_rows(const T* x, const int64_t* at, const BlockGeometry& g, T* columns) {
   typedef typename Vec<T>::type vec;
   constexpr int L = Vec<T>::lanes;
   for (int64_t c0 = 0; c0 < g.Kp; c0 += L)
     for (int64_t d0 = 0; d0 < g.D; d0 += L) {
       const int64_t width = std::min<int64_t>(L, g.D - d0);
       vec tile[L];
-      for (int i = 0; i < L; ++i) {
-        tile[i] = vec{};
-        if (c0 + i >= g.K) continue;
-        if (width == L)
-          tile[i] = load(x + at[c0 + i] + d0) * factor;
-        else
-          std::memcpy(&tile[i], x + at[c0 + i] + d0, width * sizeof(T)), tile[i] *= factor;
-        if (rows) store(rows + (c0 + i) * g.Dp + d0, tile[i]);  // Dp >= d0 + L: the pad lanes are zero
-      }
+      for (int i = 0; i < L; ++i) tile[i] = c0 + i < g.K ? load(x + at[c0 + i] + d0) : vec{};  // Dp >= d0 + L
       transpose_tile<T>(tile);
       for (int64_t i = 0; i < width; ++i) store(columns + (d0 + i) * g.Kp + c0, tile[i]);
     }
 }
 
-// src [K, Dp] -> rows [K, D] of x at the block's tokens, times factor (and row_factor[c] if given)
+// dst[:n] = src[:n], n a whole number of vectors, with non-temporal stores where the target has
+// them and dst is aligned: data written once and read back much later (the saved probabilities)
+// does not evict the working set on its way out, nor is it read in before being overwritten.
 template <typename T>
-inline void scatter_rows(const T* src, const int64_t* at, const BlockGeometry& g, T factor, T* x,
-                         const T* row_factor = nullptr) {
-  for (int64_t c = 0; c < g.K; ++c) {
-    const T f = row_factor ? factor * row_factor[c] : factor;
-    for (int64_t d = 0; d < g.D; ++d) x[at[c] + d] = src[c * g.Dp + d] * f;
+inline void stream_out(T* __restrict dst, const T* __restrict src, int64_t n) {
+#if defined(__AVX512F__)
+  if (reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+    for (int64_t i = 0; i < n; i += Vec<T>::lanes) {
+      if constexpr (sizeof(T) == 4)
+        _mm512_stream_ps(reinterpret_cast<float*>(dst + i), _mm512_loadu_ps(reinterpret_cast<const float*>(src + i)));
+      else
+        _mm512_stream_pd(reinterpret_cast<double*>(dst + i), _mm512_loadu_pd(reinterpret_cast<const double*>(src + i)));
+    }
+    return;
   }
+#endif
+  std::memcpy(dst, src, n * sizeof(T));
+}
+
+// orders the non-temporal stores of this thread before what follows (the end of the kernel)
+inline void stream_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
 }
 
 template <typename T>
-inline void block_offsets(const BlockGeometry& g, int64_t b, int64_t h, int64_t block, BlockScratch<T>& w) {
-  g.tokens(block, w.pos.data());
-  const int64_t N = g.L[0] * g.L[1] * g.L[2], row = g.H * g.D, base = b * N * row + h * g.D, K = g.K;
-  const int64_t* __restrict pos = w.pos.data();
-  int64_t* __restrict at = w.at.data();
-  for (int64_t c = 0; c < K; ++c) at[c] = base + pos[c] * row;
-}
-
-// bias: [bias_heads, K (keys), Kp (queries)], the logit bias transposed like the logits
-template <typename T>
-void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T* lse, const BlockGeometry& g,
-                   T scale, int threads) {
+inline void add_bias(T* __restrict x, const T* __restrict bias, int64_t n) {
   typedef typename Vec<T>::type vec;
   constexpr int L = Vec<T>::lanes;
-  const int64_t N = g.L[0] * g.L[1] * g.L[2], K = g.K, Kp = g.Kp, Dp = g.Dp;
-#pragma omp parallel num_threads(threads)
-  {
-    BlockScratch<T> w(g);
-#pragma omp for collapse(3) schedule(static)
-    for (int64_t b = 0; b < g.B; ++b)
-      for (int64_t h = 0; h < g.H; ++h)
-        for (int64_t block = 0; block < g.blocks(); ++block) {
-          block_offsets(g, b, h, block, w);
-          gather_columns(q, w.at.data(), g, scale, w.qt.data());
-          gather_rows(k, w.at.data(), g, T(1), w.k.data());
-          gather_rows(v, w.at.data(), g, T(1), w.v.data());
-          gemm(w.k.data(), Dp, 1, w.qt.data(), Kp, w.st.data(), Kp, K, g.D, Kp);  // S^T = K Q^T
-          const T* bias_h = bias + (g.bias_heads > 1 ? h : 0) * K * Kp;
-          for (int64_t r = 0; r < Kp; r += L) {  // L queries at a time, down the keys
-            T* col = w.st.data() + r;
-            const T* bias_col = bias_h + r;
-            vec m = load(col) + load(bias_col);
-            store(col, m);
-            for (int64_t c = 1; c < K; ++c) {
-              const vec x = load(col + c * Kp) + load(bias_col + c * Kp);
-              store(col + c * Kp, x);
-              m = m > x ? m : x;
-            }
-            vec total = vec{};
-            for (int64_t c = 0; c < K; ++c) {
-              const vec e = vexp<T>(load(col + c * Kp) - m);
-              store(col + c * Kp, e);
-              total += e;
-            }
-            store(w.inverse.data() + r, T(1) / total);  // the normalisation is applied to O's rows
-            store(w.lse.data() + r, m + vlog<T>(total));
-          }
-          for (int64_t r = 0; r < K; ++r) lse[(b * N + w.pos[r]) * g.H + h] = w.lse[r];
-          gemm(w.st.data(), 1, Kp, w.v.data(), Dp, w.out.data(), Dp, K, K, Dp);  // O = exp(S - max) V
-          scatter_rows(w.out.data(), w.at.data(), g, T(1), out, w.inverse.data());
-        }
+  for (int64_t i = 0; i < n; i += L) store(x + i, load(x + i) + load(bias + i));
+}
+
+// task -> (b, block, first head); the token offsets of the block's rows (at) and of head j's
+// columns in scratch (local, for transpose_rows)
+template <typename T>
+inline void task_offsets(const BlockGeometry& g, int64_t task, BlockScratch<T>& w, int64_t& b, int64_t& block,
+                         int64_t& h0) {
+  const int64_t groups = g.H / g.G;
+  h0 = task % groups * g.G;
+  block = task / groups % g.blocks();
+  b = task / (groups * g.blocks());
+  g.tokens(block, w.pos.data());
+  const int64_t N = g.L[0] * g.L[1] * g.L[2], base = b * N * g.H * g.D + h0 * g.D;
+  for (int64_t c = 0; c < g.K; ++c) {
+    w.at[c] = base + w.pos[c] * g.H * g.D;
+    w.local[c] = c * g.row;
   }
 }
 
-// The (b, h, block) tasks run in kBiasChunks fixed contiguous chunks, each summing its bias
-// gradient into its own slice of dbias [kBiasChunks, bias_heads, K (keys), Kp (queries)] (reduced
-// by the caller in a fixed order), so the result does not depend on the thread count. dbias may
-// be null.
+// bias (or null): [bias_heads, K (keys), Kp (queries)], the logit bias transposed like the logits;
+// probs (or null): see above
+template <typename T>
+void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T* lse, T* probs,
+                   const BlockGeometry& g, T scale, int threads) {
+  typedef typename Vec<T>::type vec;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t N = g.L[0] * g.L[1] * g.L[2], K = g.K, Kp = g.Kp, Dp = g.Dp, row = g.row;
+#pragma omp parallel num_threads(threads)
+  {
+    BlockScratch<T> w(g, false);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < g.tasks(); ++task) {
+      int64_t b, block, h0;
+      task_offsets(g, task, w, b, block, h0);
+      gather_heads(q, w.at.data(), g, scale, w.q.data());
+      gather_heads(k, w.at.data(), g, T(1), w.k.data());
+      gather_heads(v, w.at.data(), g, T(1), w.v.data());
+      for (int64_t j = 0; j < g.G; ++j) {
+        const int64_t h = h0 + j;
+        transpose_rows(w.q.data() + j * Dp, w.local.data(), g, w.qt.data());
+        gemm(w.k.data() + j * Dp, row, 1, w.qt.data(), Kp, w.st.data(), Kp, K, g.D, Kp);  // S^T = K Q^T
+        if (bias) add_bias(w.st.data(), bias + (g.bias_heads > 1 ? h : 0) * K * Kp, K * Kp);
+        T* inverse = w.inverse.data() + j * Kp;
+        for (int64_t r = 0; r < Kp; r += L) {  // L queries at a time, down the keys
+          T* col = w.st.data() + r;
+          vec m = load(col);
+          for (int64_t c = 1; c < K; ++c) {
+            const vec x = load(col + c * Kp);
+            m = m > x ? m : x;
+          }
+          vec total = vec{};
+          for (int64_t c = 0; c < K; ++c) {
+            const vec e = vexp<T>(load(col + c * Kp) - m);
+            store(col + c * Kp, e);
+            total += e;
+          }
+          store(inverse + r, T(1) / total);  // the normalisation is applied to O's rows
+          store(w.lse.data() + r, m + vlog<T>(total));
+        }
+        for (int64_t r = 0; r < K; ++r) lse[(b * N + w.pos[r]) * g.H + h] = w.lse[r];
+        // O = exp(S - max) V, into the head's columns of the output rows
+        gemm(w.st.data(), 1, Kp, w.v.data() + j * Dp, row, w.dq.data() + j * Dp, row, K, K, Dp);
+        if (probs) {  // P^T = exp(S - max)^T / sum, packed into rows of K queries, streamed out
+          // row c's last vector runs into row c + 1, rewritten next (the last row's into dst's tail)
+          T* packed = w.dst.data();
+          for (int64_t c = 0; c < K; ++c)
+            for (int64_t r = 0; r < Kp; r += L) store(packed + c * K + r, load(w.st.data() + c * Kp + r) * load(inverse + r));
+          stream_out(probs + ((b * g.blocks() + block) * g.H + h) * g.KKp, packed, g.KKp);
+        }
+      }
+      scatter_heads(w.dq.data(), w.at.data(), g, T(1), out, w.inverse.data());
+    }
+    stream_fence();
+  }
+}
+
+// The tasks run in kBiasChunks fixed contiguous chunks, each summing its bias gradient into its own
+// slice of dbias [kBiasChunks, bias_heads, K (keys), Kp (queries)] (reduced by the caller in a
+// fixed order), so the result does not depend on the thread count. bias and dbias may be null;
+// probs (see above) may be null, and the probabilities are recomputed from the lse.
 constexpr int64_t kBiasChunks = 32;
 
 template <typename T>
-void block_backward(const T* q, const T* k, const T* v, const T* dout, const T* lse, const T* bias, T* dq, T* dk,
-                    T* dv, T* dbias, const BlockGeometry& g, T scale, int threads) {
+void block_backward(const T* q, const T* k, const T* v, const T* dout, const T* lse, const T* bias,
+                    const T* probs, T* dq, T* dk, T* dv, T* dbias, const BlockGeometry& g, T scale, int threads) {
   typedef typename Vec<T>::type vec;
   constexpr int L = Vec<T>::lanes;
-  const int64_t N = g.L[0] * g.L[1] * g.L[2], K = g.K, Kp = g.Kp, Dp = g.Dp;
-  const int64_t tasks = g.B * g.H * g.blocks();
+  const int64_t N = g.L[0] * g.L[1] * g.L[2], K = g.K, Kp = g.Kp, Dp = g.Dp, row = g.row;
+  const int64_t tasks = g.tasks();
 #pragma omp parallel num_threads(threads)
   {
-    BlockScratch<T> w(g);
+    BlockScratch<T> w(g, true);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t chunk = 0; chunk < kBiasChunks; ++chunk) {
       T* dbias_chunk = dbias ? dbias + chunk * g.bias_heads * K * Kp : nullptr;
       for (int64_t task = tasks * chunk / kBiasChunks; task < tasks * (chunk + 1) / kBiasChunks; ++task) {
-        const int64_t block = task % g.blocks(), h = task / g.blocks() % g.H, b = task / (g.blocks() * g.H);
-        block_offsets(g, b, h, block, w);
-        gather_columns(q, w.at.data(), g, scale, w.qt.data(), w.q.data());
-        gather_rows(k, w.at.data(), g, T(1), w.k.data());
-        gather_rows(v, w.at.data(), g, T(1), w.v.data());
-        gather_columns(dout, w.at.data(), g, T(1), w.dot.data(), w.dout.data());
-        for (int64_t r = 0; r < K; ++r) w.lse[r] = lse[(b * N + w.pos[r]) * g.H + h];
-        gemm(w.k.data(), Dp, 1, w.qt.data(), Kp, w.st.data(), Kp, K, g.D, Kp);    // S^T = K Q^T
-        gemm(w.v.data(), Dp, 1, w.dot.data(), Kp, w.dst.data(), Kp, K, g.D, Kp);  // dP^T = V dO^T
-        const int64_t head = g.bias_heads > 1 ? h : 0;
-        const T* bias_h = bias + head * K * Kp;
-        for (int64_t r = 0; r < Kp; r += L) {
-          T* p = w.st.data() + r;
-          T* ds = w.dst.data() + r;
-          const T* bias_col = bias_h + r;
-          const vec row_lse = load(w.lse.data() + r);
-          vec delta = vec{};  // sum over keys of P dP = sum over d of dO O
-          for (int64_t c = 0; c < K; ++c) {
-            const vec pc = vexp<T>(load(p + c * Kp) + load(bias_col + c * Kp) - row_lse);
-            store(p + c * Kp, pc);
-            delta += pc * load(ds + c * Kp);
-          }
-          for (int64_t c = 0; c < K; ++c) {
-            const vec dsc = load(p + c * Kp) * (load(ds + c * Kp) - delta);
-            store(ds + c * Kp, dsc);
-            if (dbias_chunk) {
-              T* db = dbias_chunk + (head * K + c) * Kp + r;
-              store(db, load(db) + dsc);
+        int64_t b, block, h0;
+        task_offsets(g, task, w, b, block, h0);
+        gather_heads(q, w.at.data(), g, scale, w.q.data());
+        gather_heads(k, w.at.data(), g, T(1), w.k.data());
+        gather_heads(v, w.at.data(), g, T(1), w.v.data());
+        gather_heads(dout, w.at.data(), g, T(1), w.dout.data());
+        for (int64_t j = 0; j < g.G; ++j) {
+          const int64_t h = h0 + j, head = g.bias_heads > 1 ? h : 0;
+          const T *qj = w.q.data() + j * Dp, *kj = w.k.data() + j * Dp, *vj = w.v.data() + j * Dp;
+          const T* dout_j = w.dout.data() + j * Dp;
+          // P^T [K, ldp]: saved by the forward, or recomputed here from S^T = K Q^T and the lse
+          const T* P = probs ? probs + ((b * g.blocks() + block) * g.H + h) * g.KKp : w.st.data();
+          const int64_t ldp = probs ? K : Kp;
+          if (!probs) {
+            for (int64_t r = 0; r < K; ++r) w.lse[r] = lse[(b * N + w.pos[r]) * g.H + h];
+            transpose_rows(qj, w.local.data(), g, w.qt.data());
+            gemm(kj, row, 1, w.qt.data(), Kp, w.st.data(), Kp, K, g.D, Kp);  // S^T = K Q^T
+            if (bias) add_bias(w.st.data(), bias + head * K * Kp, K * Kp);
+            for (int64_t r = 0; r < Kp; r += L) {
+              T* p = w.st.data() + r;
+              const vec row_lse = load(w.lse.data() + r);
+              for (int64_t c = 0; c < K; ++c) store(p + c * Kp, vexp<T>(load(p + c * Kp) - row_lse));
             }
           }
+          transpose_rows(dout_j, w.local.data(), g, w.dot.data());
+          gemm(vj, row, 1, w.dot.data(), Kp, w.dst.data(), Kp, K, g.D, Kp);  // dP^T = V dO^T
+          for (int64_t r = 0; r < Kp; r += L) {
+            const T* p = P + r;
+            T* ds = w.dst.data() + r;
+            vec delta = vec{};  // sum over keys of P dP = sum over d of dO O
+            for (int64_t c = 0; c < K; ++c) delta += load(p + c * ldp) * load(ds + c * Kp);
+            for (int64_t c = 0; c < K; ++c) {
+              const vec dsc = load(p + c * ldp) * (load(ds + c * Kp) - delta);
+              store(ds + c * Kp, dsc);
+              if (dbias_chunk) {
+                T* db = dbias_chunk + (head * K + c) * Kp + r;
+                store(db, load(db) + dsc);
+              }
+            }
+          }
+          gemm(w.dst.data(), 1, Kp, kj, row, w.dq.data() + j * Dp, row, K, K, Dp);      // dQ = dS K
+          gemm(w.dst.data(), Kp, 1, qj, row, w.dk.data() + j * Dp, row, K, K, Dp);      // dK = dS^T (scale Q)
+          gemm(P, ldp, 1, dout_j, row, w.dv.data() + j * Dp, row, K, K, Dp);            // dV = P^T dO
         }
-        gemm(w.dst.data(), 1, Kp, w.k.data(), Dp, w.out.data(), Dp, K, K, Dp);  // dQ = dS K
-        scatter_rows(w.out.data(), w.at.data(), g, scale, dq);
-        gemm(w.dst.data(), Kp, 1, w.q.data(), Dp, w.out.data(), Dp, K, K, Dp);  // dK = dS^T (scale Q)
-        scatter_rows(w.out.data(), w.at.data(), g, T(1), dk);
-        gemm(w.st.data(), Kp, 1, w.dout.data(), Dp, w.out.data(), Dp, K, K, Dp);  // dV = P^T dO
-        scatter_rows(w.out.data(), w.at.data(), g, T(1), dv);
+        scatter_heads(w.dq.data(), w.at.data(), g, scale, dq);
+        scatter_heads(w.dk.data(), w.at.data(), g, T(1), dk);
+        scatter_heads(w.dv.data(), w.at.data(), g, T(1), dv);
       }
     }
   }
@@ -707,32 +796,34 @@ void block_backward(const T* q, const T* k, const T* v, const T* dout, const T* 
 
 extern "C" {
 
-int vz_abi_version() { return 2; }
+int vz_abi_version() { return 3; }
 
 int64_t vz_block_bias_chunks() { return kBiasChunks; }
 
 void vz_block_forward_f32(const float* q, const float* k, const float* v, const float* bias, float* out,
-                          float* lse, const int64_t* geom, const int64_t* tables, double scale, int threads) {
-  block_forward<float>(q, k, v, bias, out, lse, BlockGeometry(geom, tables, Vec<float>::lanes), float(scale),
+                          float* lse, float* probs, const int64_t* geom, const int64_t* tables, double scale,
+                          int threads) {
+  block_forward<float>(q, k, v, bias, out, lse, probs, BlockGeometry(geom, tables, Vec<float>::lanes), float(scale),
                        threads);
 }
 
 void vz_block_forward_f64(const double* q, const double* k, const double* v, const double* bias, double* out,
-                          double* lse, const int64_t* geom, const int64_t* tables, double scale, int threads) {
-  block_forward<double>(q, k, v, bias, out, lse, BlockGeometry(geom, tables, Vec<double>::lanes), scale, threads);
+                          double* lse, double* probs, const int64_t* geom, const int64_t* tables, double scale,
+                          int threads) {
+  block_forward<double>(q, k, v, bias, out, lse, probs, BlockGeometry(geom, tables, Vec<double>::lanes), scale, threads);
 }
 
 void vz_block_backward_f32(const float* q, const float* k, const float* v, const float* dout, const float* lse,
-                           const float* bias, float* dq, float* dk, float* dv, float* dbias, const int64_t* geom,
+                           const float* bias, const float* probs, float* dq, float* dk, float* dv, float* dbias, const int64_t* geom,
                            const int64_t* tables, double scale, int threads) {
-  block_backward<float>(q, k, v, dout, lse, bias, dq, dk, dv, dbias, BlockGeometry(geom, tables, Vec<float>::lanes),
+  block_backward<float>(q, k, v, dout, lse, bias, probs, dq, dk, dv, dbias, BlockGeometry(geom, tables, Vec<float>::lanes),
                         float(scale), threads);
 }
 
 void vz_block_backward_f64(const double* q, const double* k, const double* v, const double* dout, const double* lse,
-                           const double* bias, double* dq, double* dk, double* dv, double* dbias, const int64_t* geom,
+                           const double* bias, const double* probs, double* dq, double* dk, double* dv, double* dbias, const int64_t* geom,
                            const int64_t* tables, double scale, int threads) {
-  block_backward<double>(q, k, v, dout, lse, bias, dq, dk, dv, dbias,
+  block_backward<double>(q, k, v, dout, lse, bias, probs, dq, dk, dv, dbias,
                          BlockGeometry(geom, tables, Vec<double>::lanes), scale, threads);
 }
 

@@ -7,7 +7,7 @@ import torch
 
 from tests.kernels.brute_force import window_1d
 from tests.kernels.test_na import _inputs as random_inputs
-from visionzoo.kernels import blocked, make_params, neighborhood_attention, resolve_backend
+from visionzoo.kernels import blocked, make_params, neighborhood_attention, ops, resolve_backend
 from visionzoo.kernels.indexing import disjoint_blocks
 from visionzoo.kernels.reference import neighborhood_attention_reference
 
@@ -143,3 +143,52 @@ def test_custom_op_passes_opcheck_on_blocked(implementation):
         torch.ops.visionzoo.na_forward.default,
         (q, k, v, rpb, [7, 7], [1, 1], [2, 1], [False, False], 0.5, "blocked"),
     )
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_custom_op_passes_opcheck_on_blocked_saving_probabilities(implementation, save):
+    q, k, v = _inputs((14, 7), 2, 4, torch.float32)
+    rpb = torch.randn(2, 13, 13, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.visionzoo.na_forward.default,
+        (q, k, v, rpb, [7, 7], [1, 1], [2, 1], [False, False], 0.5, "blocked", save),
+    )
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[6]], ids=_ids)
+def test_blocked_backward_from_saved_probabilities_matches_recomputed(case, implementation):
+    """The backward reads the probabilities a training forward saved, or recomputes them from the lse
+    when the forward saved none: both give the same gradients."""
+    spatial, kernel, stride, dilation, heads, head_dim = case
+    params = make_params(len(spatial), kernel, stride, dilation)
+    q, k, v = (t.detach() for t in _inputs(spatial, heads, head_dim, torch.float32))
+    rpb = _rpb(params, heads, torch.float32).detach() if all(s == 1 for s in params.stride) else None
+    config = ([*params.kernel_size], [*params.stride], [*params.dilation], [*params.is_causal], 0.3, "blocked")
+    out, lse, saved = ops.na_forward(q, k, v, rpb, *config, True)
+    out_plain, lse_plain, nothing = ops.na_forward(q, k, v, rpb, *config, False)
+    assert saved.numel() == blocked.probabilities_numel(q.shape, params) > 0
+    assert nothing.numel() == 0
+    torch.testing.assert_close(out, out_plain, rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    from_saved = ops.na_backward(grad, q, k, v, out, lse, saved, rpb, *config)
+    recomputed = ops.na_backward(grad, q, k, v, out, lse, nothing, rpb, *config)
+    for name, got, want in zip(["dq", "dk", "dv", "drpb"], from_saved, recomputed):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_blocked_saves_probabilities_only_for_a_backward(monkeypatch):
+    calls = []
+    forward = blocked.na_forward
+
+    def spy(*args):
+        calls.append(args[-1])
+        return forward(*args)
+
+    monkeypatch.setattr(blocked, "na_forward", spy)
+    q, k, v = _inputs((14, 14), 2, 8, torch.float32)
+    neighborhood_attention(q, k, v, 7, dilation=2, backend="blocked").sum().backward()
+    with torch.no_grad():
+        neighborhood_attention(q, k, v, 7, dilation=2, backend="blocked")
+    neighborhood_attention(q.detach(), k.detach(), v.detach(), 7, dilation=2, backend="blocked")
+    assert calls == [True, False, False]
+    assert q.grad is not None

@@ -257,7 +257,15 @@ def test_flop_counter_counts_the_custom_ops():
         na2d(q, k, v, (3, 5), backend="cpu").sum().backward()
     flops = counter.get_flop_counts()["Global"]
     assert flops[torch.ops.visionzoo.na_forward] == 2 * window_matmul
-    assert flops[torch.ops.visionzoo.na_backward] == 5 * window_matmul
+    assert flops[torch.ops.visionzoo.na_backward] == 5 * window_matmul  # Q K^T recomputed
+
+    q, k, v = _inputs((14, 14), 2, 8, torch.float32, requires_grad=True)
+    window_matmul = 2 * 2 * 196 * 2 * 8 * 49
+    with FlopCounterMode(display=False) as counter:
+        na2d(q, k, v, 7, dilation=2, backend="cpu").sum().backward()  # blocked: the probabilities are kept
+    flops = counter.get_flop_counts()["Global"]
+    assert flops[torch.ops.visionzoo.na_forward] == 2 * window_matmul
+    assert flops[torch.ops.visionzoo.na_backward] == 4 * window_matmul
 
     q = torch.randn(1, 32, 2, 8)
     mask = torch.tensor([[True, False], [True, True]])

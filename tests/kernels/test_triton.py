@@ -160,7 +160,7 @@ def test_na_lse_matches_reference():
     q, k, v, _, rpb = _inputs((1, 7, 9, 2, 16), torch.float32, rpb_kernel=(3, 3))
     params = make_params(2, 3, dilation=(2, 1), is_causal=(False, True))
     out_ref, lse_ref = neighborhood_attention_reference(q, k, v, params, 0.3, rpb, return_lse=True)
-    out, lse = ops.na_forward(q, k, v, rpb, [3, 3], [1, 1], [2, 1], [False, True], 0.3, "triton")
+    out, lse, _ = ops.na_forward(q, k, v, rpb, [3, 3], [1, 1], [2, 1], [False, True], 0.3, "triton")
     torch.testing.assert_close(out, out_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lse, lse_ref, atol=1e-4, rtol=1e-4)
 
