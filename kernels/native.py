@@ -290,23 +290,23 @@ def _block_call(query: torch.Tensor, params: NeighborhoodParams, bias: Optional[
 
 
 def _head_group(blocks: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Heads per task of the block kernels: as many as keep at least 4 tasks per thread (so that the
-    threads share the work evenly) and one task's token rows (7 arrays of ``tokens x heads x head_dim``,
-    padded) within 1 MiB of cache."""
-    lanes = _lanes(dtype)
-    row_bytes = -(-head_dim // lanes) * lanes * torch.empty(0, dtype=dtype).element_size()
+    """Heads per task of the block kernels: as many as leave at least ``vz_block_bias_chunks()`` tasks
+    (enough for the threads to share evenly; the bias gradient is summed in that many chunks of
+    tasks) with one task's token rows (7 arrays of ``tokens x heads x head_dim``, padded) within
+    1 MiB of cache. It depends on the problem only, never on the thread count, so results do not
+    either."""
+    row_bytes = -(-head_dim // _lanes(dtype)) * _lanes(dtype) * dtype.itemsize
+    chunks = library().vz_block_bias_chunks()
     for groups in range(1, heads + 1):
-        if heads % groups:
-            continue
         group = heads // groups
-        if blocks * groups >= 4 * torch.get_num_threads() and 7 * tokens * group * row_bytes <= 1 << 20:
+        if heads % groups == 0 and blocks * groups >= chunks and 7 * tokens * group * row_bytes <= 1 << 20:
             return group
     return 1
 
 
 def _lanes(dtype: torch.dtype) -> int:
     """Elements per 64-byte vector of the kernel."""
-    return 64 // torch.empty(0, dtype=dtype).element_size()
+    return 64 // dtype.itemsize
 
 
 PROBABILITIES_SLACK = 16  # the lanes of a float32 vector: >= those of any dtype, and a multiple of them
