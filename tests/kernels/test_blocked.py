@@ -7,7 +7,7 @@ import torch
 
 from tests.kernels.brute_force import window_1d
 from tests.kernels.test_na import _inputs as random_inputs
-from visionzoo.kernels import blocked, make_params, neighborhood_attention, ops, resolve_backend
+from visionzoo.kernels import blocked, make_params, native, neighborhood_attention, ops, resolve_backend
 from visionzoo.kernels.indexing import disjoint_blocks
 from visionzoo.kernels.reference import neighborhood_attention_reference
 
@@ -192,3 +192,21 @@ def test_blocked_saves_probabilities_only_for_a_backward(monkeypatch):
     neighborhood_attention(q.detach(), k.detach(), v.detach(), 7, dilation=2, backend="blocked")
     assert calls == [True, False, False]
     assert q.grad is not None
+
+
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_blocked_kernel_with_several_heads_per_task(head_dim):
+    """With enough blocks a task of the native kernel takes several heads of a block at once (their
+    rows side by side in scratch, padded per head when head_dim is not a whole number of vectors)."""
+    params = make_params(2, 7, 1, 2)
+    q, k, v = _inputs((14, 14), 3, head_dim, torch.float32, batch=8)
+    geom, _, _ = native._block_call(q, params, None, torch.float32)
+    assert int(geom[-1]) == 3  # all three heads in one task
+    rpb = _rpb(params, 3, torch.float32)
+    expected = neighborhood_attention_reference(q, k, v, params, 0.3, rpb)
+    out = neighborhood_attention(q, k, v, 7, dilation=2, scale=0.3, rpb=rpb, backend="blocked")
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+    grad = torch.randn_like(out)
+    for name, got, want in zip(["dq", "dk", "dv", "drpb"], torch.autograd.grad(out, [q, k, v, rpb], grad),
+                               torch.autograd.grad(expected, [q, k, v, rpb], grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
