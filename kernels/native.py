@@ -272,21 +272,24 @@ def _block_call(query: torch.Tensor, params: NeighborhoodParams, bias: Optional[
     """Geometry, tables and the logit bias of one blocked call. ``bias`` is ``[H, K, K]`` (query, key)
     or None; the kernel takes it transposed like its logits, ``[H, K (keys), Kp (queries)]`` with the
     queries padded to whole vectors."""
-    spatial = tuple(query.shape[1:-2])
-    tables, dims = _block_tables(spatial, params)
-    padded = [1] * (3 - len(spatial)) + list(spatial)
     kernel_bias = None
     if bias is not None:
         tokens = bias.shape[-1]
         kernel_bias = torch.zeros(bias.shape[0], tokens, -(-tokens // _lanes(dtype)) * _lanes(dtype), dtype=dtype)
         kernel_bias[..., :tokens] = bias.transpose(1, 2)
-    group = _head_group(query.shape[0] * math.prod(dims[:3]), query.shape[-2], dims[3] * dims[4] * dims[5],
-                        query.shape[-1], dtype)
-    geom = torch.tensor(
-        [query.shape[0], *padded, query.shape[-2], query.shape[-1], *dims, 1 if bias is None else bias.shape[0], group],
-        dtype=torch.long,
-    )
+    geom, tables = _block_geometry(tuple(query.shape), params, 0 if bias is None else bias.shape[0], dtype)
     return geom, tables, kernel_bias
+
+
+@functools.lru_cache(maxsize=128)
+def _block_geometry(shape: Tuple[int, ...], params: NeighborhoodParams, bias_heads: int, dtype: torch.dtype):
+    """``(geom, tables)`` of the block kernels for a query of ``shape`` (see ``csrc/na_cpu.cpp``)."""
+    spatial = shape[1:-2]
+    tables, dims = _block_tables(spatial, params)
+    padded = [1] * (3 - len(spatial)) + list(spatial)
+    group = _head_group(shape[0] * math.prod(dims[:3]), shape[-2], math.prod(dims[3:]), shape[-1], dtype)
+    geom = torch.tensor([shape[0], *padded, shape[-2], shape[-1], *dims, max(bias_heads, 1), group], dtype=torch.long)
+    return geom, tables
 
 
 def _head_group(blocks: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
