@@ -488,17 +488,16 @@ void gemm(const T* A, int64_t ar, int64_t aj, const T* Bm, int64_t ldb, T* C, in
 }
 
 // Per-thread scratch of one task. Token rows [K, G * Dp] hold the group's heads side by side (head
-// j at column j * Dp). The logits are kept transposed, keys x queries ([K, Kp]), so that the
+// j at column j * Dp); one head's results [K, Dp] go out before the next head's are computed. The logits are kept transposed, keys x queries ([K, Kp]), so that the
 // softmax over keys runs down the columns: L queries per vector, no horizontal sums. Pads stay zero.
 template <typename T>
 struct BlockScratch {
   std::vector<int64_t> pos, at, local;
-  std::vector<T> q, k, v, dout, dq, dk, dv, qt, dot, st, dst, lse, inverse;
+  std::vector<T> q, k, v, dout, out, qt, dot, st, dst, lse, inverse;
   BlockScratch(const BlockGeometry& g, bool backward)
       : pos(g.K), at(g.K), local(g.K), q(g.K * g.row), k(g.K * g.row), v(g.K * g.row),
-        dout(backward ? g.K * g.row : 0), dq(g.K * g.row), dk(backward ? g.K * g.row : 0),
-        dv(backward ? g.K * g.row : 0), qt(g.D * g.Kp), dot(backward ? g.D * g.Kp : 0), st(g.K * g.Kp),
-        dst(g.K * g.Kp), lse(g.Kp), inverse(g.G * g.Kp) {}
+        dout(backward ? g.K * g.row : 0), out(g.K * g.Dp), qt(g.D * g.Kp), dot(backward ? g.D * g.Kp : 0),
+        st(g.K * g.Kp), dst(g.K * g.Kp), lse(g.Kp), inverse(g.Kp) {}
 };
 
 // f on every lane of x, as one call of the vectorized libm where f is exp or log
@@ -570,16 +569,13 @@ inline void gather_heads(const T* x, const int64_t* at, const BlockGeometry& g, 
     for (int64_t j = 0; j < g.G; ++j) scaled_copy(x + at[c] + j * g.D, dst + c * g.row + j * g.Dp, g.D, factor);
 }
 
-// src [K, G * Dp] -> rows [K, G * D] of x at the block's tokens, times factor (and, with
-// row_factor [G, Kp], row_factor[j][c] for head j)
+// src [K, Dp] -> head j's rows [K, D] of x at the block's tokens, times factor (and row_factor[c] if
+// given); written as soon as they are computed, so the stores drain while the next head computes
 template <typename T>
-inline void scatter_heads(const T* src, const int64_t* at, const BlockGeometry& g, T factor, T* x,
-                          const T* row_factor = nullptr) {
+inline void scatter_head(const T* src, const int64_t* at, const BlockGeometry& g, int64_t j, T factor, T* x,
+                         const T* row_factor = nullptr) {
   for (int64_t c = 0; c < g.K; ++c)
-    for (int64_t j = 0; j < g.G; ++j) {
-      const T f = row_factor ? factor * row_factor[j * g.Kp + c] : factor;
-      scaled_copy(src + c * g.row + j * g.Dp, x + at[c] + j * g.D, g.D, f);
-    }
+    scaled_copy(src + c * g.Dp, x + at[c] + j * g.D, g.D, row_factor ? factor * row_factor[c] : factor);
 }
 
 // Lanes of the two-vector shuffles of an L x L transpose: at level h, rows i and i + h swap their
@@ -709,7 +705,7 @@ void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T*
         transpose_rows(w.q.data() + j * Dp, w.local.data(), g, w.qt.data());
         gemm(w.k.data() + j * Dp, row, 1, w.qt.data(), Kp, w.st.data(), Kp, K, g.D, Kp);  // S^T = K Q^T
         if (bias) add_bias(w.st.data(), bias + (g.bias_heads > 1 ? h : 0) * K * Kp, K * Kp);
-        T* inverse = w.inverse.data() + j * Kp;
+        T* inverse = w.inverse.data();
         for (int64_t r = 0; r < Kp; r += L) {  // L queries at a time, down the keys
           T* col = w.st.data() + r;
           vec m = load(col);
@@ -727,8 +723,8 @@ void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T*
           store(w.lse.data() + r, m + vlog<T>(total));
         }
         for (int64_t r = 0; r < K; ++r) lse[(b * N + w.pos[r]) * g.H + h] = w.lse[r];
-        // O = exp(S - max) V, into the head's columns of the output rows
-        gemm(w.st.data(), 1, Kp, w.v.data() + j * Dp, row, w.dq.data() + j * Dp, row, K, K, Dp);
+        gemm(w.st.data(), 1, Kp, w.v.data() + j * Dp, row, w.out.data(), Dp, K, K, Dp);  // O = exp(S - max) V
+        scatter_head(w.out.data(), w.at.data(), g, j, T(1), out, inverse);
         if (probs) {  // P^T = exp(S - max)^T / sum, packed into rows of K queries, streamed out
           // row c's last vector runs into row c + 1, rewritten next (the last row's into dst's tail)
           T* packed = w.dst.data();
@@ -737,7 +733,6 @@ void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T*
           stream_out(probs + ((b * g.blocks() + block) * g.H + h) * g.KKp, packed, g.KKp);
         }
       }
-      scatter_heads(w.dq.data(), w.at.data(), g, T(1), out, w.inverse.data());
     }
     stream_fence();
   }
@@ -803,13 +798,13 @@ void block_backward(const T* q, const T* k, const T* v, const T* dout, const T* 
               }
             }
           }
-          gemm(w.dst.data(), 1, Kp, kj, row, w.dq.data() + j * Dp, row, K, K, Dp);      // dQ = dS K
-          gemm(w.dst.data(), Kp, 1, qj, row, w.dk.data() + j * Dp, row, K, K, Dp);      // dK = dS^T (scale Q)
-          gemm(P, ldp, 1, dout_j, row, w.dv.data() + j * Dp, row, K, K, Dp);            // dV = P^T dO
+          gemm(w.dst.data(), 1, Kp, kj, row, w.out.data(), Dp, K, K, Dp);  // dQ = dS K
+          scatter_head(w.out.data(), w.at.data(), g, j, scale, dq);
+          gemm(w.dst.data(), Kp, 1, qj, row, w.out.data(), Dp, K, K, Dp);  // dK = dS^T (scale Q)
+          scatter_head(w.out.data(), w.at.data(), g, j, T(1), dk);
+          gemm(P, ldp, 1, dout_j, row, w.out.data(), Dp, K, K, Dp);  // dV = P^T dO
+          scatter_head(w.out.data(), w.at.data(), g, j, T(1), dv);
         }
-        scatter_heads(w.dq.data(), w.at.data(), g, scale, dq);
-        scatter_heads(w.dk.data(), w.at.data(), g, T(1), dk);
-        scatter_heads(w.dv.data(), w.at.data(), g, T(1), dv);
       }
     }
   }
