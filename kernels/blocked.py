@@ -16,8 +16,10 @@ no wasted pairs.
 When the forward runs for training it keeps the attention probabilities of every block
 (``B * H * tokens * K`` elements, the size of the attention matrix of the attended pairs, as the
 unfused NAT kernels and windowed-attention layers keep it) and the backward reads them instead of
-recomputing ``Q K^T`` and the softmax: a fifth less GEMM work and no exponentials. Without them (an
-inference forward) the backward recomputes from the saved log-sum-exp.
+recomputing ``Q K^T`` and the softmax: a fifth less GEMM work and no exponentials. It does so for
+blocks of at most ``2 * head_dim`` tokens (e.g. 7x7 at head dim 32), where they take at most twice
+the memory of the query; without them (larger blocks, an inference forward) the backward
+recomputes them from the saved log-sum-exp.
 """
 from __future__ import annotations
 
@@ -115,10 +117,18 @@ class _Blocks:
         return logits.sub_(lse).exp_(), lse
 
 
+def keeps_probabilities(query_shape, params: NeighborhoodParams) -> bool:
+    """Whether a training forward keeps the probabilities: when a block has at most twice as many
+    tokens as the head dim, so that they take at most twice the memory of the query. Larger blocks
+    (wide window attention) recompute them, as flash attention does, rather than keep ``K / head_dim``
+    query-sized tensors per layer."""
+    return math.prod(params.kernel_size) <= 2 * query_shape[-1]
+
+
 def probabilities_numel(query_shape, params: NeighborhoodParams) -> int:
-    """Elements of the saved probabilities (either implementation): see
-    :func:`~visionzoo.kernels.native.probabilities_numel`."""
-    return native.probabilities_numel(query_shape, params)
+    """Elements of the probabilities a training forward keeps (either implementation; see
+    :func:`~visionzoo.kernels.native.probabilities_numel`), 0 when it keeps none."""
+    return native.probabilities_numel(query_shape, params) if keeps_probabilities(query_shape, params) else 0
 
 
 def _native(query: torch.Tensor) -> bool:
@@ -129,7 +139,8 @@ def _native(query: torch.Tensor) -> bool:
 def na_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float, save_probabilities: bool = False):
     """Blocked forward. Inputs ``[B, *spatial, H, D]``; returns ``(out, lse [B, *spatial, H], probabilities)``,
     lse in float32 (float64 for float64 inputs); the probabilities (for :func:`na_backward`) are
-    empty unless ``save_probabilities``."""
+    empty unless ``save_probabilities`` and :func:`keeps_probabilities`."""
+    save_probabilities = save_probabilities and keeps_probabilities(query.shape, params)
     blocks = _Blocks(query, params, rpb)
     if _native(query):
         return native.block_forward(query, key, value, blocks.bias, params, scale, save_probabilities)

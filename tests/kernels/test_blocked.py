@@ -106,6 +106,18 @@ def test_blocked_gradcheck_fp64(case, implementation):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
 
 
+def test_blocked_gradcheck_fp64_with_kept_probabilities(implementation):
+    """Blocks of 4 tokens at head dim 4: the forward keeps the probabilities and the backward uses them."""
+    params = make_params(2, 2, 2)
+    q, k, v = _inputs((8, 6), 2, 4, torch.float64, batch=1)
+    assert blocked.probabilities_numel(q.shape, params) > 0
+
+    def fn(*args):
+        return neighborhood_attention(*args, 2, 2, backend="blocked")
+
+    assert torch.autograd.gradcheck(fn, [q, k, v], eps=1e-6, atol=1e-6)
+
+
 def test_blocked_bf16_close_to_reference(implementation):
     q, k, v = _inputs((14, 14), 2, 16, torch.float32)
     params = make_params(2, 7, 1, 2)
@@ -155,7 +167,7 @@ def test_custom_op_passes_opcheck_on_blocked_saving_probabilities(implementation
     )
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[6]], ids=_ids)
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[4]], ids=_ids)
 def test_blocked_backward_from_saved_probabilities_matches_recomputed(case, implementation):
     """The backward reads the probabilities a training forward saved, or recomputes them from the lse
     when the forward saved none: both give the same gradients."""
@@ -210,3 +222,20 @@ def test_blocked_kernel_with_several_heads_per_task(head_dim):
     for name, got, want in zip(["dq", "dk", "dv", "drpb"], torch.autograd.grad(out, [q, k, v, rpb], grad),
                                torch.autograd.grad(expected, [q, k, v, rpb], grad)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_blocked_keeps_probabilities_only_for_small_blocks():
+    """Up to 2 x head_dim tokens per block the probabilities take at most twice the query's memory and
+    are kept; larger blocks recompute them."""
+    assert blocked.keeps_probabilities((2, 14, 14, 2, 32), make_params(2, 7, 1, 2))  # 49 <= 64
+    assert not blocked.keeps_probabilities((2, 14, 14, 2, 16), make_params(2, 7, 1, 2))  # 49 > 32
+    q, k, v = (t.detach() for t in _inputs((3, 10, 10), 1, 32, torch.float32))  # 75-token blocks
+    config = ([3, 5, 5], [1, 5, 5], [1, 1, 1], [False] * 3, 0.3, "blocked")
+    out, lse, saved = ops.na_forward(q, k, v, None, *config, True)
+    assert saved.numel() == 0
+    grad = torch.randn_like(out)
+    d_query, d_key, d_value, _ = ops.na_backward(grad, q, k, v, out, lse, saved, None, *config)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    expected = neighborhood_attention_reference(qr, kr, vr, make_params(3, (3, 5, 5), (1, 5, 5)), 0.3)
+    for got, want in zip((d_query, d_key, d_value), torch.autograd.grad(expected, [qr, kr, vr], grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -259,10 +259,10 @@ def test_flop_counter_counts_the_custom_ops():
     assert flops[torch.ops.visionzoo.na_forward] == 2 * window_matmul
     assert flops[torch.ops.visionzoo.na_backward] == 5 * window_matmul  # Q K^T recomputed
 
-    q, k, v = _inputs((14, 14), 2, 8, torch.float32, requires_grad=True)
-    window_matmul = 2 * 2 * 196 * 2 * 8 * 49
-    with FlopCounterMode(display=False) as counter:
-        na2d(q, k, v, 7, dilation=2, backend="cpu").sum().backward()  # blocked: the probabilities are kept
+    q, k, v = _inputs((14, 14), 2, 32, torch.float32, requires_grad=True)
+    window_matmul = 2 * 2 * 196 * 2 * 32 * 49
+    with FlopCounterMode(display=False) as counter:  # blocked, 49 <= 2 x 32 tokens: the probabilities are kept
+        na2d(q, k, v, 7, dilation=2, backend="cpu").sum().backward()
     flops = counter.get_flop_counts()["Global"]
     assert flops[torch.ops.visionzoo.na_forward] == 2 * window_matmul
     assert flops[torch.ops.visionzoo.na_backward] == 4 * window_matmul
