@@ -159,12 +159,11 @@ def test_custom_op_passes_opcheck_on_blocked(implementation):
 
 @pytest.mark.parametrize("save", [False, True])
 def test_custom_op_passes_opcheck_on_blocked_saving_probabilities(implementation, save):
-    q, k, v = _inputs((14, 7), 2, 4, torch.float32)
-    rpb = torch.randn(2, 13, 13, requires_grad=True)
-    torch.library.opcheck(
-        torch.ops.visionzoo.na_forward.default,
-        (q, k, v, rpb, [7, 7], [1, 1], [2, 1], [False, False], 0.5, "blocked", save),
-    )
+    q, k, v = _inputs((6, 8), 2, 4, torch.float32)  # 2x2 blocks: 4 tokens, kept at head dim 4
+    rpb = torch.randn(2, 3, 3, requires_grad=True)
+    args = (q, k, v, rpb, [2, 2], [1, 1], [3, 4], [False, False], 0.5, "blocked", save)
+    assert ops.na_forward(*args)[2].numel() == (blocked.probabilities_numel(q.shape, make_params(2, 2)) if save else 0)
+    torch.library.opcheck(torch.ops.visionzoo.na_forward.default, args)
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[4]], ids=_ids)
