@@ -682,6 +682,51 @@ inline void task_offsets(const BlockGeometry& g, int64_t task, BlockScratch<T>& 
   }
 }
 
+// Softmax down NV columns of L queries of the transposed logits [K, Kp] at col: exp(S - max) in
+// place, 1 / sum -> inverse, max + log(sum) -> lse. The NV columns run side by side, so that their
+// max and sum chains overlap instead of waiting on each other's latency.
+template <typename T, int NV>
+inline void softmax_columns(T* col, int64_t K, int64_t Kp, T* inverse, T* lse) {
+  typedef typename Vec<T>::type vec;
+  constexpr int L = Vec<T>::lanes;
+  vec m[NV], total[NV];
+  for (int i = 0; i < NV; ++i) m[i] = load(col + i * L), total[i] = vec{};
+  for (int64_t c = 1; c < K; ++c)
+    for (int i = 0; i < NV; ++i) {
+      const vec x = load(col + c * Kp + i * L);
+      m[i] = m[i] > x ? m[i] : x;
+    }
+  for (int64_t c = 0; c < K; ++c)
+    for (int i = 0; i < NV; ++i) {
+      const vec e = vexp<T>(load(col + c * Kp + i * L) - m[i]);
+      store(col + c * Kp + i * L, e);
+      total[i] += e;
+    }
+  for (int i = 0; i < NV; ++i) {
+    store(inverse + i * L, T(1) / total[i]);  // the normalisation is applied to O's rows
+    store(lse + i * L, m[i] + vlog<T>(total[i]));
+  }
+}
+
+// dS = P * (dP - sum over keys of P dP) down NV columns of L queries, in place of dP^T [K, Kp] at ds
+// (P^T at p, rows ldp apart), also added to the bias gradient at db [K, Kp] if given; the NV columns
+// run side by side, as in softmax_columns
+template <typename T, int NV>
+inline void softmax_gradient(const T* p, int64_t ldp, T* ds, int64_t K, int64_t Kp, T* db) {
+  typedef typename Vec<T>::type vec;
+  constexpr int L = Vec<T>::lanes;
+  vec delta[NV];  // sum over keys of P dP = sum over d of dO O
+  for (int i = 0; i < NV; ++i) delta[i] = vec{};
+  for (int64_t c = 0; c < K; ++c)
+    for (int i = 0; i < NV; ++i) delta[i] += load(p + c * ldp + i * L) * load(ds + c * Kp + i * L);
+  for (int64_t c = 0; c < K; ++c)
+    for (int i = 0; i < NV; ++i) {
+      const vec dsc = load(p + c * ldp + i * L) * (load(ds + c * Kp + i * L) - delta[i]);
+      store(ds + c * Kp + i * L, dsc);
+      if (db) store(db + c * Kp + i * L, load(db + c * Kp + i * L) + dsc);
+    }
+}
+
 // bias (or null): [bias_heads, K (keys), Kp (queries)], the logit bias transposed like the logits;
 // probs (or null): see above
 template <typename T>
@@ -706,22 +751,9 @@ void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T*
         gemm(w.k.data() + j * Dp, row, 1, w.qt.data(), Kp, w.st.data(), Kp, K, g.D, Kp);  // S^T = K Q^T
         if (bias) add_bias(w.st.data(), bias + (g.bias_heads > 1 ? h : 0) * K * Kp, K * Kp);
         T* inverse = w.inverse.data();
-        for (int64_t r = 0; r < Kp; r += L) {  // L queries at a time, down the keys
-          T* col = w.st.data() + r;
-          vec m = load(col);
-          for (int64_t c = 1; c < K; ++c) {
-            const vec x = load(col + c * Kp);
-            m = m > x ? m : x;
-          }
-          vec total = vec{};
-          for (int64_t c = 0; c < K; ++c) {
-            const vec e = vexp<T>(load(col + c * Kp) - m);
-            store(col + c * Kp, e);
-            total += e;
-          }
-          store(inverse + r, T(1) / total);  // the normalisation is applied to O's rows
-          store(w.lse.data() + r, m + vlog<T>(total));
-        }
+        int64_t r = 0;
+        for (; r + 4 * L <= Kp; r += 4 * L) softmax_columns<T, 4>(w.st.data() + r, K, Kp, inverse + r, w.lse.data() + r);
+        for (; r < Kp; r += L) softmax_columns<T, 1>(w.st.data() + r, K, Kp, inverse + r, w.lse.data() + r);
         for (int64_t r = 0; r < K; ++r) lse[(b * N + w.pos[r]) * g.H + h] = w.lse[r];
         gemm(w.st.data(), 1, Kp, w.v.data() + j * Dp, row, w.out.data(), Dp, K, K, Dp);  // O = exp(S - max) V
         scatter_head(w.out.data(), w.at.data(), g, j, T(1), out, inverse);
@@ -784,20 +816,10 @@ void block_backward(const T* q, const T* k, const T* v, const T* dout, const T* 
           }
           transpose_rows(dout_j, w.local.data(), g, w.dot.data());
           gemm(vj, row, 1, w.dot.data(), Kp, w.dst.data(), Kp, K, g.D, Kp);  // dP^T = V dO^T
-          for (int64_t r = 0; r < Kp; r += L) {
-            const T* p = P + r;
-            T* ds = w.dst.data() + r;
-            vec delta = vec{};  // sum over keys of P dP = sum over d of dO O
-            for (int64_t c = 0; c < K; ++c) delta += load(p + c * ldp) * load(ds + c * Kp);
-            for (int64_t c = 0; c < K; ++c) {
-              const vec dsc = load(p + c * ldp) * (load(ds + c * Kp) - delta);
-              store(ds + c * Kp, dsc);
-              if (dbias_chunk) {
-                T* db = dbias_chunk + (head * K + c) * Kp + r;
-                store(db, load(db) + dsc);
-              }
-            }
-          }
+          T* db = dbias_chunk ? dbias_chunk + head * K * Kp : nullptr;
+          int64_t r = 0;
+          for (; r + 4 * L <= Kp; r += 4 * L) softmax_gradient<T, 4>(P + r, ldp, w.dst.data() + r, K, Kp, db ? db + r : db);
+          for (; r < Kp; r += L) softmax_gradient<T, 1>(P + r, ldp, w.dst.data() + r, K, Kp, db ? db + r : db);
           gemm(w.dst.data(), 1, Kp, kj, row, w.out.data(), Dp, K, K, Dp);  // dQ = dS K
           scatter_head(w.out.data(), w.at.data(), g, j, scale, dq);
           gemm(w.dst.data(), Kp, 1, qj, row, w.out.data(), Dp, K, K, Dp);  // dK = dS^T (scale Q)
