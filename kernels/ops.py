@@ -71,8 +71,10 @@ def na_forward(
 
 
 def _saved_numel(query, kernel_size, stride, dilation, is_causal, backend, save_probabilities):
+    if not save_probabilities:
+        return 0
     module = _module(backend, 0)
-    if not (save_probabilities and getattr(module, "SAVES_PROBABILITIES", False)):
+    if not getattr(module, "SAVES_PROBABILITIES", False):
         return 0
     return module.probabilities_numel(query.shape, _params(kernel_size, stride, dilation, is_causal))
 
