@@ -410,7 +410,7 @@ struct BlockGeometry {
     }
     K = k[0] * k[1] * k[2];
     Kp = (K + lanes - 1) / lanes * lanes;
-    KKp = (K * K + lanes - 1) / lanes * lanes;
+    KKp = (K * K + 15) / 16 * 16;  // whole vectors in any dtype; the same as native.probabilities_numel
     Dp = (D + lanes - 1) / lanes * lanes;
     row = G * Dp;
   }
