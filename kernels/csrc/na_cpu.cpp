@@ -488,14 +488,15 @@ void gemm(const T* A, int64_t ar, int64_t aj, const T* Bm, int64_t ldb, T* C, in
 }
 
 // Per-thread scratch of one task. Token rows [K, G * Dp] hold the group's heads side by side (head
-// j at column j * Dp); one head's results [K, Dp] go out before the next head's are computed. The logits are kept transposed, keys x queries ([K, Kp]), so that the
-// softmax over keys runs down the columns: L queries per vector, no horizontal sums. Pads stay zero.
+// j at column j * Dp); one head's results [K, Dp] go out before the next head's are computed. The
+// logits are kept transposed, keys x queries ([K, Kp]), so that the softmax over keys runs down the
+// columns: L queries per vector, no horizontal sums. Pads stay zero.
 template <typename T>
 struct BlockScratch {
-  std::vector<int64_t> pos, at, local;
+  std::vector<int64_t> pos, at;
   std::vector<T> q, k, v, dout, out, qt, dot, st, dst, lse, inverse;
   BlockScratch(const BlockGeometry& g, bool backward)
-      : pos(g.K), at(g.K), local(g.K), q(g.K * g.row), k(g.K * g.row), v(g.K * g.row),
+      : pos(g.K), at(g.K), q(g.K * g.row), k(g.K * g.row), v(g.K * g.row),
         dout(backward ? g.K * g.row : 0), out(g.K * g.Dp), qt(g.D * g.Kp), dot(backward ? g.D * g.Kp : 0),
         st(g.K * g.Kp), dst(g.K * g.Kp), lse(g.Kp), inverse(g.Kp) {}
 };
@@ -616,17 +617,17 @@ inline void transpose_tile(typename Vec<T>::type* r) {
   }
 }
 
-// x's rows [K, D] at offsets at[c] transposed -> columns [D, Kp] (columns >= K zero), in L x L
-// register tiles
+// rows [K, D] of x, ldx apart, transposed -> columns [D, Kp] (columns >= K zero), in L x L register
+// tiles; x's rows are padded to whole vectors
 template <typename T>
-inline void transpose_rows(const T* x, const int64_t* at, const BlockGeometry& g, T* columns) {
+inline void transpose_rows(const T* x, int64_t ldx, const BlockGeometry& g, T* columns) {
   typedef typename Vec<T>::type vec;
   constexpr int L = Vec<T>::lanes;
   for (int64_t c0 = 0; c0 < g.Kp; c0 += L)
     for (int64_t d0 = 0; d0 < g.D; d0 += L) {
       const int64_t width = std::min<int64_t>(L, g.D - d0);
       vec tile[L];
-      for (int i = 0; i < L; ++i) tile[i] = c0 + i < g.K ? load(x + at[c0 + i] + d0) : vec{};  // Dp >= d0 + L
+      for (int i = 0; i < L; ++i) tile[i] = c0 + i < g.K ? load(x + (c0 + i) * ldx + d0) : vec{};
       transpose_tile<T>(tile);
       for (int64_t i = 0; i < width; ++i) store(columns + (d0 + i) * g.Kp + c0, tile[i]);
     }
@@ -665,8 +666,7 @@ inline void add_bias(T* __restrict x, const T* __restrict bias, int64_t n) {
   for (int64_t i = 0; i < n; i += L) store(x + i, load(x + i) + load(bias + i));
 }
 
-// task -> (b, block, first head); the token offsets of the block's rows (at) and of head j's
-// columns in scratch (local, for transpose_rows)
+// task -> (b, block, first head), and the offsets of the block's rows for that head (at)
 template <typename T>
 inline void task_offsets(const BlockGeometry& g, int64_t task, BlockScratch<T>& w, int64_t& b, int64_t& block,
                          int64_t& h0) {
@@ -676,10 +676,7 @@ inline void task_offsets(const BlockGeometry& g, int64_t task, BlockScratch<T>& 
   b = task / (groups * g.blocks());
   g.tokens(block, w.pos.data());
   const int64_t N = g.L[0] * g.L[1] * g.L[2], base = b * N * g.H * g.D + h0 * g.D;
-  for (int64_t c = 0; c < g.K; ++c) {
-    w.at[c] = base + w.pos[c] * g.H * g.D;
-    w.local[c] = c * g.row;
-  }
+  for (int64_t c = 0; c < g.K; ++c) w.at[c] = base + w.pos[c] * g.H * g.D;
 }
 
 // Softmax down NV columns of L queries of the transposed logits [K, Kp] at col: exp(S - max) in
@@ -747,13 +744,14 @@ void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T*
       gather_heads(v, w.at.data(), g, T(1), w.v.data());
       for (int64_t j = 0; j < g.G; ++j) {
         const int64_t h = h0 + j;
-        transpose_rows(w.q.data() + j * Dp, w.local.data(), g, w.qt.data());
+        transpose_rows(w.q.data() + j * Dp, row, g, w.qt.data());
         gemm(w.k.data() + j * Dp, row, 1, w.qt.data(), Kp, w.st.data(), Kp, K, g.D, Kp);  // S^T = K Q^T
         if (bias) add_bias(w.st.data(), bias + (g.bias_heads > 1 ? h : 0) * K * Kp, K * Kp);
         T* inverse = w.inverse.data();
-        int64_t r = 0;
-        for (; r + 4 * L <= Kp; r += 4 * L) softmax_columns<T, 4>(w.st.data() + r, K, Kp, inverse + r, w.lse.data() + r);
-        for (; r < Kp; r += L) softmax_columns<T, 1>(w.st.data() + r, K, Kp, inverse + r, w.lse.data() + r);
+        int64_t col = 0;
+        for (; col + 4 * L <= Kp; col += 4 * L)
+          softmax_columns<T, 4>(w.st.data() + col, K, Kp, inverse + col, w.lse.data() + col);
+        for (; col < Kp; col += L) softmax_columns<T, 1>(w.st.data() + col, K, Kp, inverse + col, w.lse.data() + col);
         for (int64_t r = 0; r < K; ++r) lse[(b * N + w.pos[r]) * g.H + h] = w.lse[r];
         gemm(w.st.data(), 1, Kp, w.v.data() + j * Dp, row, w.out.data(), Dp, K, K, Dp);  // O = exp(S - max) V
         scatter_head(w.out.data(), w.at.data(), g, j, T(1), out, inverse);
@@ -761,7 +759,8 @@ void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T*
           // row c's last vector runs into row c + 1, rewritten next (the last row's into dst's tail)
           T* packed = w.dst.data();
           for (int64_t c = 0; c < K; ++c)
-            for (int64_t r = 0; r < Kp; r += L) store(packed + c * K + r, load(w.st.data() + c * Kp + r) * load(inverse + r));
+            for (int64_t r = 0; r < Kp; r += L)
+              store(packed + c * K + r, load(w.st.data() + c * Kp + r) * load(inverse + r));
           stream_out(probs + ((b * g.blocks() + block) * g.H + h) * g.KKp, packed, g.KKp);
         }
       }
@@ -805,7 +804,7 @@ void block_backward(const T* q, const T* k, const T* v, const T* dout, const T* 
           const int64_t ldp = probs ? K : Kp;
           if (!probs) {
             for (int64_t r = 0; r < K; ++r) w.lse[r] = lse[(b * N + w.pos[r]) * g.H + h];
-            transpose_rows(qj, w.local.data(), g, w.qt.data());
+            transpose_rows(qj, row, g, w.qt.data());
             gemm(kj, row, 1, w.qt.data(), Kp, w.st.data(), Kp, K, g.D, Kp);  // S^T = K Q^T
             if (bias) add_bias(w.st.data(), bias + head * K * Kp, K * Kp);
             for (int64_t r = 0; r < Kp; r += L) {
@@ -814,12 +813,14 @@ void block_backward(const T* q, const T* k, const T* v, const T* dout, const T* 
               for (int64_t c = 0; c < K; ++c) store(p + c * Kp, vexp<T>(load(p + c * Kp) - row_lse));
             }
           }
-          transpose_rows(dout_j, w.local.data(), g, w.dot.data());
+          transpose_rows(dout_j, row, g, w.dot.data());
           gemm(vj, row, 1, w.dot.data(), Kp, w.dst.data(), Kp, K, g.D, Kp);  // dP^T = V dO^T
           T* db = dbias_chunk ? dbias_chunk + head * K * Kp : nullptr;
-          int64_t r = 0;
-          for (; r + 4 * L <= Kp; r += 4 * L) softmax_gradient<T, 4>(P + r, ldp, w.dst.data() + r, K, Kp, db ? db + r : db);
-          for (; r < Kp; r += L) softmax_gradient<T, 1>(P + r, ldp, w.dst.data() + r, K, Kp, db ? db + r : db);
+          int64_t col = 0;
+          for (; col + 4 * L <= Kp; col += 4 * L)
+            softmax_gradient<T, 4>(P + col, ldp, w.dst.data() + col, K, Kp, db ? db + col : db);
+          for (; col < Kp; col += L)
+            softmax_gradient<T, 1>(P + col, ldp, w.dst.data() + col, K, Kp, db ? db + col : db);
           gemm(w.dst.data(), 1, Kp, kj, row, w.out.data(), Dp, K, K, Dp);  // dQ = dS K
           scatter_head(w.out.data(), w.at.data(), g, j, scale, dq);
           gemm(w.dst.data(), Kp, 1, qj, row, w.out.data(), Dp, K, K, Dp);  // dK = dS^T (scale Q)
@@ -850,19 +851,20 @@ void vz_block_forward_f32(const float* q, const float* k, const float* v, const 
 void vz_block_forward_f64(const double* q, const double* k, const double* v, const double* bias, double* out,
                           double* lse, double* probs, const int64_t* geom, const int64_t* tables, double scale,
                           int threads) {
-  block_forward<double>(q, k, v, bias, out, lse, probs, BlockGeometry(geom, tables, Vec<double>::lanes), scale, threads);
+  block_forward<double>(q, k, v, bias, out, lse, probs, BlockGeometry(geom, tables, Vec<double>::lanes), scale,
+                        threads);
 }
 
 void vz_block_backward_f32(const float* q, const float* k, const float* v, const float* dout, const float* lse,
-                           const float* bias, const float* probs, float* dq, float* dk, float* dv, float* dbias, const int64_t* geom,
-                           const int64_t* tables, double scale, int threads) {
-  block_backward<float>(q, k, v, dout, lse, bias, probs, dq, dk, dv, dbias, BlockGeometry(geom, tables, Vec<float>::lanes),
-                        float(scale), threads);
+                           const float* bias, const float* probs, float* dq, float* dk, float* dv, float* dbias,
+                           const int64_t* geom, const int64_t* tables, double scale, int threads) {
+  block_backward<float>(q, k, v, dout, lse, bias, probs, dq, dk, dv, dbias,
+                        BlockGeometry(geom, tables, Vec<float>::lanes), float(scale), threads);
 }
 
 void vz_block_backward_f64(const double* q, const double* k, const double* v, const double* dout, const double* lse,
-                           const double* bias, const double* probs, double* dq, double* dk, double* dv, double* dbias, const int64_t* geom,
-                           const int64_t* tables, double scale, int threads) {
+                           const double* bias, const double* probs, double* dq, double* dk, double* dv, double* dbias,
+                           const int64_t* geom, const int64_t* tables, double scale, int threads) {
   block_backward<double>(q, k, v, dout, lse, bias, probs, dq, dk, dv, dbias,
                          BlockGeometry(geom, tables, Vec<double>::lanes), scale, threads);
 }
