@@ -96,7 +96,7 @@ def resolve_backend(
     if name == "auto":
         name = "triton" if device.type == "cuda" and triton_available() else "cpu"
     blocks = None
-    if params is not None:
+    if params is not None and name in ("cpu", "blocked"):  # only these two look at the geometry
         blocks = _disjoint_blocks(tuple(spatial), params.kernel_size, params.stride, params.dilation, params.is_causal)
     if name == "cpu":
         if blocks is not None:
