@@ -35,7 +35,7 @@ from .indexing import disjoint_blocks, window_bounds
 from .reference import compute_dtype
 
 SOURCE = Path(__file__).with_name("csrc") / "na_cpu.cpp"
-ABI_VERSION = 3
+ABI_VERSION = 4
 # -ffast-math at compile time only (vectorized exp); the link step leaves it out so that the library
 # does not pull in crtfastmath.o, which would flush denormals to zero for the whole process.
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
@@ -107,6 +107,8 @@ def _bind(path: Path) -> ctypes.CDLL:
         getattr(lib, f"vz_na_backward_{suffix}").argtypes = [p] * 13 + [d, i]
         getattr(lib, f"vz_block_forward_{suffix}").argtypes = [p] * 9 + [d, i]
         getattr(lib, f"vz_block_backward_{suffix}").argtypes = [p] * 13 + [d, i]
+        getattr(lib, f"vz_tile_forward_{suffix}").argtypes = [p] * 9 + [d, i]
+        getattr(lib, f"vz_tile_backward_{suffix}").argtypes = [p] * 13 + [d, i]
     lib.vz_block_bias_chunks.restype = ctypes.c_int64
     return lib
 
@@ -205,6 +207,43 @@ def _suffix(dtype: torch.dtype) -> str:
     return "f64" if dtype == torch.float64 else "f32"
 
 
+@functools.lru_cache(maxsize=128)
+def _tile_shape(spatial: Tuple[int, ...], params: NeighborhoodParams, lanes: int) -> torch.Tensor:
+    """Queries per tile along each (3D-padded) dimension for the tiled kernels: the shape of at most
+    ``lanes`` queries whose tiles, with their halos of keys, add up to the least GEMM work
+    (``prod over dims of sum over tiles of halo length``; fewer tiles on ties)."""
+    tables, dims, _ = _tables(spatial, params)
+    total = sum(d[0] for d in dims)
+    first, count = tables[:total].tolist(), tables[total:2 * total].tolist()
+
+    def work(dim: int, t: int) -> Tuple[int, int]:
+        offset = sum(d[0] for d in dims[:dim])
+        length, dilation = dims[dim][0], dims[dim][1]
+        halo = tiles = 0
+        for group in range(min(dilation, length)):
+            for x in range(group, length, t * dilation):
+                positions = range(x, min(length, x + t * dilation), dilation)
+                lo = min(first[offset + p] for p in positions)
+                hi = max(first[offset + p] + (count[offset + p] - 1) * dilation for p in positions)
+                halo += (hi - lo) // dilation + 1
+                tiles += 1
+        return halo, tiles
+
+    sizes = [1 << i for i in range(lanes.bit_length()) if (1 << i) <= lanes]
+    options = {dim: {t: work(dim, t) for t in sizes if t == 1 or t // 2 < -(-dims[dim][0] // dims[dim][1])}
+               for dim in range(3)}
+    best = None
+    for t0, w0 in options[0].items():
+        for t1, w1 in options[1].items():
+            for t2, w2 in options[2].items():
+                if t0 * t1 * t2 > lanes:
+                    continue
+                key = (w0[0] * w1[0] * w2[0], w0[1] * w1[1] * w2[1])
+                if best is None or key < best[0]:
+                    best = (key, (t0, t1, t2))
+    return torch.tensor(best[1], dtype=torch.long)
+
+
 def na_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float):
     """Fused forward on CPU tensors ``[B, *spatial, H, D]``; returns ``(out, lse [B, *spatial, H])``."""
     lib = library()
@@ -214,8 +253,9 @@ def na_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=dtype)
     geom, tables = _geometry(q, params, bias)
-    getattr(lib, f"vz_na_forward_{_suffix(dtype)}")(
-        _ptr(q), _ptr(k), _ptr(v), _ptr(bias), _ptr(out), _ptr(lse), _ptr(geom), _ptr(tables), scale,
+    tile = _tile_shape(tuple(q.shape[1:-2]), params, _lanes(dtype))
+    getattr(lib, f"vz_tile_forward_{_suffix(dtype)}")(
+        _ptr(q), _ptr(k), _ptr(v), _ptr(bias), _ptr(out), _ptr(lse), _ptr(geom), _ptr(tables), _ptr(tile), scale,
         torch.get_num_threads(),
     )
     return out.to(query.dtype), lse
@@ -225,19 +265,18 @@ def na_backward(grad_out, query, key, value, out, lse, rpb, params: Neighborhood
     """Fused backward from the saved ``lse``; returns ``(d_query, d_key, d_value, d_rpb or None)``."""
     lib = library()
     dtype = compute_dtype(query.dtype)
-    q, k, v, o, do = (_prepare(x, dtype) for x in (query, key, value, out, grad_out))
+    q, k, v, do = (_prepare(x, dtype) for x in (query, key, value, grad_out))
     row_lse = _prepare(lse, dtype)
     bias = None if rpb is None else _prepare(rpb, dtype)
-    d_query = torch.empty_like(q)
-    d_key = torch.zeros_like(k)
-    d_value = torch.zeros_like(v)
-    d_bias = None if rpb is None else torch.zeros(q.shape[0], rpb.shape[0], rpb[0].numel(), dtype=dtype)
+    d_query, d_key, d_value = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    d_bias = None if rpb is None else torch.zeros(q.shape[0] * q.shape[-2], rpb[0].numel(), dtype=dtype)
     geom, tables = _geometry(q, params, bias)
-    getattr(lib, f"vz_na_backward_{_suffix(dtype)}")(
-        _ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(do), _ptr(row_lse), _ptr(bias), _ptr(d_query), _ptr(d_key),
-        _ptr(d_value), _ptr(d_bias), _ptr(geom), _ptr(tables), scale, torch.get_num_threads(),
+    tile = _tile_shape(tuple(q.shape[1:-2]), params, _lanes(dtype))
+    getattr(lib, f"vz_tile_backward_{_suffix(dtype)}")(
+        _ptr(q), _ptr(k), _ptr(v), _ptr(do), _ptr(row_lse), _ptr(bias), _ptr(d_query), _ptr(d_key), _ptr(d_value),
+        _ptr(d_bias), _ptr(geom), _ptr(tables), _ptr(tile), scale, torch.get_num_threads(),
     )
-    d_rpb = None if rpb is None else d_bias.sum(0).reshape(rpb.shape).to(rpb.dtype)
+    d_rpb = None if rpb is None else d_bias.view(q.shape[0], -1, d_bias.shape[-1]).sum(0).reshape(rpb.shape).to(rpb.dtype)
     return d_query.to(query.dtype), d_key.to(key.dtype), d_value.to(value.dtype), d_rpb
 
 

@@ -15,10 +15,17 @@
 // The blocked path (blocked.py, windows that are disjoint blocks) has its own kernels below.
 #include <omp.h>
 
+// GCC turns short copy loops (a factor-1 scaled_copy once inlined) into a memmove call per row of
+// D elements, far slower than the few vector moves of the loop itself
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-tree-loop-distribute-patterns")
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 #if defined(__AVX512F__)
@@ -434,57 +441,88 @@ struct BlockGeometry {
   }
 };
 
-// C[r, :CH*L] = sum_j A[r, j] * B[j, :CH*L] for R rows, A[r, j] at A[r * ar + j * aj] (so a
-// transposed A costs nothing): R x CH accumulators stay in registers
-template <typename T, int CH, int R>
-inline void gemm_tile(const T* __restrict A, int64_t ar, int64_t aj, const T* __restrict Bm, int64_t ldb,
-                      T* __restrict C, int64_t ldc, int64_t depth) {
+// Rows of a GEMM operand: a strided matrix (row r at p + r * ld), or a table of row pointers (row r
+// at p[r] + col), e.g. the halo keys of a tile, scattered over a panel
+template <typename T>
+struct Strided {
+  T* p;
+  int64_t ld;
+  T* row(int64_t r) const { return p + r * ld; }
+  Strided from_row(int64_t r) const { return {p + r * ld, ld}; }
+  Strided from_column(int64_t c) const { return {p + c, ld}; }
+};
+
+template <typename T>
+struct RowTable {
+  T* const* p;
+  int64_t col;
+  T* row(int64_t r) const { return p[r] + col; }
+  RowTable from_row(int64_t r) const { return {p + r, col}; }
+  RowTable from_column(int64_t c) const { return {p, col + c}; }
+};
+
+// C[r, :CH*L] (+)= sum_j A[r, j] * B[j, :CH*L] for R rows, A[r, j] at A.row(r)[j * aj] (so a
+// transposed A costs nothing): R x CH accumulators stay in registers. Accumulate: C's rows are
+// added to, else overwritten.
+template <typename T, int CH, int R, bool Accumulate, typename AR, typename BR, typename CR>
+inline void gemm_tile(AR A, int64_t aj, BR B, CR C, int64_t depth) {
   typedef typename Vec<T>::type vec;
   constexpr int L = Vec<T>::lanes;
   vec acc[R][CH];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < CH; ++c) acc[r][c] = vec{};
+  const T* a[R];
+  for (int r = 0; r < R; ++r) {
+    a[r] = A.row(r);
+    for (int c = 0; c < CH; ++c) acc[r][c] = Accumulate ? load(C.row(r) + c * L) : vec{};
+  }
   for (int64_t j = 0; j < depth; ++j) {
+    const T* brow = B.row(j);
     vec b[CH];
-    for (int c = 0; c < CH; ++c) b[c] = load(Bm + j * ldb + c * L);
+    for (int c = 0; c < CH; ++c) b[c] = load(brow + c * L);
     for (int r = 0; r < R; ++r) {
-      const T a = A[r * ar + j * aj];
-      for (int c = 0; c < CH; ++c) acc[r][c] += a * b[c];
+      const T x = a[r][j * aj];
+      for (int c = 0; c < CH; ++c) acc[r][c] += x * b[c];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < CH; ++c) store(C + r * ldc + c * L, acc[r][c]);
+    for (int c = 0; c < CH; ++c) store(C.row(r) + c * L, acc[r][c]);
 }
 
-template <typename T, int CH>
-inline void gemm_columns(const T* A, int64_t ar, int64_t aj, const T* Bm, int64_t ldb, T* C, int64_t ldc,
-                         int64_t rows, int64_t depth) {
+template <typename T, int CH, bool Accumulate, typename AR, typename BR, typename CR>
+inline void gemm_columns(AR A, int64_t aj, BR B, CR C, int64_t rows, int64_t depth) {
   constexpr int R = CH >= 4 ? 6 : 8;  // R * CH accumulators + CH rows of B + 1 broadcast within 32 registers
   int64_t r = 0;
-  for (; r + R <= rows; r += R) gemm_tile<T, CH, R>(A + r * ar, ar, aj, Bm, ldb, C + r * ldc, ldc, depth);
+  for (; r + R <= rows; r += R) gemm_tile<T, CH, R, Accumulate>(A.from_row(r), aj, B, C.from_row(r), depth);
   switch (rows - r) {
 #define VZ_TAIL(n) \
-  case n: return gemm_tile<T, CH, n>(A + r * ar, ar, aj, Bm, ldb, C + r * ldc, ldc, depth);
+  case n: return gemm_tile<T, CH, n, Accumulate>(A.from_row(r), aj, B, C.from_row(r), depth);
     VZ_TAIL(1) VZ_TAIL(2) VZ_TAIL(3) VZ_TAIL(4) VZ_TAIL(5) VZ_TAIL(6) VZ_TAIL(7)
 #undef VZ_TAIL
     default: return;
   }
 }
 
-// C[rows, cols] = A[rows, depth] @ B[depth, cols], cols a whole number of vectors; A[r, j] is at
-// A[r * ar + j * aj]
-template <typename T>
-void gemm(const T* A, int64_t ar, int64_t aj, const T* Bm, int64_t ldb, T* C, int64_t ldc, int64_t rows,
-          int64_t depth, int64_t cols) {
+// C[rows, cols] (+)= A[rows, depth] @ B[depth, cols], cols a whole number of vectors; A, B, C row
+// accessors (Strided or RowTable)
+template <typename T, bool Accumulate = false, typename AR, typename BR, typename CR>
+void gemm_rows(AR A, int64_t aj, BR B, CR C, int64_t rows, int64_t depth, int64_t cols) {
   constexpr int L = Vec<T>::lanes;
   int64_t c = 0;
-  for (; c + 4 * L <= cols; c += 4 * L) gemm_columns<T, 4>(A, ar, aj, Bm + c, ldb, C + c, ldc, rows, depth);
+  for (; c + 4 * L <= cols; c += 4 * L)
+    gemm_columns<T, 4, Accumulate>(A, aj, B.from_column(c), C.from_column(c), rows, depth);
   switch ((cols - c) / L) {
-    case 3: return gemm_columns<T, 3>(A, ar, aj, Bm + c, ldb, C + c, ldc, rows, depth);
-    case 2: return gemm_columns<T, 2>(A, ar, aj, Bm + c, ldb, C + c, ldc, rows, depth);
-    case 1: return gemm_columns<T, 1>(A, ar, aj, Bm + c, ldb, C + c, ldc, rows, depth);
+    case 3: return gemm_columns<T, 3, Accumulate>(A, aj, B.from_column(c), C.from_column(c), rows, depth);
+    case 2: return gemm_columns<T, 2, Accumulate>(A, aj, B.from_column(c), C.from_column(c), rows, depth);
+    case 1: return gemm_columns<T, 1, Accumulate>(A, aj, B.from_column(c), C.from_column(c), rows, depth);
     default: return;
   }
+}
+
+// C[rows, cols] = A[rows, depth] @ B[depth, cols] on strided matrices, cols a whole number of
+// vectors; A[r, j] is at A[r * ar + j * aj]
+template <typename T>
+inline void gemm(const T* A, int64_t ar, int64_t aj, const T* Bm, int64_t ldb, T* C, int64_t ldc, int64_t rows,
+                 int64_t depth, int64_t cols) {
+  gemm_rows<T>(Strided<const T>{A, ar}, aj, Strided<const T>{Bm, ldb}, Strided<T>{C, ldc}, rows, depth, cols);
 }
 
 // Per-thread scratch of one task. Token rows [K, G * Dp] hold the group's heads side by side (head
@@ -617,19 +655,19 @@ inline void transpose_tile(typename Vec<T>::type* r) {
   }
 }
 
-// rows [K, D] of x, ldx apart, transposed -> columns [D, Kp] (columns >= K zero), in L x L register
-// tiles; x's rows are padded to whole vectors
+// rows [K, D] of x, ldx apart, transposed -> columns [D, Kp] (columns >= K zero; Kp a whole number
+// of vectors), in L x L register tiles; x's rows are padded to whole vectors
 template <typename T>
-inline void transpose_rows(const T* x, int64_t ldx, const BlockGeometry& g, T* columns) {
+inline void transpose_rows(const T* x, int64_t ldx, int64_t K, int64_t Kp, int64_t D, T* columns) {
   typedef typename Vec<T>::type vec;
   constexpr int L = Vec<T>::lanes;
-  for (int64_t c0 = 0; c0 < g.Kp; c0 += L)
-    for (int64_t d0 = 0; d0 < g.D; d0 += L) {
-      const int64_t width = std::min<int64_t>(L, g.D - d0);
+  for (int64_t c0 = 0; c0 < Kp; c0 += L)
+    for (int64_t d0 = 0; d0 < D; d0 += L) {
+      const int64_t width = std::min<int64_t>(L, D - d0);
       vec tile[L];
-      for (int i = 0; i < L; ++i) tile[i] = c0 + i < g.K ? load(x + (c0 + i) * ldx + d0) : vec{};
+      for (int i = 0; i < L; ++i) tile[i] = c0 + i < K ? load(x + (c0 + i) * ldx + d0) : vec{};
       transpose_tile<T>(tile);
-      for (int64_t i = 0; i < width; ++i) store(columns + (d0 + i) * g.Kp + c0, tile[i]);
+      for (int64_t i = 0; i < width; ++i) store(columns + (d0 + i) * Kp + c0, tile[i]);
     }
 }
 
@@ -744,7 +782,7 @@ void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T*
       gather_heads(v, w.at.data(), g, T(1), w.v.data());
       for (int64_t j = 0; j < g.G; ++j) {
         const int64_t h = h0 + j;
-        transpose_rows(w.q.data() + j * Dp, row, g, w.qt.data());
+        transpose_rows(w.q.data() + j * Dp, row, K, Kp, g.D, w.qt.data());
         gemm(w.k.data() + j * Dp, row, 1, w.qt.data(), Kp, w.st.data(), Kp, K, g.D, Kp);  // S^T = K Q^T
         if (bias) add_bias(w.st.data(), bias + (g.bias_heads > 1 ? h : 0) * K * Kp, K * Kp);
         T* inverse = w.inverse.data();
@@ -804,7 +842,7 @@ void block_backward(const T* q, const T* k, const T* v, const T* dout, const T* 
           const int64_t ldp = probs ? K : Kp;
           if (!probs) {
             for (int64_t r = 0; r < K; ++r) w.lse[r] = lse[(b * N + w.pos[r]) * g.H + h];
-            transpose_rows(qj, row, g, w.qt.data());
+            transpose_rows(qj, row, K, Kp, g.D, w.qt.data());
             gemm(kj, row, 1, w.qt.data(), Kp, w.st.data(), Kp, K, g.D, Kp);  // S^T = K Q^T
             if (bias) add_bias(w.st.data(), bias + head * K * Kp, K * Kp);
             for (int64_t r = 0; r < Kp; r += L) {
@@ -813,7 +851,7 @@ void block_backward(const T* q, const T* k, const T* v, const T* dout, const T* 
               for (int64_t c = 0; c < K; ++c) store(p + c * Kp, vexp<T>(load(p + c * Kp) - row_lse));
             }
           }
-          transpose_rows(dout_j, row, g, w.dot.data());
+          transpose_rows(dout_j, row, K, Kp, g.D, w.dot.data());
           gemm(vj, row, 1, w.dot.data(), Kp, w.dst.data(), Kp, K, g.D, Kp);  // dP^T = V dO^T
           T* db = dbias_chunk ? dbias_chunk + head * K * Kp : nullptr;
           int64_t col = 0;
@@ -833,11 +871,396 @@ void block_backward(const T* q, const T* k, const T* v, const T* dout, const T* 
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Tiled neighborhood attention (any windows: borders, dilation, stride, causal, rpb). A task takes
+// a tile of up to L queries (t0 x t1 x t2, consecutive in one dilation group of every dimension,
+// one query per vector lane) and the halo of keys that the union of their windows spans, and runs
+// dense GEMMs over tile x halo with the register-blocked kernels above; a per-lane mask built from
+// the window tables keeps each query to its own window (masked pairs: probability exactly zero).
+// For 7x7 windows and 4x4 tiles the halo is 10 x 10 keys, so about half the GEMM work is pairs of
+// the neighborhood; in exchange every product runs in vector registers at GEMM speed instead of as
+// per-query dot products. Logits are kept transposed, keys x query lanes, as in the block kernels.
+//
+// tile = {t0, t1, t2}: queries per tile along each dimension, t0 * t1 * t2 <= L; lane l is query
+// (l0, l1, l2) of the tile in row-major order. The forward runs one task per (b, h, tile); the
+// backward one per (b, h), which owns the dK / dV rows (and the rpb gradient partial) it adds into.
+// ---------------------------------------------------------------------------------------------
+// rows of x at base + pos[c] * stride (D elements) -> dst [n, Dp] times factor; pos < 0: a zero row
+template <typename T>
+inline void gather_rows(const T* x, int64_t base, int64_t stride, const int64_t* pos, int64_t n, int64_t D,
+                        int64_t Dp, T factor, T* __restrict dst) {
+  for (int64_t c = 0; c < n; ++c) {
+    if (pos[c] >= 0)
+      scaled_copy(x + base + pos[c] * stride, dst + c * Dp, D, factor);
+    else
+      std::memset(dst + c * Dp, 0, D * sizeof(T));
+  }
+}
+
+// dst[:n] += src[:n]
+template <typename T>
+inline void add_row(const T* __restrict src, T* __restrict dst, int64_t n) {
+  constexpr int L = Vec<T>::lanes;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) store(dst + i, load(dst + i) + load(src + i));
+  for (; i < n; ++i) dst[i] += src[i];
+}
+
+template <typename T>
+struct TileGeometry {
+  typedef typename Vec<T>::index_scalar index;
+  static constexpr int L = Vec<T>::lanes;
+  Geometry g;
+  int64_t t[3], nh[3], stride[3];  // queries per tile, most halo positions of any tile, position stride
+  // per dimension and tile: first halo position, halo positions
+  std::vector<int64_t> hfirst[3], hcount[3];
+  // per dimension and tile, [L] per lane: its position's share of the query's flat position, of the
+  // rpb index of its first key; all-ones where the lane has no query (partial tile)
+  std::vector<int64_t> position[3];
+  std::vector<index> bias[3], idle[3];
+  // per dimension and tile, [nh, L]: all-ones where the halo position is in the lane's window
+  std::vector<index> window[3];
+  // the dilation groups of the last dimension: their first tile (and one past the last), their
+  // length; per tile of that dimension, its halo's first position in its group
+  std::vector<int64_t> group_tile, group_length, group_offset;
+  int64_t max_group = 1;
+
+  TileGeometry(const int64_t* geom, const int64_t* tables, const int64_t* tile) : g(geom, tables) {
+    for (int i = 0; i < 3; ++i) t[i] = tile[i];
+    stride[2] = 1, stride[1] = g.L[2], stride[0] = g.L[1] * g.L[2];
+    int64_t lane[3][L];  // the lane's query along each dimension, -1 past t0 * t1 * t2
+    for (int l = 0; l < L; ++l) {
+      const bool used = l < t[0] * t[1] * t[2];
+      lane[0][l] = used ? l / (t[1] * t[2]) : -1;
+      lane[1][l] = used ? l / t[2] % t[1] : -1;
+      lane[2][l] = used ? l % t[2] : -1;
+    }
+    for (int i = 0; i < 3; ++i) {
+      const int64_t dil = g.dil[i], length = g.L[i];
+      std::vector<int64_t> first, count;
+      nh[i] = 1;
+      for (int64_t group = 0; group < std::min(dil, length); ++group) {
+        if (i == 2) {
+          group_tile.push_back(static_cast<int64_t>(first.size()));
+          group_length.push_back((length - group + dil - 1) / dil);
+          max_group = std::max(max_group, group_length.back());
+        }
+        for (int64_t x = group; x < length; x += t[i] * dil) {
+          const int64_t n = std::min(t[i], (length - x + dil - 1) / dil);
+          int64_t lo = g.kfirst[i][x], hi = lo;
+          for (int64_t j = 0; j < n; ++j) {
+            const int64_t p = x + j * dil;
+            lo = std::min(lo, g.kfirst[i][p]);
+            hi = std::max(hi, g.kfirst[i][p] + (g.kcount[i][p] - 1) * dil);
+          }
+          first.push_back(x);
+          count.push_back(n);
+          hfirst[i].push_back(lo);
+          hcount[i].push_back((hi - lo) / dil + 1);
+          nh[i] = std::max(nh[i], (hi - lo) / dil + 1);
+          if (i == 2) group_offset.push_back((lo - group) / dil);
+        }
+      }
+      if (i == 2) group_tile.push_back(static_cast<int64_t>(first.size()));
+      const int64_t tiles = static_cast<int64_t>(first.size());
+      position[i].assign(tiles * L, 0);
+      bias[i].assign(tiles * L, 0);
+      idle[i].assign(tiles * L, 0);
+      window[i].assign(tiles * nh[i] * L, -1);
+      for (int64_t a = 0; a < tiles; ++a)
+        for (int l = 0; l < L; ++l) {
+          const int64_t j = lane[i][l];
+          if (j < 0 || j >= count[a]) {
+            idle[i][a * L + l] = -1;
+            continue;
+          }
+          const int64_t x = first[a] + j * dil, lo = (g.kfirst[i][x] - hfirst[i][a]) / dil;
+          const int64_t hi = lo + g.kcount[i][x] - 1;
+          position[i][a * L + l] = x * stride[i];
+          bias[i][a * L + l] = static_cast<index>((g.rfirst[i][x] - lo) * g.rs[i]);
+          for (int64_t u = 0; u < nh[i]; ++u) window[i][(a * nh[i] + u) * L + l] = (lo <= u && u <= hi) ? -1 : 0;
+        }
+    }
+  }
+
+  int64_t tiles(int i) const { return static_cast<int64_t>(hfirst[i].size()); }
+  int64_t tiles() const { return tiles(0) * tiles(1) * tiles(2); }
+  int64_t groups() const { return static_cast<int64_t>(group_length.size()); }
+  int64_t max_keys() const { return nh[0] * nh[1] * nh[2]; }
+  // a panel: the tiles (a0, a1, *) of one dilation group of the last dimension, whose halos all lie
+  // in the panel's keys (the halo of (a0, a1) times the whole group)
+  int64_t panels() const { return tiles(0) * tiles(1) * groups(); }
+  int64_t max_panel_keys() const { return nh[0] * nh[1] * max_group; }
+};
+
+template <typename T>
+struct TileScratch {
+  typedef typename Vec<T>::index_scalar index;
+  static constexpr int L = Vec<T>::lanes;
+  int64_t Dp, n[3];                       // the tile's halo positions per dimension
+  const index* window[3];                 // the tile's rows of TileGeometry::window
+  std::vector<int64_t> qpos, kbias, ppos;  // lane -> query position (-1: idle lane); key -> rpb offset;
+                                          // panel key -> position
+  std::vector<index> lane_bias, idle;     // lane -> rpb index of its first key; all-ones if the lane is idle
+  std::vector<index> mask;                // [keys, L]: all-ones where the pair is in the neighborhood
+  std::vector<T> qr, qt, st, dst, rows, dor, dot, lse, inverse;
+  std::vector<T> kp, vp, dkp, dvp;  // the panel's key and value rows [panel keys, Dp], their gradients
+  std::vector<const T*> krows, vrows;  // the tile's halo keys: their rows in kp, vp
+  std::vector<T*> dkrows, dvrows;      // ... and in dkp, dvp
+
+  TileScratch(const TileGeometry<T>& tg, bool backward)
+      : Dp((tg.g.D + L - 1) / L * L), qpos(L), kbias(tg.max_keys()), ppos(tg.max_panel_keys()), lane_bias(L),
+        idle(L), mask(tg.max_keys() * L), qr(L * Dp), qt(Dp * L), st(tg.max_keys() * L),
+        dst(backward ? tg.max_keys() * L : 0), rows(L * Dp), dor(backward ? L * Dp : 0), dot(backward ? Dp * L : 0),
+        lse(L), inverse(L), kp(tg.max_panel_keys() * Dp), vp(tg.max_panel_keys() * Dp),
+        dkp(backward ? tg.max_panel_keys() * Dp : 0), dvp(backward ? tg.max_panel_keys() * Dp : 0),
+        krows(tg.max_keys()), vrows(tg.max_keys()), dkrows(backward ? tg.max_keys() : 0),
+        dvrows(backward ? tg.max_keys() : 0) {}
+};
+
+// The positions of the keys of panel (a0, a1, group) -> w.ppos, in the panel's row-major order;
+// returns their number.
+template <typename T>
+int64_t panel_setup(const TileGeometry<T>& tg, int64_t a0, int64_t a1, int64_t group, TileScratch<T>& w) {
+  const Geometry& g = tg.g;
+  const int64_t n0 = tg.hcount[0][a0], n1 = tg.hcount[1][a1], n2 = tg.group_length[group];
+  int64_t c = 0;
+  for (int64_t u0 = 0; u0 < n0; ++u0)
+    for (int64_t u1 = 0; u1 < n1; ++u1) {
+      const int64_t row = (tg.hfirst[0][a0] + u0 * g.dil[0]) * tg.stride[0] +
+                          (tg.hfirst[1][a1] + u1 * g.dil[1]) * tg.stride[1] + group;
+      for (int64_t j = 0; j < n2; ++j) w.ppos[c++] = row + j * g.dil[2];
+    }
+  return c;
+}
+
+// the rows of tile a2's halo keys (the tile being set up in w) in the panel's rows: w.krows, w.vrows
+// (and w.dkrows, w.dvrows for the backward)
+template <typename T>
+inline void halo_rows(const TileGeometry<T>& tg, int64_t group, int64_t a2, TileScratch<T>& w) {
+  const int64_t length = tg.group_length[group], offset = tg.group_offset[a2];
+  const bool backward = !w.dkrows.empty();
+  int64_t c = 0;
+  for (int64_t u0 = 0; u0 < w.n[0]; ++u0)
+    for (int64_t u1 = 0; u1 < w.n[1]; ++u1)
+      for (int64_t u2 = 0, at = ((u0 * w.n[1] + u1) * length + offset) * w.Dp; u2 < w.n[2]; ++u2, ++c, at += w.Dp) {
+        w.krows[c] = w.kp.data() + at;
+        w.vrows[c] = w.vp.data() + at;
+        if (backward) {
+          w.dkrows[c] = w.dkp.data() + at;
+          w.dvrows[c] = w.dvp.data() + at;
+        }
+      }
+}
+
+// The tile's queries (lanes) and halo keys; returns the number of halo keys.
+template <typename T>
+int64_t tile_setup(const TileGeometry<T>& tg, int64_t tile, TileScratch<T>& w) {
+  typedef typename Vec<T>::index_type ivec;
+  constexpr int L = Vec<T>::lanes;
+  const Geometry& g = tg.g;
+  const int64_t a[3] = {tile / (tg.tiles(1) * tg.tiles(2)), tile / tg.tiles(2) % tg.tiles(1), tile % tg.tiles(2)};
+  for (int i = 0; i < 3; ++i) {
+    w.n[i] = tg.hcount[i][a[i]];
+    w.window[i] = tg.window[i].data() + a[i] * tg.nh[i] * L;
+  }
+  const ivec idle = load(tg.idle[0].data() + a[0] * L) | load(tg.idle[1].data() + a[1] * L) |
+                    load(tg.idle[2].data() + a[2] * L);
+  store(w.idle.data(), idle);
+  store(w.lane_bias.data(), load(tg.bias[0].data() + a[0] * L) + load(tg.bias[1].data() + a[1] * L) +
+                                load(tg.bias[2].data() + a[2] * L));
+  const int64_t *p0 = tg.position[0].data() + a[0] * L, *p1 = tg.position[1].data() + a[1] * L,
+                *p2 = tg.position[2].data() + a[2] * L;
+  for (int l = 0; l < L; ++l) w.qpos[l] = idle[l] ? -1 : p0[l] + p1[l] + p2[l];
+  int64_t c = 0;
+  for (int64_t u0 = 0; u0 < w.n[0]; ++u0)
+    for (int64_t u1 = 0; u1 < w.n[1]; ++u1) {
+      const int64_t bias = u0 * g.rs[0] + u1 * g.rs[1];
+      for (int64_t u2 = 0; u2 < w.n[2]; ++u2, ++c) w.kbias[c] = bias + u2 * g.rs[2];
+    }
+  return c;
+}
+
+// bias[lane] = table[index[lane]] where mask[lane] is set, else 0
+template <typename T>
+inline typename Vec<T>::type masked_gather(const T* table, typename Vec<T>::index_type index,
+                                           typename Vec<T>::index_type mask) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(T) == 4) {
+    __m512i i, m;
+    std::memcpy(&i, &index, 64);
+    std::memcpy(&m, &mask, 64);
+    const __m512 r = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), _mm512_test_epi32_mask(m, m), i, table, 4);
+    typename Vec<T>::type out;
+    std::memcpy(&out, &r, 64);
+    return out;
+  }
+#endif
+  T out[Vec<T>::lanes];
+  for (int l = 0; l < Vec<T>::lanes; ++l) out[l] = mask[l] ? table[index[l]] : T(0);
+  return load(out);
+}
+
+// The neighborhood mask of every (key, lane) pair -> w.mask (idle lanes keep every key, so that
+// their logits stay finite; their rows are never written), and the rpb (table of this head, or
+// null) added to the logits S^T [nk, L] in place
+template <typename T>
+inline void tile_logits(TileScratch<T>& w, const T* bias) {
+  typedef typename Vec<T>::index_type ivec;
+  constexpr int L = Vec<T>::lanes;
+  const ivec idle = load(w.idle.data()), lane_bias = load(w.lane_bias.data());
+  int64_t c = 0;
+  for (int64_t u0 = 0; u0 < w.n[0]; ++u0)
+    for (int64_t u1 = 0; u1 < w.n[1]; ++u1) {
+      const ivec m01 = load(w.window[0] + u0 * L) & load(w.window[1] + u1 * L);
+      for (int64_t u2 = 0; u2 < w.n[2]; ++u2, ++c) {
+        const ivec m = m01 & load(w.window[2] + u2 * L);
+        store(w.mask.data() + c * L, m | idle);
+        if (bias) {
+          const ivec at = lane_bias + static_cast<typename Vec<T>::index_scalar>(w.kbias[c]);
+          store(w.st.data() + c * L, load(w.st.data() + c * L) + masked_gather<T>(bias, at, m & ~idle));
+        }
+      }
+    }
+}
+
+// softmax of the masked logits down the keys of every lane: exp(S - max) (zero off the
+// neighborhood) in place, 1 / sum -> w.inverse, max + log(sum) -> w.lse
+template <typename T>
+inline void tile_softmax(TileScratch<T>& w, int64_t nk) {
+  typedef typename Vec<T>::type vec;
+  typedef typename Vec<T>::index_type ivec;
+  constexpr int L = Vec<T>::lanes;
+  const vec lowest = vec{} + std::numeric_limits<T>::lowest();
+  vec m = lowest, total = vec{};
+  for (int64_t c = 0; c < nk; ++c) {
+    const vec x = load(w.mask.data() + c * L) ? load(w.st.data() + c * L) : lowest;
+    m = m > x ? m : x;
+  }
+  for (int64_t c = 0; c < nk; ++c) {
+    const ivec keep = load(w.mask.data() + c * L);
+    const vec e = keep ? vexp<T>(load(w.st.data() + c * L) - m) : vec{};
+    store(w.st.data() + c * L, e);
+    total += e;
+  }
+  store(w.inverse.data(), T(1) / total);
+  store(w.lse.data(), m + vlog<T>(total));
+}
+
+template <typename T>
+void tile_forward(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, const TileGeometry<T>& tg,
+                  T scale, int threads) {
+  constexpr int L = Vec<T>::lanes;
+  const Geometry& g = tg.g;
+  const int64_t N = g.tokens(), H = g.H, D = g.D, HD = H * D, panels = tg.panels();
+#pragma omp parallel num_threads(threads)
+  {
+    TileScratch<T> w(tg, false);
+    const int64_t Dp = w.Dp;
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < g.B * H * panels; ++task) {
+      const int64_t panel = task % panels, h = task / panels % H, b = task / (panels * H), base = b * N * HD + h * D;
+      const int64_t group = panel % tg.groups(), a1 = panel / tg.groups() % tg.tiles(1);
+      const int64_t a0 = panel / (tg.groups() * tg.tiles(1));
+      const int64_t np = panel_setup(tg, a0, a1, group, w);
+      gather_rows(k, base, HD, w.ppos.data(), np, D, Dp, T(1), w.kp.data());
+      gather_rows(v, base, HD, w.ppos.data(), np, D, Dp, T(1), w.vp.data());
+      for (int64_t a2 = tg.group_tile[group]; a2 < tg.group_tile[group + 1]; ++a2) {
+        const int64_t nk = tile_setup(tg, (a0 * tg.tiles(1) + a1) * tg.tiles(2) + a2, w);
+        gather_rows(q, base, HD, w.qpos.data(), L, D, Dp, scale, w.qr.data());
+        transpose_rows(w.qr.data(), Dp, int64_t(L), int64_t(L), D, w.qt.data());
+        halo_rows(tg, group, a2, w);
+        gemm_rows<T>(RowTable<const T>{w.krows.data(), 0}, 1, Strided<const T>{w.qt.data(), L},
+                     Strided<T>{w.st.data(), L}, nk, D, L);  // S^T = K Q^T
+        tile_logits(w, rpb ? rpb + h * g.R : nullptr);
+        tile_softmax(w, nk);
+        gemm_rows<T>(Strided<const T>{w.st.data(), 1}, L, RowTable<const T>{w.vrows.data(), 0},
+                     Strided<T>{w.rows.data(), Dp}, L, nk, Dp);  // O = exp(S - max) V
+        for (int l = 0; l < L; ++l)
+          if (w.qpos[l] >= 0) {
+            scaled_copy(w.rows.data() + l * Dp, out + base + w.qpos[l] * HD, D, w.inverse[l]);
+            lse[(b * N + w.qpos[l]) * H + h] = w.lse[l];
+          }
+      }
+    }
+  }
+}
+
+template <typename T>
+void tile_backward(const T* q, const T* k, const T* v, const T* dout, const T* lse, const T* rpb, T* dq, T* dk,
+                   T* dv, T* drpb, const TileGeometry<T>& tg, T scale, int threads) {
+  typedef typename Vec<T>::type vec;
+  constexpr int L = Vec<T>::lanes;
+  const Geometry& g = tg.g;
+  const int64_t N = g.tokens(), H = g.H, D = g.D, HD = H * D;
+#pragma omp parallel num_threads(threads)
+  {
+    TileScratch<T> w(tg, true);
+    const int64_t Dp = w.Dp;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < g.B * H; ++bh) {
+      const int64_t b = bh / H, h = bh % H, base = b * N * HD + h * D;
+      for (int64_t p = 0; p < N; ++p) {
+        scaled_copy(dk + base + p * HD, dk + base + p * HD, D, T(0));
+        scaled_copy(dv + base + p * HD, dv + base + p * HD, D, T(0));
+      }
+      const T* bias = rpb ? rpb + h * g.R : nullptr;
+      T* dbias = drpb ? drpb + bh * g.R : nullptr;
+      for (int64_t panel = 0; panel < tg.panels(); ++panel) {
+        const int64_t group = panel % tg.groups(), a1 = panel / tg.groups() % tg.tiles(1);
+        const int64_t a0 = panel / (tg.groups() * tg.tiles(1));
+        const int64_t np = panel_setup(tg, a0, a1, group, w);
+        gather_rows(k, base, HD, w.ppos.data(), np, D, Dp, T(1), w.kp.data());
+        gather_rows(v, base, HD, w.ppos.data(), np, D, Dp, T(1), w.vp.data());
+        std::fill(w.dkp.begin(), w.dkp.begin() + np * Dp, T(0));
+        std::fill(w.dvp.begin(), w.dvp.begin() + np * Dp, T(0));
+        for (int64_t a2 = tg.group_tile[group]; a2 < tg.group_tile[group + 1]; ++a2) {
+          const int64_t nk = tile_setup(tg, (a0 * tg.tiles(1) + a1) * tg.tiles(2) + a2, w);
+          gather_rows(q, base, HD, w.qpos.data(), L, D, Dp, scale, w.qr.data());
+          transpose_rows(w.qr.data(), Dp, int64_t(L), int64_t(L), D, w.qt.data());
+          gather_rows(dout, base, HD, w.qpos.data(), L, D, Dp, T(1), w.dor.data());
+          transpose_rows(w.dor.data(), Dp, int64_t(L), int64_t(L), D, w.dot.data());
+          halo_rows(tg, group, a2, w);
+          for (int l = 0; l < L; ++l) w.lse[l] = w.qpos[l] >= 0 ? lse[(b * N + w.qpos[l]) * H + h] : T(0);
+          gemm_rows<T>(RowTable<const T>{w.krows.data(), 0}, 1, Strided<const T>{w.qt.data(), L},
+                       Strided<T>{w.st.data(), L}, nk, D, L);  // S^T = K Q^T
+          tile_logits(w, bias);
+          const vec row_lse = load(w.lse.data());
+          for (int64_t c = 0; c < nk; ++c) {  // P^T, zero off the neighborhood
+            const vec p = vexp<T>(load(w.st.data() + c * L) - row_lse);
+            store(w.st.data() + c * L, load(w.mask.data() + c * L) ? p : vec{});
+          }
+          gemm_rows<T>(RowTable<const T>{w.vrows.data(), 0}, 1, Strided<const T>{w.dot.data(), L},
+                       Strided<T>{w.dst.data(), L}, nk, D, L);  // dP^T = V dO^T
+          softmax_gradient<T, 1>(w.st.data(), L, w.dst.data(), nk, L, nullptr);  // dS^T
+          if (dbias)
+            for (int64_t c = 0; c < nk; ++c)
+              for (int l = 0; l < L; ++l)
+                if (w.qpos[l] >= 0 && w.mask[c * L + l]) dbias[w.lane_bias[l] + w.kbias[c]] += w.dst[c * L + l];
+          gemm_rows<T>(Strided<const T>{w.dst.data(), 1}, L, RowTable<const T>{w.krows.data(), 0},
+                       Strided<T>{w.rows.data(), Dp}, L, nk, Dp);  // dQ = dS K
+          for (int l = 0; l < L; ++l)
+            if (w.qpos[l] >= 0) scaled_copy(w.rows.data() + l * Dp, dq + base + w.qpos[l] * HD, D, scale);
+          gemm_rows<T, true>(Strided<const T>{w.dst.data(), L}, 1, Strided<const T>{w.qr.data(), Dp},
+                             RowTable<T>{w.dkrows.data(), 0}, nk, L, Dp);  // dK += dS^T (scale Q)
+          gemm_rows<T, true>(Strided<const T>{w.st.data(), L}, 1, Strided<const T>{w.dor.data(), Dp},
+                             RowTable<T>{w.dvrows.data(), 0}, nk, L, Dp);  // dV += P^T dO
+        }
+        for (int64_t c = 0; c < np; ++c) {
+          add_row(w.dkp.data() + c * Dp, dk + base + w.ppos[c] * HD, D);
+          add_row(w.dvp.data() + c * Dp, dv + base + w.ppos[c] * HD, D);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-int vz_abi_version() { return 3; }
+int vz_abi_version() { return 4; }
 
 int64_t vz_block_bias_chunks() { return kBiasChunks; }
 
@@ -889,6 +1312,30 @@ void vz_na_backward_f64(const double* q, const double* k, const double* v, const
                         const double* lse, const double* rpb, double* dq, double* dk, double* dv, double* drpb,
                         const int64_t* geom, const int64_t* tables, double scale, int threads) {
   backward_dispatch<double>(q, k, v, out, dout, lse, rpb, dq, dk, dv, drpb, geom, tables, scale, threads);
+}
+
+void vz_tile_forward_f32(const float* q, const float* k, const float* v, const float* rpb, float* out, float* lse,
+                         const int64_t* geom, const int64_t* tables, const int64_t* tile, double scale, int threads) {
+  tile_forward<float>(q, k, v, rpb, out, lse, TileGeometry<float>(geom, tables, tile), float(scale), threads);
+}
+
+void vz_tile_forward_f64(const double* q, const double* k, const double* v, const double* rpb, double* out,
+                         double* lse, const int64_t* geom, const int64_t* tables, const int64_t* tile, double scale,
+                         int threads) {
+  tile_forward<double>(q, k, v, rpb, out, lse, TileGeometry<double>(geom, tables, tile), scale, threads);
+}
+
+void vz_tile_backward_f32(const float* q, const float* k, const float* v, const float* dout, const float* lse,
+                          const float* rpb, float* dq, float* dk, float* dv, float* drpb, const int64_t* geom,
+                          const int64_t* tables, const int64_t* tile, double scale, int threads) {
+  tile_backward<float>(q, k, v, dout, lse, rpb, dq, dk, dv, drpb, TileGeometry<float>(geom, tables, tile), float(scale),
+                       threads);
+}
+
+void vz_tile_backward_f64(const double* q, const double* k, const double* v, const double* dout, const double* lse,
+                          const double* rpb, double* dq, double* dk, double* dv, double* drpb, const int64_t* geom,
+                          const int64_t* tables, const int64_t* tile, double scale, int threads) {
+  tile_backward<double>(q, k, v, dout, lse, rpb, dq, dk, dv, drpb, TileGeometry<double>(geom, tables, tile), scale, threads);
 }
 
 }  // extern "C"
