@@ -103,12 +103,10 @@ def _bind(path: Path) -> ctypes.CDLL:
         raise RuntimeError(f"{path} has ABI {lib.vz_abi_version()}, expected {ABI_VERSION}")
     p, i, d = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
     for suffix in ("f32", "f64"):
-        getattr(lib, f"vz_na_forward_{suffix}").argtypes = [p] * 8 + [d, i]
+        getattr(lib, f"vz_na_forward_{suffix}").argtypes = [p] * 9 + [d, i]
         getattr(lib, f"vz_na_backward_{suffix}").argtypes = [p] * 13 + [d, i]
         getattr(lib, f"vz_block_forward_{suffix}").argtypes = [p] * 9 + [d, i]
         getattr(lib, f"vz_block_backward_{suffix}").argtypes = [p] * 13 + [d, i]
-        getattr(lib, f"vz_tile_forward_{suffix}").argtypes = [p] * 9 + [d, i]
-        getattr(lib, f"vz_tile_backward_{suffix}").argtypes = [p] * 13 + [d, i]
     lib.vz_block_bias_chunks.restype = ctypes.c_int64
     return lib
 
@@ -254,7 +252,7 @@ def na_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float)
     lse = torch.empty(q.shape[:-1], dtype=dtype)
     geom, tables = _geometry(q, params, bias)
     tile = _tile_shape(tuple(q.shape[1:-2]), params, _lanes(dtype))
-    getattr(lib, f"vz_tile_forward_{_suffix(dtype)}")(
+    getattr(lib, f"vz_na_forward_{_suffix(dtype)}")(
         _ptr(q), _ptr(k), _ptr(v), _ptr(bias), _ptr(out), _ptr(lse), _ptr(geom), _ptr(tables), _ptr(tile), scale,
         torch.get_num_threads(),
     )
@@ -272,7 +270,7 @@ def na_backward(grad_out, query, key, value, out, lse, rpb, params: Neighborhood
     d_bias = None if rpb is None else torch.zeros(q.shape[0] * q.shape[-2], rpb[0].numel(), dtype=dtype)
     geom, tables = _geometry(q, params, bias)
     tile = _tile_shape(tuple(q.shape[1:-2]), params, _lanes(dtype))
-    getattr(lib, f"vz_tile_backward_{_suffix(dtype)}")(
+    getattr(lib, f"vz_na_backward_{_suffix(dtype)}")(
         _ptr(q), _ptr(k), _ptr(v), _ptr(do), _ptr(row_lse), _ptr(bias), _ptr(d_query), _ptr(d_key), _ptr(d_value),
         _ptr(d_bias), _ptr(geom), _ptr(tables), _ptr(tile), scale, torch.get_num_threads(),
     )

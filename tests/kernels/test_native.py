@@ -1,4 +1,7 @@
-"""The native C++ CPU kernel: vector head dims, threading, build cache, and how "cpu" dispatches."""
+"""The native C++ CPU kernel: vector head dims, tile shapes, threading, build cache, and how "cpu"
+dispatches."""
+import math
+
 import pytest
 import torch
 
@@ -16,8 +19,8 @@ def _inputs(shape, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("head_dim", [16, 24, 32, 64, 128])
 def test_head_dims_against_reference(head_dim, dtype):
-    """Head dims that fill whole vectors take the vectorized code, others the scalar loops; both with
-    an odd size, non-dividing dilation, a causal axis and rpb, forward and backward."""
+    """Head dims that fill whole vectors, and ones padded to them (24), with an odd size,
+    non-dividing dilation, a causal axis and rpb, forward and backward."""
     q, k, v = _inputs((2, 11, 9, 2, head_dim), dtype)
     rpb = torch.randn(2, 5, 7, dtype=dtype, requires_grad=True)
     params = make_params(2, (3, 4), 1, (3, 2), (False, True))
@@ -41,6 +44,55 @@ def test_more_keys_than_one_vector_and_3d_stride():
     grad = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, [q, k, v], grad), torch.autograd.grad(expected, [q, k, v], grad)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spatial, tile", [
+    ((13, 11), (1, 4, 4)), ((13, 11), (1, 1, 16)), ((13, 11), (1, 16, 1)), ((13, 11), (1, 2, 8)),
+    ((13, 11), (1, 1, 1)), ((13, 11), (1, 3, 5)),
+    ((5, 6, 7), (2, 2, 4)), ((5, 6, 7), (4, 4, 1)), ((5, 6, 7), (1, 1, 3)), ((5, 6, 7), (8, 1, 2)),
+])
+def test_window_kernel_is_exact_for_any_tile_shape(spatial, tile, monkeypatch):
+    """The window kernel's result does not depend on the tile shape it runs: full and partial tiles,
+    tiles longer than a dilation group, one query per tile, tiles that leave lanes idle; over dilation
+    groups of unequal lengths, with a causal axis, and rpb (2D) or stride (3D), forward and
+    backward."""
+    monkeypatch.setattr(native, "_tile_shape", lambda *args: torch.tensor(tile))
+    if len(spatial) == 2:
+        kernel, stride, dilation, causal = (5, 3), (2, 1), (2, 3), (False, True)
+    else:
+        kernel, stride, dilation, causal = (3, 3, 5), (1, 2, 1), (1, 2, 1), (True, False, False)
+    # float64 (8 lanes) where the tile fits its vectors, so that any pair masked wrongly shows
+    dtype = torch.float64 if math.prod(tile) <= 8 else torch.float32
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    q, k, v = _inputs((2, *spatial, 2, 8), dtype)
+    rpb = None  # rpb is defined for stride 1 only: the 2D case drops the stride instead
+    if len(spatial) == 2:
+        stride = 1
+        rpb = torch.randn(2, *(2 * n - 1 for n in kernel), dtype=dtype, requires_grad=True)
+    params = make_params(len(spatial), kernel, stride, dilation, causal)
+    expected = neighborhood_attention_reference(q, k, v, params, 0.3, rpb)
+    op = na2d if len(spatial) == 2 else na3d
+    out = op(q, k, v, kernel, stride=stride, dilation=dilation, is_causal=causal, scale=0.3, rpb=rpb,
+             backend="native")
+    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+    grad = torch.randn_like(out)
+    inputs = [q, k, v] + ([rpb] if rpb is not None else [])
+    for got, want in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(got, want, rtol=tolerance * 10, atol=tolerance * 10)
+
+
+def test_tile_shape_choice():
+    """The window kernel's tiles: the shape of at most one vector of queries with the least GEMM work
+    over tile x halo (4x4 queries and 10x10 keys for 7x7 windows); never taller than a dimension
+    needs."""
+    assert native._tile_shape((56, 56), make_params(2, 7, 1, 1, False), 16).tolist() == [1, 4, 4]
+    assert native._tile_shape((100,), make_params(1, 7, 1, 1, False), 16).tolist() == [1, 1, 16]
+    assert native._tile_shape((56, 56), make_params(2, 7, 1, 1, False), 8).tolist() == [1, 2, 4]
+    for spatial, kernel in (((3, 40), 3), ((8, 16, 16), (3, 5, 5)), ((1, 9), (1, 3))):
+        tile = native._tile_shape(spatial, make_params(len(spatial), kernel, 1, 1, False), 16).tolist()
+        assert math.prod(tile) <= 16
+        padded = [1] * (3 - len(spatial)) + list(spatial)
+        assert all(t == 1 or t // 2 < n for t, n in zip(tile, padded))
 
 
 @pytest.mark.parametrize("backend, batch, spatial", [("native", 3, (15, 17)), ("blocked", 1, (14, 14)),
