@@ -651,12 +651,17 @@ struct TileGeometry {
   std::vector<index> bias[3], idle[3];
   // per dimension and tile, [nh, L]: all-ones where the halo position is in the lane's window
   std::vector<index> window[3];
-  // the dilation groups of the last dimension: their first tile (and one past the last), their
-  // length; per tile of that dimension, its halo's first position in its group
-  std::vector<int64_t> group_tile, group_length, group_offset;
-  int64_t max_group = 1;
+  // Panels: per dimension, segments of tiles whose halos a panel's keys cover: one per dilation group
+  // (the whole group) in the last dimension, and in the others when whole_groups, else one per tile
+  // (its halo). Per segment: its first key position and key count, its tiles [tile, next one's);
+  // per tile, the offset of its halo in its segment's keys. With whole groups the panels' keys are
+  // disjoint and cover every position.
+  std::vector<int64_t> segment_first[3], segment_count[3], segment_tile[3], offset[3];
+  int64_t max_segment[3];
+  bool whole_groups;
 
-  TileGeometry(const int64_t* geom, const int64_t* tables, const int64_t* tile) : g(geom, tables) {
+  TileGeometry(const int64_t* geom, const int64_t* tables, const int64_t* tile, bool whole)
+      : g(geom, tables), whole_groups(whole) {
     for (int i = 0; i < 3; ++i) t[i] = tile[i];
     stride[2] = 1, stride[1] = g.L[2], stride[0] = g.L[1] * g.L[2];
     int64_t lane[3][L];  // the lane's query along each dimension, -1 past t0 * t1 * t2
@@ -670,11 +675,14 @@ struct TileGeometry {
       const int64_t dil = g.dil[i], length = g.L[i];
       std::vector<int64_t> first, count;
       nh[i] = 1;
+      const bool by_group = whole || i == 2;
+      max_segment[i] = 1;
       for (int64_t group = 0; group < std::min(dil, length); ++group) {
-        if (i == 2) {
-          group_tile.push_back(static_cast<int64_t>(first.size()));
-          group_length.push_back((length - group + dil - 1) / dil);
-          max_group = std::max(max_group, group_length.back());
+        if (by_group) {
+          segment_tile[i].push_back(static_cast<int64_t>(first.size()));
+          segment_first[i].push_back(group);
+          segment_count[i].push_back((length - group + dil - 1) / dil);
+          max_segment[i] = std::max(max_segment[i], segment_count[i].back());
         }
         for (int64_t x = group; x < length; x += t[i] * dil) {
           const int64_t n = std::min(t[i], (length - x + dil - 1) / dil);
@@ -689,10 +697,18 @@ struct TileGeometry {
           hfirst[i].push_back(lo);
           hcount[i].push_back((hi - lo) / dil + 1);
           nh[i] = std::max(nh[i], (hi - lo) / dil + 1);
-          if (i == 2) group_offset.push_back((lo - group) / dil);
+          if (by_group) {
+            offset[i].push_back((lo - group) / dil);
+          } else {
+            segment_tile[i].push_back(static_cast<int64_t>(first.size()) - 1);
+            segment_first[i].push_back(lo);
+            segment_count[i].push_back((hi - lo) / dil + 1);
+            max_segment[i] = std::max(max_segment[i], segment_count[i].back());
+            offset[i].push_back(0);
+          }
         }
       }
-      if (i == 2) group_tile.push_back(static_cast<int64_t>(first.size()));
+      segment_tile[i].push_back(static_cast<int64_t>(first.size()));
       const int64_t tiles = static_cast<int64_t>(first.size());
       position[i].assign(tiles * L, 0);
       bias[i].assign(tiles * L, 0);
@@ -716,12 +732,11 @@ struct TileGeometry {
 
   int64_t tiles(int i) const { return static_cast<int64_t>(hfirst[i].size()); }
   int64_t tiles() const { return tiles(0) * tiles(1) * tiles(2); }
-  int64_t groups() const { return static_cast<int64_t>(group_length.size()); }
   int64_t max_keys() const { return nh[0] * nh[1] * nh[2]; }
-  // a panel: the tiles (a0, a1, *) of one dilation group of the last dimension, whose halos all lie
-  // in the panel's keys (the halo of (a0, a1) times the whole group)
-  int64_t panels() const { return tiles(0) * tiles(1) * groups(); }
-  int64_t max_panel_keys() const { return nh[0] * nh[1] * max_group; }
+  int64_t segments(int i) const { return static_cast<int64_t>(segment_first[i].size()); }
+  // a panel: the tiles of one segment per dimension, whose halos all lie in the panel's keys
+  int64_t panels() const { return segments(0) * segments(1) * segments(2); }
+  int64_t max_panel_keys() const { return max_segment[0] * max_segment[1] * max_segment[2]; }
 };
 
 template <typename T>
@@ -729,6 +744,7 @@ struct TileScratch {
   typedef typename Vec<T>::index_scalar index;
   static constexpr int L = Vec<T>::lanes;
   int64_t Dp, n[3];                       // the tile's halo positions per dimension
+  int64_t segment[3], pn[3];              // the panel's segments, their key counts
   const index* window[3];                 // the tile's rows of TileGeometry::window
   std::vector<int64_t> qpos, kbias, ppos;  // lane -> query position (-1: idle lane); key -> rpb offset;
                                           // panel key -> position
@@ -749,32 +765,39 @@ struct TileScratch {
         dvrows(backward ? tg.max_keys() : 0) {}
 };
 
-// The positions of the keys of panel (a0, a1, group) -> w.ppos, in the panel's row-major order;
-// returns their number.
+// The segments of panel `panel` -> w.segment, their key counts -> w.pn, and the positions of its
+// keys -> w.ppos, in row-major order; returns their number.
 template <typename T>
-int64_t panel_setup(const TileGeometry<T>& tg, int64_t a0, int64_t a1, int64_t group, TileScratch<T>& w) {
+int64_t panel_setup(const TileGeometry<T>& tg, int64_t panel, TileScratch<T>& w) {
   const Geometry& g = tg.g;
-  const int64_t n0 = tg.hcount[0][a0], n1 = tg.hcount[1][a1], n2 = tg.group_length[group];
+  w.segment[2] = panel % tg.segments(2);
+  w.segment[1] = panel / tg.segments(2) % tg.segments(1);
+  w.segment[0] = panel / (tg.segments(1) * tg.segments(2));
+  int64_t first[3];
+  for (int i = 0; i < 3; ++i) {
+    w.pn[i] = tg.segment_count[i][w.segment[i]];
+    first[i] = tg.segment_first[i][w.segment[i]];
+  }
   int64_t c = 0;
-  for (int64_t u0 = 0; u0 < n0; ++u0)
-    for (int64_t u1 = 0; u1 < n1; ++u1) {
-      const int64_t row = (tg.hfirst[0][a0] + u0 * g.dil[0]) * tg.stride[0] +
-                          (tg.hfirst[1][a1] + u1 * g.dil[1]) * tg.stride[1] + group;
-      for (int64_t j = 0; j < n2; ++j) w.ppos[c++] = row + j * g.dil[2];
+  for (int64_t u0 = 0; u0 < w.pn[0]; ++u0)
+    for (int64_t u1 = 0; u1 < w.pn[1]; ++u1) {
+      const int64_t row = (first[0] + u0 * g.dil[0]) * tg.stride[0] + (first[1] + u1 * g.dil[1]) * tg.stride[1] + first[2];
+      for (int64_t j = 0; j < w.pn[2]; ++j) w.ppos[c++] = row + j * g.dil[2];
     }
   return c;
 }
 
-// the rows of tile a2's halo keys (the tile being set up in w) in the panel's rows: w.krows, w.vrows
-// (and w.dkrows, w.dvrows for the backward)
+// the rows of tile (a0, a1, a2)'s halo keys (the tile being set up in w, in the panel set up in w)
+// in the panel's rows: w.krows, w.vrows (and w.dkrows, w.dvrows for the backward)
 template <typename T>
-inline void halo_rows(const TileGeometry<T>& tg, int64_t group, int64_t a2, TileScratch<T>& w) {
-  const int64_t length = tg.group_length[group], offset = tg.group_offset[a2];
+inline void halo_rows(const TileGeometry<T>& tg, const int64_t* a, TileScratch<T>& w) {
+  const int64_t o0 = tg.offset[0][a[0]], o1 = tg.offset[1][a[1]], o2 = tg.offset[2][a[2]];
   const bool backward = !w.dkrows.empty();
   int64_t c = 0;
   for (int64_t u0 = 0; u0 < w.n[0]; ++u0)
     for (int64_t u1 = 0; u1 < w.n[1]; ++u1)
-      for (int64_t u2 = 0, at = ((u0 * w.n[1] + u1) * length + offset) * w.Dp; u2 < w.n[2]; ++u2, ++c, at += w.Dp) {
+      for (int64_t u2 = 0, at = (((u0 + o0) * w.pn[1] + u1 + o1) * w.pn[2] + o2) * w.Dp; u2 < w.n[2];
+           ++u2, ++c, at += w.Dp) {
         w.krows[c] = w.kp.data() + at;
         w.vrows[c] = w.vp.data() + at;
         if (backward) {
@@ -786,11 +809,10 @@ inline void halo_rows(const TileGeometry<T>& tg, int64_t group, int64_t a2, Tile
 
 // The tile's queries (lanes) and halo keys; returns the number of halo keys.
 template <typename T>
-int64_t tile_setup(const TileGeometry<T>& tg, int64_t tile, TileScratch<T>& w) {
+int64_t tile_setup(const TileGeometry<T>& tg, const int64_t* a, TileScratch<T>& w) {
   typedef typename Vec<T>::index_type ivec;
   constexpr int L = Vec<T>::lanes;
   const Geometry& g = tg.g;
-  const int64_t a[3] = {tile / (tg.tiles(1) * tg.tiles(2)), tile / tg.tiles(2) % tg.tiles(1), tile % tg.tiles(2)};
   for (int i = 0; i < 3; ++i) {
     w.n[i] = tg.hcount[i][a[i]];
     w.window[i] = tg.window[i].data() + a[i] * tg.nh[i] * L;
@@ -810,6 +832,15 @@ int64_t tile_setup(const TileGeometry<T>& tg, int64_t tile, TileScratch<T>& w) {
       for (int64_t u2 = 0; u2 < w.n[2]; ++u2, ++c) w.kbias[c] = bias + u2 * g.rs[2];
     }
   return c;
+}
+
+// dst[:n] = 0
+template <typename T>
+inline void zero_row(T* dst, int64_t n) {
+  constexpr int L = Vec<T>::lanes;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) store(dst + i, typename Vec<T>::type{});
+  for (; i < n; ++i) dst[i] = T(0);
 }
 
 // bias[lane] = table[index[lane]] where mask[lane] is set, else 0
@@ -891,16 +922,17 @@ void tile_forward(const T* q, const T* k, const T* v, const T* rpb, T* out, T* l
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < g.B * H * panels; ++task) {
       const int64_t panel = task % panels, h = task / panels % H, b = task / (panels * H), base = b * N * HD + h * D;
-      const int64_t group = panel % tg.groups(), a1 = panel / tg.groups() % tg.tiles(1);
-      const int64_t a0 = panel / (tg.groups() * tg.tiles(1));
-      const int64_t np = panel_setup(tg, a0, a1, group, w);
+      const int64_t np = panel_setup(tg, panel, w);
       gather_rows(k, base, HD, w.ppos.data(), np, D, Dp, T(1), w.kp.data());
       gather_rows(v, base, HD, w.ppos.data(), np, D, Dp, T(1), w.vp.data());
-      for (int64_t a2 = tg.group_tile[group]; a2 < tg.group_tile[group + 1]; ++a2) {
-        const int64_t nk = tile_setup(tg, (a0 * tg.tiles(1) + a1) * tg.tiles(2) + a2, w);
+      int64_t a[3];
+      for (a[0] = tg.segment_tile[0][w.segment[0]]; a[0] < tg.segment_tile[0][w.segment[0] + 1]; ++a[0])
+      for (a[1] = tg.segment_tile[1][w.segment[1]]; a[1] < tg.segment_tile[1][w.segment[1] + 1]; ++a[1])
+      for (a[2] = tg.segment_tile[2][w.segment[2]]; a[2] < tg.segment_tile[2][w.segment[2] + 1]; ++a[2]) {
+        const int64_t nk = tile_setup(tg, a, w);
         gather_rows(q, base, HD, w.qpos.data(), L, D, Dp, scale, w.qr.data());
         transpose_rows(w.qr.data(), Dp, int64_t(L), int64_t(L), D, w.qt.data());
-        halo_rows(tg, group, a2, w);
+        halo_rows(tg, a, w);
         gemm_rows<T>(RowTable<const T>{w.krows.data(), 0}, 1, Strided<const T>{w.qt.data(), L},
                      Strided<T>{w.st.data(), L}, nk, D, L);  // S^T = K Q^T
         tile_logits(w, rpb ? rpb + h * g.R : nullptr);
@@ -931,27 +963,29 @@ void tile_backward(const T* q, const T* k, const T* v, const T* dout, const T* l
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < g.B * H; ++bh) {
       const int64_t b = bh / H, h = bh % H, base = b * N * HD + h * D;
-      for (int64_t p = 0; p < N; ++p) {
-        scaled_copy(dk + base + p * HD, dk + base + p * HD, D, T(0));
-        scaled_copy(dv + base + p * HD, dv + base + p * HD, D, T(0));
-      }
+      if (!tg.whole_groups)  // panels overlap: their gradients are added up in dk, dv
+        for (int64_t p = 0; p < N; ++p) {
+          zero_row(dk + base + p * HD, D);
+          zero_row(dv + base + p * HD, D);
+        }
       const T* bias = rpb ? rpb + h * g.R : nullptr;
       T* dbias = drpb ? drpb + bh * g.R : nullptr;
       for (int64_t panel = 0; panel < tg.panels(); ++panel) {
-        const int64_t group = panel % tg.groups(), a1 = panel / tg.groups() % tg.tiles(1);
-        const int64_t a0 = panel / (tg.groups() * tg.tiles(1));
-        const int64_t np = panel_setup(tg, a0, a1, group, w);
+        const int64_t np = panel_setup(tg, panel, w);
         gather_rows(k, base, HD, w.ppos.data(), np, D, Dp, T(1), w.kp.data());
         gather_rows(v, base, HD, w.ppos.data(), np, D, Dp, T(1), w.vp.data());
         std::fill(w.dkp.begin(), w.dkp.begin() + np * Dp, T(0));
         std::fill(w.dvp.begin(), w.dvp.begin() + np * Dp, T(0));
-        for (int64_t a2 = tg.group_tile[group]; a2 < tg.group_tile[group + 1]; ++a2) {
-          const int64_t nk = tile_setup(tg, (a0 * tg.tiles(1) + a1) * tg.tiles(2) + a2, w);
+        int64_t a[3];
+        for (a[0] = tg.segment_tile[0][w.segment[0]]; a[0] < tg.segment_tile[0][w.segment[0] + 1]; ++a[0])
+        for (a[1] = tg.segment_tile[1][w.segment[1]]; a[1] < tg.segment_tile[1][w.segment[1] + 1]; ++a[1])
+        for (a[2] = tg.segment_tile[2][w.segment[2]]; a[2] < tg.segment_tile[2][w.segment[2] + 1]; ++a[2]) {
+          const int64_t nk = tile_setup(tg, a, w);
           gather_rows(q, base, HD, w.qpos.data(), L, D, Dp, scale, w.qr.data());
           transpose_rows(w.qr.data(), Dp, int64_t(L), int64_t(L), D, w.qt.data());
           gather_rows(dout, base, HD, w.qpos.data(), L, D, Dp, T(1), w.dor.data());
           transpose_rows(w.dor.data(), Dp, int64_t(L), int64_t(L), D, w.dot.data());
-          halo_rows(tg, group, a2, w);
+          halo_rows(tg, a, w);
           for (int l = 0; l < L; ++l) w.lse[l] = w.qpos[l] >= 0 ? lse[(b * N + w.qpos[l]) * H + h] : T(0);
           gemm_rows<T>(RowTable<const T>{w.krows.data(), 0}, 1, Strided<const T>{w.qt.data(), L},
                        Strided<T>{w.st.data(), L}, nk, D, L);  // S^T = K Q^T
@@ -978,12 +1012,36 @@ void tile_backward(const T* q, const T* k, const T* v, const T* dout, const T* l
                              RowTable<T>{w.dvrows.data(), 0}, nk, L, Dp);  // dV += P^T dO
         }
         for (int64_t c = 0; c < np; ++c) {
-          add_row(w.dkp.data() + c * Dp, dk + base + w.ppos[c] * HD, D);
-          add_row(w.dvp.data() + c * Dp, dv + base + w.ppos[c] * HD, D);
+          if (tg.whole_groups) {  // the only panel with these keys
+            scaled_copy(w.dkp.data() + c * Dp, dk + base + w.ppos[c] * HD, D, T(1));
+            scaled_copy(w.dvp.data() + c * Dp, dv + base + w.ppos[c] * HD, D, T(1));
+          } else {
+            add_row(w.dkp.data() + c * Dp, dk + base + w.ppos[c] * HD, D);
+            add_row(w.dvp.data() + c * Dp, dv + base + w.ppos[c] * HD, D);
+          }
         }
       }
     }
   }
+}
+
+// Panels of whole dilation groups (each key gathered once; in the backward, its gradient written
+// once) where a thread's panel arrays (two in the forward, four in the backward) fit in kPanelBytes
+// and there are at least kTasksPerThread tasks per thread (forward: (b, h, panel); backward:
+// (b, h)); else panels of one row of tiles, whose halos overlap their neighbours'.
+constexpr int64_t kPanelBytes = 4 << 20;
+constexpr int64_t kTasksPerThread = 4;
+
+template <typename T>
+TileGeometry<T> panel_geometry(const int64_t* geom, const int64_t* tables, const int64_t* tile, int arrays,
+                               int threads) {
+  TileGeometry<T> whole(geom, tables, tile, true);
+  const int64_t Dp = (whole.g.D + Vec<T>::lanes - 1) / Vec<T>::lanes * Vec<T>::lanes;
+  const int64_t tasks = whole.g.B * whole.g.H * (arrays == 2 ? whole.panels() : 1);
+  if (arrays * whole.max_panel_keys() * Dp * int64_t(sizeof(T)) <= kPanelBytes &&
+      (arrays == 4 || tasks >= kTasksPerThread * threads))
+    return whole;
+  return TileGeometry<T>(geom, tables, tile, false);
 }
 
 }  // namespace
@@ -1024,26 +1082,29 @@ void vz_block_backward_f64(const double* q, const double* k, const double* v, co
 
 void vz_na_forward_f32(const float* q, const float* k, const float* v, const float* rpb, float* out, float* lse,
                          const int64_t* geom, const int64_t* tables, const int64_t* tile, double scale, int threads) {
-  tile_forward<float>(q, k, v, rpb, out, lse, TileGeometry<float>(geom, tables, tile), float(scale), threads);
+  tile_forward<float>(q, k, v, rpb, out, lse, panel_geometry<float>(geom, tables, tile, 2, threads), float(scale),
+                      threads);
 }
 
 void vz_na_forward_f64(const double* q, const double* k, const double* v, const double* rpb, double* out,
                          double* lse, const int64_t* geom, const int64_t* tables, const int64_t* tile, double scale,
                          int threads) {
-  tile_forward<double>(q, k, v, rpb, out, lse, TileGeometry<double>(geom, tables, tile), scale, threads);
+  tile_forward<double>(q, k, v, rpb, out, lse, panel_geometry<double>(geom, tables, tile, 2, threads), scale,
+                       threads);
 }
 
 void vz_na_backward_f32(const float* q, const float* k, const float* v, const float* dout, const float* lse,
                           const float* rpb, float* dq, float* dk, float* dv, float* drpb, const int64_t* geom,
                           const int64_t* tables, const int64_t* tile, double scale, int threads) {
-  tile_backward<float>(q, k, v, dout, lse, rpb, dq, dk, dv, drpb, TileGeometry<float>(geom, tables, tile), float(scale),
-                       threads);
+  tile_backward<float>(q, k, v, dout, lse, rpb, dq, dk, dv, drpb, panel_geometry<float>(geom, tables, tile, 4, threads),
+                       float(scale), threads);
 }
 
 void vz_na_backward_f64(const double* q, const double* k, const double* v, const double* dout, const double* lse,
                           const double* rpb, double* dq, double* dk, double* dv, double* drpb, const int64_t* geom,
                           const int64_t* tables, const int64_t* tile, double scale, int threads) {
-  tile_backward<double>(q, k, v, dout, lse, rpb, dq, dk, dv, drpb, TileGeometry<double>(geom, tables, tile), scale, threads);
+  tile_backward<double>(q, k, v, dout, lse, rpb, dq, dk, dv, drpb, panel_geometry<double>(geom, tables, tile, 4, threads), scale,
+                        threads);
 }
 
 }  // extern "C"
