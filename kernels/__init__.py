@@ -1,7 +1,8 @@
 """visionzoo.kernels: generalized neighborhood attention (1D/2D/3D) and block-sparse attention.
 
 Backends behind one dispatcher: an exact dense reference, fused C++ kernels for CPU (built on first
-use: one per query window, one per block where the windows are disjoint blocks), a tiled path built
+use: tiles of queries against the halo of keys their windows span, and dense attention per block
+where the windows are disjoint blocks), a tiled path built
 on ATen's fused attention, and fused Triton kernels for GPUs. See :func:`na2d` for the calling
 convention and :mod:`visionzoo.kernels.dispatch` for the backends.
 """

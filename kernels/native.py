@@ -1,14 +1,16 @@
-"""Fused C++ kernels for neighborhood attention on CPU (forward and backward): one that visits each
-query's window (``na_forward`` / ``na_backward``) and one for windows that are disjoint blocks
+"""Fused C++ kernels for neighborhood attention on CPU (forward and backward): a tiled window kernel
+for any neighborhood (``na_forward`` / ``na_backward``) and one for windows that are disjoint blocks
 (``block_forward`` / ``block_backward``, used by :mod:`.blocked`).
 
 The kernel (``csrc/na_cpu.cpp``) is plain C++ with OpenMP and no torch headers, so it builds in a
 few seconds with the system compiler on first use and is cached under
 ``$VISIONZOO_CACHE_DIR`` (default ``~/.cache/visionzoo``), keyed by the source, the compiler and the
-CPU's instruction set. Either kernel computes exactly the attended pairs: the window kernel visits
-each query's own window (no tile halo), the block kernel the dense blocks. If no compiler is found
-or the build fails, :func:`available` returns False with the reason in :func:`unavailable_reason`
-and ``backend="cpu"`` uses the torch-op paths instead; ``VISIONZOO_NATIVE=0`` turns the kernels off.
+CPU's instruction set. The window kernel takes tiles of up to one vector of queries
+(:func:`_tile_shape`: 4x4 for 7x7 windows) and runs register-blocked GEMMs over the halo of keys
+their windows span, masking each query to its own window; the block kernel runs dense attention per
+block. If no compiler is found or the build fails, :func:`available` returns False with the reason
+in :func:`unavailable_reason` and ``backend="cpu"`` uses the torch-op paths instead;
+``VISIONZOO_NATIVE=0`` turns the kernels off.
 
 The index math stays in :mod:`.indexing`: per dimension, this module turns
 :func:`~visionzoo.kernels.indexing.window_bounds` into the tables the kernels walk (first key, key

@@ -1027,8 +1027,9 @@ void tile_backward(const T* q, const T* k, const T* v, const T* dout, const T* l
 
 // Panels of whole dilation groups (each key gathered once; in the backward, its gradient written
 // once) where a thread's panel arrays (two in the forward, four in the backward) fit in kPanelBytes
-// and there are at least kTasksPerThread tasks per thread (forward: (b, h, panel); backward:
-// (b, h)); else panels of one row of tiles, whose halos overlap their neighbours'.
+// and, in the forward, its (b, h, panel) tasks share out evenly among the threads or number at least
+// kTasksPerThread per thread (the backward's tasks are (b, h) either way); else panels of one row of
+// tiles, whose halos overlap their neighbours' (a 3D key is then gathered about six times).
 constexpr int64_t kPanelBytes = 4 << 20;
 constexpr int64_t kTasksPerThread = 4;
 
@@ -1039,7 +1040,7 @@ TileGeometry<T> panel_geometry(const int64_t* geom, const int64_t* tables, const
   const int64_t Dp = (whole.g.D + Vec<T>::lanes - 1) / Vec<T>::lanes * Vec<T>::lanes;
   const int64_t tasks = whole.g.B * whole.g.H * (arrays == 2 ? whole.panels() : 1);
   if (arrays * whole.max_panel_keys() * Dp * int64_t(sizeof(T)) <= kPanelBytes &&
-      (arrays == 4 || tasks >= kTasksPerThread * threads))
+      (arrays == 4 || tasks >= kTasksPerThread * threads || (tasks >= threads && tasks % threads == 0)))
     return whole;
   return TileGeometry<T>(geom, tables, tile, false);
 }

@@ -81,6 +81,22 @@ def test_window_kernel_is_exact_for_any_tile_shape(spatial, tile, monkeypatch):
         torch.testing.assert_close(got, want, rtol=tolerance * 10, atol=tolerance * 10)
 
 
+def test_window_kernel_on_an_input_too_large_for_whole_group_panels():
+    """Past 4 MiB of panel arrays per thread the backward takes panels of one row of tiles, whose key
+    halos overlap, and adds their gradients up: 130x130 in float64 (two groups of 130x65 keys, 4.3 MB),
+    against the tiled path."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 130, 130, 1, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    rpb = torch.randn(1, 5, 5, dtype=torch.float64, requires_grad=True)
+    results = []
+    for backend in ("native", "tiled"):
+        out = na2d(q, k, v, 3, dilation=(1, 2), rpb=rpb, backend=backend)
+        results.append([out, *torch.autograd.grad(out, [q, k, v, rpb], out.detach() + 0.1)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_tile_shape_choice():
     """The window kernel's tiles: the shape of at most one vector of queries with the least GEMM work
     over tile x halo (4x4 queries and 10x10 keys for 7x7 windows); never taller than a dimension
