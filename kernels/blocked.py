@@ -127,8 +127,8 @@ def keeps_probabilities(query_shape, params: NeighborhoodParams) -> bool:
 
 def probabilities_numel(query_shape, params: NeighborhoodParams) -> int:
     """Elements of the probabilities a training forward keeps (either implementation; see
-    :func:`~visionzoo.kernels.native.probabilities_numel`), 0 when it keeps none."""
-    return native.probabilities_numel(query_shape, params) if keeps_probabilities(query_shape, params) else 0
+    :func:`~visionzoo.kernels.native.block_probabilities_numel`), 0 when it keeps none."""
+    return native.block_probabilities_numel(query_shape, params) if keeps_probabilities(query_shape, params) else 0
 
 
 def _native(query: torch.Tensor) -> bool:

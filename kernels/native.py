@@ -37,7 +37,7 @@ from .indexing import disjoint_blocks, window_bounds
 from .reference import compute_dtype
 
 SOURCE = Path(__file__).with_name("csrc") / "na_cpu.cpp"
-ABI_VERSION = 4
+ABI_VERSION = 5
 # -ffast-math at compile time only (vectorized exp); the link step leaves it out so that the library
 # does not pull in crtfastmath.o, which would flush denormals to zero for the whole process.
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
@@ -105,8 +105,8 @@ def _bind(path: Path) -> ctypes.CDLL:
         raise RuntimeError(f"{path} has ABI {lib.vz_abi_version()}, expected {ABI_VERSION}")
     p, i, d = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
     for suffix in ("f32", "f64"):
-        getattr(lib, f"vz_na_forward_{suffix}").argtypes = [p] * 9 + [d, i]
-        getattr(lib, f"vz_na_backward_{suffix}").argtypes = [p] * 13 + [d, i]
+        getattr(lib, f"vz_na_forward_{suffix}").argtypes = [p] * 10 + [d, i]
+        getattr(lib, f"vz_na_backward_{suffix}").argtypes = [p] * 14 + [d, i]
         getattr(lib, f"vz_block_forward_{suffix}").argtypes = [p] * 9 + [d, i]
         getattr(lib, f"vz_block_backward_{suffix}").argtypes = [p] * 13 + [d, i]
     lib.vz_block_bias_chunks.restype = ctypes.c_int64
@@ -244,37 +244,68 @@ def _tile_shape(spatial: Tuple[int, ...], params: NeighborhoodParams, lanes: int
     return torch.tensor(best[1], dtype=torch.long)
 
 
-def na_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float):
-    """Fused forward on CPU tensors ``[B, *spatial, H, D]``; returns ``(out, lse [B, *spatial, H])``."""
+SAVES_PROBABILITIES = True  # na_forward / na_backward take and give the saved probabilities
+
+
+def keeps_probabilities(query_shape, params: NeighborhoodParams) -> bool:
+    """Whether a training forward of the window kernel keeps the attention probabilities (then the
+    backward recomputes neither ``Q K^T`` nor the softmax): when a window has at most twice as many
+    keys as the head dim, so that they take at most twice the memory of the query (7x7 windows at head
+    dim 32, as in NAT/DiNAT); the policy of the block kernels (:mod:`.blocked`)."""
+    return math.prod(params.kernel_size) <= 2 * query_shape[-1]
+
+
+def probabilities_numel(query_shape, params: NeighborhoodParams) -> int:
+    """Elements of the probabilities a training forward of the window kernel keeps, 0 when it keeps
+    none (:func:`keeps_probabilities`): room for ``prod(kernel_size)`` keys per query (a polynomial in
+    the shape, so the fake implementation sizes it under dynamic shapes too). The kernel packs the
+    attended pairs of every (batch, head) one after the other; only causal windows near the start
+    hold fewer keys, and leave the end unused."""
+    if not keeps_probabilities(query_shape, params):
+        return 0
+    return query_shape[0] * query_shape[-2] * math.prod(query_shape[1:-2]) * math.prod(params.kernel_size)
+
+
+def na_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float, save_probabilities: bool = False):
+    """Fused forward on CPU tensors ``[B, *spatial, H, D]``; returns ``(out, lse [B, *spatial, H],
+    probabilities)``: with ``save_probabilities`` (and :func:`keeps_probabilities`) the softmax of
+    every attended pair for :func:`na_backward` (:func:`probabilities_numel` elements), else empty."""
     lib = library()
     dtype = compute_dtype(query.dtype)
     q, k, v = (_prepare(x, dtype) for x in (query, key, value))
     bias = None if rpb is None else _prepare(rpb, dtype)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=dtype)
+    probs = torch.empty(probabilities_numel(q.shape, params) if save_probabilities else 0, dtype=dtype)
     geom, tables = _geometry(q, params, bias)
     tile = _tile_shape(tuple(q.shape[1:-2]), params, _lanes(dtype))
     getattr(lib, f"vz_na_forward_{_suffix(dtype)}")(
-        _ptr(q), _ptr(k), _ptr(v), _ptr(bias), _ptr(out), _ptr(lse), _ptr(geom), _ptr(tables), _ptr(tile), scale,
-        torch.get_num_threads(),
+        _ptr(q), _ptr(k), _ptr(v), _ptr(bias), _ptr(out), _ptr(lse), _ptr(probs) if probs.numel() else None,
+        _ptr(geom), _ptr(tables), _ptr(tile), scale, torch.get_num_threads(),
     )
-    return out.to(query.dtype), lse
+    return out.to(query.dtype), lse, probs
 
 
-def na_backward(grad_out, query, key, value, out, lse, rpb, params: NeighborhoodParams, scale: float):
-    """Fused backward from the saved ``lse``; returns ``(d_query, d_key, d_value, d_rpb or None)``."""
+def na_backward(grad_out, query, key, value, out, lse, probs, rpb, params: NeighborhoodParams, scale: float):
+    """Fused backward from the probabilities saved by :func:`na_forward`, or (when empty) from the
+    saved ``lse``; returns ``(d_query, d_key, d_value, d_rpb or None)``."""
     lib = library()
     dtype = compute_dtype(query.dtype)
     q, k, v, do = (_prepare(x, dtype) for x in (query, key, value, grad_out))
     row_lse = _prepare(lse, dtype)
     bias = None if rpb is None else _prepare(rpb, dtype)
+    saved = probs is not None and probs.numel() > 0
+    if saved and (probs.dtype != dtype or probs.numel() != probabilities_numel(q.shape, params)):
+        raise ValueError(f"na_backward: probs of {probs.numel()} {probs.dtype} elements do not belong to query "
+                         f"{list(q.shape)} {dtype}")
     d_query, d_key, d_value = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     d_bias = None if rpb is None else torch.zeros(q.shape[0] * q.shape[-2], rpb[0].numel(), dtype=dtype)
     geom, tables = _geometry(q, params, bias)
     tile = _tile_shape(tuple(q.shape[1:-2]), params, _lanes(dtype))
     getattr(lib, f"vz_na_backward_{_suffix(dtype)}")(
-        _ptr(q), _ptr(k), _ptr(v), _ptr(do), _ptr(row_lse), _ptr(bias), _ptr(d_query), _ptr(d_key), _ptr(d_value),
-        _ptr(d_bias), _ptr(geom), _ptr(tables), _ptr(tile), scale, torch.get_num_threads(),
+        _ptr(q), _ptr(k), _ptr(v), _ptr(do), _ptr(row_lse), _ptr(bias), _ptr(probs) if saved else None,
+        _ptr(d_query), _ptr(d_key), _ptr(d_value), _ptr(d_bias), _ptr(geom), _ptr(tables), _ptr(tile), scale,
+        torch.get_num_threads(),
     )
     d_rpb = None if rpb is None else d_bias.view(q.shape[0], -1, d_bias.shape[-1]).sum(0).reshape(rpb.shape).to(rpb.dtype)
     return d_query.to(query.dtype), d_key.to(key.dtype), d_value.to(value.dtype), d_rpb
@@ -354,7 +385,7 @@ def _lanes(dtype: torch.dtype) -> int:
 PROBABILITIES_SLACK = 16  # the lanes of a float32 vector: >= those of any dtype, and a multiple of them
 
 
-def probabilities_numel(query_shape, params: NeighborhoodParams) -> int:
+def block_probabilities_numel(query_shape, params: NeighborhoodParams) -> int:
     """Elements of the attention probabilities that :func:`block_forward` saves for ``query_shape``:
     per block ``K * K`` rounded up to whole vectors, plus one vector of slack (see ``csrc/na_cpu.cpp``)."""
     tokens = math.prod(params.kernel_size)
@@ -365,7 +396,7 @@ def probabilities_numel(query_shape, params: NeighborhoodParams) -> int:
 def block_forward(query, key, value, bias, params: NeighborhoodParams, scale: float, save_probabilities: bool = False):
     """Blocked forward on CPU tensors ``[B, *spatial, H, D]`` with an optional logit bias ``[H, K, K]``
     (``K = prod(kernel_size)``); returns ``(out, lse [B, *spatial, H], probabilities)``. With
-    ``save_probabilities`` the last is the softmax of every block (flat, ``probabilities_numel``
+    ``save_probabilities`` the last is the softmax of every block (flat, ``block_probabilities_numel``
     elements, for :func:`block_backward`), else it is empty."""
     lib = library()
     dtype = compute_dtype(query.dtype)
@@ -373,7 +404,7 @@ def block_forward(query, key, value, bias, params: NeighborhoodParams, scale: fl
     geom, tables, kernel_bias = _block_call(q, params, bias, dtype)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=dtype)
-    probs = torch.empty(probabilities_numel(q.shape, params) if save_probabilities else 0, dtype=dtype)
+    probs = torch.empty(block_probabilities_numel(q.shape, params) if save_probabilities else 0, dtype=dtype)
     probs[probs.numel() - PROBABILITIES_SLACK:] = 0  # the slack the backward's vector loads reach into
     getattr(lib, f"vz_block_forward_{_suffix(dtype)}")(
         _ptr(q), _ptr(k), _ptr(v), _ptr(kernel_bias), _ptr(out), _ptr(lse), _ptr(probs if save_probabilities else None),
@@ -391,7 +422,7 @@ def block_backward(grad_out, query, key, value, lse, probs, bias, params: Neighb
     q, k, v, do = (_prepare(x, dtype) for x in (query, key, value, grad_out))
     geom, tables, kernel_bias = _block_call(q, params, bias, dtype)
     saved = probs is not None and probs.numel() > 0
-    if saved and (probs.dtype != dtype or probs.numel() != probabilities_numel(q.shape, params)):
+    if saved and (probs.dtype != dtype or probs.numel() != block_probabilities_numel(q.shape, params)):
         raise ValueError(f"block_backward: probs of {probs.numel()} {probs.dtype} elements do not belong to query "
                          f"{list(q.shape)} {dtype}")
     d_query, d_key, d_value = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

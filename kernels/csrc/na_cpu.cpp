@@ -12,6 +12,8 @@
 // geom = {B, L0, L1, L2, H, D, dil0, dil1, dil2, rs0, rs1, rs2, R, has_rpb, max_keys}
 // tables = {kfirst[L0 + L1 + L2], kcount[L0 + L1 + L2], rfirst[L0 + L1 + L2]}
 // tile = {t0, t1, t2}: queries per tile of the window kernels (native._tile_shape)
+// probs (window kernels; null: none kept): [B * H * N * max_keys], the attention probabilities of the
+//       attended pairs of every (b, h) packed one after the other (see TileGeometry::pair_offset)
 //
 // Two families of kernels share the register-blocked GEMM micro-kernels below: the window kernels
 // (vz_na_*: any neighborhood; tiles of queries against the halo of keys their windows span, with a
@@ -659,6 +661,12 @@ struct TileGeometry {
   std::vector<int64_t> segment_first[3], segment_count[3], segment_tile[3], offset[3];
   int64_t max_segment[3];
   bool whole_groups;
+  // Saved probabilities: per dimension and tile, the keys of its queries' windows along that
+  // dimension (summed over its queries) and the sum over the tiles before it; per dimension, the sum
+  // over all tiles. A tile's (query, key) pairs number the product over dimensions, and the pairs
+  // of one (b, h) the product of the sums.
+  std::vector<int64_t> pairs[3], pairs_before[3];
+  int64_t pairs_total[3];
 
   TileGeometry(const int64_t* geom, const int64_t* tables, const int64_t* tile, bool whole)
       : g(geom, tables), whole_groups(whole) {
@@ -692,6 +700,10 @@ struct TileGeometry {
             lo = std::min(lo, g.kfirst[i][p]);
             hi = std::max(hi, g.kfirst[i][p] + (g.kcount[i][p] - 1) * dil);
           }
+          int64_t keys = 0;
+          for (int64_t j = 0; j < n; ++j) keys += g.kcount[i][x + j * dil];
+          pairs_before[i].push_back(pairs[i].empty() ? 0 : pairs_before[i].back() + pairs[i].back());
+          pairs[i].push_back(keys);
           first.push_back(x);
           count.push_back(n);
           hfirst[i].push_back(lo);
@@ -709,6 +721,7 @@ struct TileGeometry {
         }
       }
       segment_tile[i].push_back(static_cast<int64_t>(first.size()));
+      pairs_total[i] = pairs_before[i].back() + pairs[i].back();
       const int64_t tiles = static_cast<int64_t>(first.size());
       position[i].assign(tiles * L, 0);
       bias[i].assign(tiles * L, 0);
@@ -734,6 +747,12 @@ struct TileGeometry {
   int64_t tiles() const { return tiles(0) * tiles(1) * tiles(2); }
   int64_t max_keys() const { return nh[0] * nh[1] * nh[2]; }
   int64_t segments(int i) const { return static_cast<int64_t>(segment_first[i].size()); }
+  // (query, key) pairs of one (b, h), and where tile a's begin among them (tiles in row-major order)
+  int64_t slice_pairs() const { return pairs_total[0] * pairs_total[1] * pairs_total[2]; }
+  int64_t pair_offset(const int64_t* a) const {
+    return pairs_before[0][a[0]] * pairs_total[1] * pairs_total[2] +
+           pairs[0][a[0]] * (pairs_before[1][a[1]] * pairs_total[2] + pairs[1][a[1]] * pairs_before[2][a[2]]);
+  }
   // a panel: the tiles of one segment per dimension, whose halos all lie in the panel's keys
   int64_t panels() const { return segments(0) * segments(1) * segments(2); }
   int64_t max_panel_keys() const { return max_segment[0] * max_segment[1] * max_segment[2]; }
@@ -863,6 +882,62 @@ inline typename Vec<T>::type masked_gather(const T* table, typename Vec<T>::inde
   return load(out);
 }
 
+// The lanes of x where keep is set, packed to the front of dst (nothing written past them); returns
+// their number
+template <typename T>
+inline int64_t pack_lanes(T* dst, typename Vec<T>::type x, typename Vec<T>::index_type keep) {
+#if defined(__AVX512F__)
+  __m512i k;
+  std::memcpy(&k, &keep, 64);
+  if constexpr (sizeof(T) == 4) {
+    __m512 v;
+    std::memcpy(&v, &x, 64);
+    const __mmask16 m = _mm512_test_epi32_mask(k, k);
+    const int n = __builtin_popcount(m);
+    _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << n) - 1), _mm512_maskz_compress_ps(m, v));
+    return n;
+  } else {
+    __m512d v;
+    std::memcpy(&v, &x, 64);
+    const __mmask8 m = _mm512_test_epi64_mask(k, k);
+    const int n = __builtin_popcount(m);
+    _mm512_mask_storeu_pd(dst, static_cast<__mmask8>((1u << n) - 1), _mm512_maskz_compress_pd(m, v));
+    return n;
+  }
+#else
+  int64_t n = 0;
+  for (int l = 0; l < Vec<T>::lanes; ++l)
+    if (keep[l]) dst[n++] = x[l];
+  return n;
+#endif
+}
+
+// The inverse of pack_lanes: the lanes where keep is set take the next values of src in order, the
+// others zero (nothing read past them); their number -> n
+template <typename T>
+inline typename Vec<T>::type unpack_lanes(const T* src, typename Vec<T>::index_type keep, int64_t& n) {
+  typename Vec<T>::type out;
+#if defined(__AVX512F__)
+  __m512i k;
+  std::memcpy(&k, &keep, 64);
+  if constexpr (sizeof(T) == 4) {
+    const __mmask16 m = _mm512_test_epi32_mask(k, k);
+    n = __builtin_popcount(m);
+    const __m512 v = _mm512_maskz_expand_ps(m, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), src));
+    std::memcpy(&out, &v, 64);
+  } else {
+    const __mmask8 m = _mm512_test_epi64_mask(k, k);
+    n = __builtin_popcount(m);
+    const __m512d v = _mm512_maskz_expand_pd(m, _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), src));
+    std::memcpy(&out, &v, 64);
+  }
+#else
+  n = 0;
+  for (int l = 0; l < Vec<T>::lanes; ++l) out[l] = keep[l] ? src[n++] : T(0);
+#endif
+  return out;
+}
+
 // The neighborhood mask of every (key, lane) pair -> w.mask (idle lanes keep every key, so that
 // their logits stay finite; their rows are never written), and the rpb (table of this head, or
 // null) added to the logits S^T [nk, L] in place
@@ -910,11 +985,15 @@ inline void tile_softmax(TileScratch<T>& w, int64_t nk) {
 }
 
 template <typename T>
-void tile_forward(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, const TileGeometry<T>& tg,
-                  T scale, int threads) {
+void tile_forward(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, T* probs,
+                  const TileGeometry<T>& tg, T scale, int threads) {
+  typedef typename Vec<T>::type vec;
+  typedef typename Vec<T>::index_type ivec;
   constexpr int L = Vec<T>::lanes;
   const Geometry& g = tg.g;
   const int64_t N = g.tokens(), H = g.H, D = g.D, HD = H * D, panels = tg.panels();
+  if (probs)  // room for max_keys keys per query; short (causal) windows leave a tail, zeroed
+    std::fill(probs + g.B * H * tg.slice_pairs(), probs + g.B * H * N * g.max_keys, T(0));
 #pragma omp parallel num_threads(threads)
   {
     TileScratch<T> w(tg, false);
@@ -944,15 +1023,23 @@ void tile_forward(const T* q, const T* k, const T* v, const T* rpb, T* out, T* l
             scaled_copy(w.rows.data() + l * Dp, out + base + w.qpos[l] * HD, D, w.inverse[l]);
             lse[(b * N + w.qpos[l]) * H + h] = w.lse[l];
           }
+        if (probs) {  // P^T = exp(S - max) / sum on the tile's pairs, packed key by key
+          T* dst = probs + (b * H + h) * tg.slice_pairs() + tg.pair_offset(a);
+          const vec inverse = load(w.inverse.data());
+          const ivec busy = ~load(w.idle.data());
+          for (int64_t c = 0; c < nk; ++c)
+            dst += pack_lanes<T>(dst, load(w.st.data() + c * L) * inverse, load(w.mask.data() + c * L) & busy);
+        }
       }
     }
   }
 }
 
 template <typename T>
-void tile_backward(const T* q, const T* k, const T* v, const T* dout, const T* lse, const T* rpb, T* dq, T* dk,
-                   T* dv, T* drpb, const TileGeometry<T>& tg, T scale, int threads) {
+void tile_backward(const T* q, const T* k, const T* v, const T* dout, const T* lse, const T* rpb, const T* probs,
+                   T* dq, T* dk, T* dv, T* drpb, const TileGeometry<T>& tg, T scale, int threads) {
   typedef typename Vec<T>::type vec;
+  typedef typename Vec<T>::index_type ivec;
   constexpr int L = Vec<T>::lanes;
   const Geometry& g = tg.g;
   const int64_t N = g.tokens(), H = g.H, D = g.D, HD = H * D;
@@ -982,18 +1069,26 @@ void tile_backward(const T* q, const T* k, const T* v, const T* dout, const T* l
         for (a[2] = tg.segment_tile[2][w.segment[2]]; a[2] < tg.segment_tile[2][w.segment[2] + 1]; ++a[2]) {
           const int64_t nk = tile_setup(tg, a, w);
           gather_rows(q, base, HD, w.qpos.data(), L, D, Dp, scale, w.qr.data());
-          transpose_rows(w.qr.data(), Dp, int64_t(L), int64_t(L), D, w.qt.data());
           gather_rows(dout, base, HD, w.qpos.data(), L, D, Dp, T(1), w.dor.data());
           transpose_rows(w.dor.data(), Dp, int64_t(L), int64_t(L), D, w.dot.data());
           halo_rows(tg, a, w);
-          for (int l = 0; l < L; ++l) w.lse[l] = w.qpos[l] >= 0 ? lse[(b * N + w.qpos[l]) * H + h] : T(0);
-          gemm_rows<T>(RowTable<const T>{w.krows.data(), 0}, 1, Strided<const T>{w.qt.data(), L},
-                       Strided<T>{w.st.data(), L}, nk, D, L);  // S^T = K Q^T
-          tile_logits(w, bias);
-          const vec row_lse = load(w.lse.data());
-          for (int64_t c = 0; c < nk; ++c) {  // P^T, zero off the neighborhood
-            const vec p = vexp<T>(load(w.st.data() + c * L) - row_lse);
-            store(w.st.data() + c * L, load(w.mask.data() + c * L) ? p : vec{});
+          if (probs) {  // P^T saved by the forward
+            tile_logits(w, static_cast<const T*>(nullptr));  // the mask only
+            const T* src = probs + bh * tg.slice_pairs() + tg.pair_offset(a);
+            const ivec busy = ~load(w.idle.data());
+            for (int64_t c = 0, n = 0; c < nk; ++c, src += n)
+              store(w.st.data() + c * L, unpack_lanes<T>(src, load(w.mask.data() + c * L) & busy, n));
+          } else {  // recomputed from S^T = K Q^T and the lse
+            transpose_rows(w.qr.data(), Dp, int64_t(L), int64_t(L), D, w.qt.data());
+            for (int l = 0; l < L; ++l) w.lse[l] = w.qpos[l] >= 0 ? lse[(b * N + w.qpos[l]) * H + h] : T(0);
+            gemm_rows<T>(RowTable<const T>{w.krows.data(), 0}, 1, Strided<const T>{w.qt.data(), L},
+                         Strided<T>{w.st.data(), L}, nk, D, L);
+            tile_logits(w, bias);
+            const vec row_lse = load(w.lse.data());
+            for (int64_t c = 0; c < nk; ++c) {  // P^T, zero off the neighborhood
+              const vec p = vexp<T>(load(w.st.data() + c * L) - row_lse);
+              store(w.st.data() + c * L, load(w.mask.data() + c * L) ? p : vec{});
+            }
           }
           gemm_rows<T>(RowTable<const T>{w.vrows.data(), 0}, 1, Strided<const T>{w.dot.data(), L},
                        Strided<T>{w.dst.data(), L}, nk, D, L);  // dP^T = V dO^T
@@ -1049,7 +1144,7 @@ TileGeometry<T> panel_geometry(const int64_t* geom, const int64_t* tables, const
 
 extern "C" {
 
-int vz_abi_version() { return 4; }
+int vz_abi_version() { return 5; }
 
 int64_t vz_block_bias_chunks() { return kBiasChunks; }
 
@@ -1082,29 +1177,30 @@ void vz_block_backward_f64(const double* q, const double* k, const double* v, co
 }
 
 void vz_na_forward_f32(const float* q, const float* k, const float* v, const float* rpb, float* out, float* lse,
-                         const int64_t* geom, const int64_t* tables, const int64_t* tile, double scale, int threads) {
-  tile_forward<float>(q, k, v, rpb, out, lse, panel_geometry<float>(geom, tables, tile, 2, threads), float(scale),
+                       float* probs, const int64_t* geom, const int64_t* tables, const int64_t* tile, double scale,
+                       int threads) {
+  tile_forward<float>(q, k, v, rpb, out, lse, probs, panel_geometry<float>(geom, tables, tile, 2, threads), float(scale),
                       threads);
 }
 
 void vz_na_forward_f64(const double* q, const double* k, const double* v, const double* rpb, double* out,
-                         double* lse, const int64_t* geom, const int64_t* tables, const int64_t* tile, double scale,
-                         int threads) {
-  tile_forward<double>(q, k, v, rpb, out, lse, panel_geometry<double>(geom, tables, tile, 2, threads), scale,
+                       double* lse, double* probs, const int64_t* geom, const int64_t* tables, const int64_t* tile,
+                       double scale, int threads) {
+  tile_forward<double>(q, k, v, rpb, out, lse, probs, panel_geometry<double>(geom, tables, tile, 2, threads), scale,
                        threads);
 }
 
 void vz_na_backward_f32(const float* q, const float* k, const float* v, const float* dout, const float* lse,
-                          const float* rpb, float* dq, float* dk, float* dv, float* drpb, const int64_t* geom,
-                          const int64_t* tables, const int64_t* tile, double scale, int threads) {
-  tile_backward<float>(q, k, v, dout, lse, rpb, dq, dk, dv, drpb, panel_geometry<float>(geom, tables, tile, 4, threads),
+                        const float* rpb, const float* probs, float* dq, float* dk, float* dv, float* drpb,
+                        const int64_t* geom, const int64_t* tables, const int64_t* tile, double scale, int threads) {
+  tile_backward<float>(q, k, v, dout, lse, rpb, probs, dq, dk, dv, drpb, panel_geometry<float>(geom, tables, tile, 4, threads),
                        float(scale), threads);
 }
 
 void vz_na_backward_f64(const double* q, const double* k, const double* v, const double* dout, const double* lse,
-                          const double* rpb, double* dq, double* dk, double* dv, double* drpb, const int64_t* geom,
-                          const int64_t* tables, const int64_t* tile, double scale, int threads) {
-  tile_backward<double>(q, k, v, dout, lse, rpb, dq, dk, dv, drpb, panel_geometry<double>(geom, tables, tile, 4, threads), scale,
+                        const double* rpb, const double* probs, double* dq, double* dk, double* dv, double* drpb,
+                        const int64_t* geom, const int64_t* tables, const int64_t* tile, double scale, int threads) {
+  tile_backward<double>(q, k, v, dout, lse, rpb, probs, dq, dk, dv, drpb, panel_geometry<double>(geom, tables, tile, 4, threads), scale,
                         threads);
 }
 

@@ -251,13 +251,14 @@ def test_flop_counter_counts_the_custom_ops():
 
     from visionzoo.kernels import block_sparse_attention
 
-    q, k, v = _inputs((9, 10), 2, 8, torch.float32, requires_grad=True)
-    window_matmul = 2 * 2 * 90 * 2 * 8 * 15  # 2 FLOPs x B x tokens x heads x head_dim x window (3x5)
-    with FlopCounterMode(display=False) as counter:
-        na2d(q, k, v, (3, 5), backend="cpu").sum().backward()
-    flops = counter.get_flop_counts()["Global"]
-    assert flops[torch.ops.visionzoo.na_forward] == 2 * window_matmul
-    assert flops[torch.ops.visionzoo.na_backward] == 5 * window_matmul  # Q K^T recomputed
+    for head_dim, backward_matmuls in ((4, 5), (8, 4)):  # native: 15 keys > 2 x 4, Q K^T recomputed; <= 2 x 8, kept
+        q, k, v = _inputs((9, 10), 2, head_dim, torch.float32, requires_grad=True)
+        window_matmul = 2 * 2 * 90 * 2 * head_dim * 15  # 2 FLOPs x B x tokens x heads x head_dim x window (3x5)
+        with FlopCounterMode(display=False) as counter:
+            na2d(q, k, v, (3, 5), backend="cpu").sum().backward()
+        flops = counter.get_flop_counts()["Global"]
+        assert flops[torch.ops.visionzoo.na_forward] == 2 * window_matmul
+        assert flops[torch.ops.visionzoo.na_backward] == backward_matmuls * window_matmul
 
     q, k, v = _inputs((14, 14), 2, 32, torch.float32, requires_grad=True)
     window_matmul = 2 * 2 * 196 * 2 * 32 * 49

@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from visionzoo.kernels import block_sparse_attention, make_params, na2d, na3d, native, resolve_backend
+from visionzoo.kernels import (
+    block_sparse_attention,
+    make_params,
+    na2d,
+    na3d,
+    native,
+    neighborhood_mask,
+    ops,
+    resolve_backend,
+)
 from visionzoo.kernels.reference import neighborhood_attention_reference
 
 CPU = torch.device("cpu")
@@ -95,6 +104,71 @@ def test_window_kernel_on_an_input_too_large_for_whole_group_panels():
         results.append([out, *torch.autograd.grad(out, [q, k, v, rpb], out.detach() + 0.1)])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("spatial, kernel, stride, dilation, causal, rpb", [
+    ((9, 11), (3, 5), (1, 1), (2, 1), (False, True), True),
+    ((5, 6, 7), (3, 3, 3), (1, 2, 1), (1, 2, 1), (True, False, False), False),
+    ((23,), (7,), (1,), (3,), (False,), True),
+])
+def test_window_backward_from_saved_probabilities_matches_recomputed(spatial, kernel, stride, dilation, causal, rpb):
+    """A training forward of the window kernel keeps the probabilities of every attended pair (packed,
+    B x heads x pairs); the backward reads them, or recomputes them from the lse when the forward kept
+    none: the same gradients either way."""
+    params = make_params(len(spatial), kernel, stride, dilation, causal)
+    q, k, v = (t.detach() for t in _inputs((2, *spatial, 2, 16), torch.float32))
+    bias = torch.randn(2, *(2 * n - 1 for n in kernel)) if rpb else None
+    config = (list(kernel), list(stride), list(dilation), list(causal), 0.3, "native")
+    out, lse, saved = ops.na_forward(q, k, v, bias, *config, True)
+    out_plain, _, nothing = ops.na_forward(q, k, v, bias, *config, False)
+    assert saved.numel() == native.probabilities_numel(q.shape, params) > 0
+    assert nothing.numel() == 0
+    pairs = 2 * 2 * int(neighborhood_mask(spatial, params).sum())  # B x heads x attended pairs
+    assert saved.numel() == 2 * 2 * math.prod(spatial) * math.prod(kernel) >= pairs
+    # packed at the front, every (b, h) after the one before: each query's probabilities sum to 1
+    assert bool((saved[:pairs] > 0).all())
+    torch.testing.assert_close(saved[:pairs].sum(), torch.tensor(2.0 * 2 * math.prod(spatial)), rtol=1e-4, atol=0)
+    torch.testing.assert_close(out, out_plain, rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    from_saved = ops.na_backward(grad, q, k, v, out, lse, saved, bias, *config)
+    recomputed = ops.na_backward(grad, q, k, v, out, lse, nothing, bias, *config)
+    for name, got, want in zip(["dq", "dk", "dv", "drpb"], from_saved, recomputed):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_window_gradcheck_fp64_with_kept_probabilities():
+    """3x2 windows at head dim 4 (6 keys <= 2 x 4): the forward keeps the probabilities, the backward
+    reads them; with rpb, dilation and a causal axis."""
+    params = make_params(2, (3, 2), 1, (1, 2), (True, False))
+    q, k, v = _inputs((1, 5, 6, 2, 4), torch.float64)
+    rpb = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    assert native.probabilities_numel(q.shape, params) > 0
+
+    def fn(*args):
+        return na2d(args[0], args[1], args[2], (3, 2), dilation=(1, 2), is_causal=(True, False), rpb=args[3],
+                    backend="native")
+
+    assert torch.autograd.gradcheck(fn, [q, k, v, rpb], eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_custom_op_passes_opcheck_on_native(save):
+    q, k, v = _inputs((2, 6, 7, 2, 8), torch.float32)
+    rpb = torch.randn(2, 5, 5, requires_grad=True)
+    args = (q, k, v, rpb, [3, 3], [1, 1], [2, 1], [False, True], 0.5, "native", save)
+    params = make_params(2, 3, 1, (2, 1), (False, True))
+    assert ops.na_forward(*args)[2].numel() == (native.probabilities_numel(q.shape, params) if save else 0)
+    torch.library.opcheck(torch.ops.visionzoo.na_forward.default, args)
+
+
+def test_window_kernel_keeps_probabilities_only_for_small_windows():
+    """Up to 2 x head_dim keys per window the probabilities take at most twice the query's memory and
+    are kept (NAT / DiNAT: 7x7 at head dim 32); larger windows recompute them."""
+    assert native.keeps_probabilities((2, 56, 56, 2, 32), make_params(2, 7))  # 49 <= 64
+    assert not native.keeps_probabilities((2, 56, 56, 2, 16), make_params(2, 7))  # 49 > 32
+    q, k, v = (t.detach() for t in _inputs((1, 9, 9, 1, 16), torch.float32))
+    out, lse, saved = ops.na_forward(q, k, v, None, [7, 7], [1, 1], [1, 1], [False, False], 0.25, "native", True)
+    assert saved.numel() == 0
 
 
 def test_tile_shape_choice():
