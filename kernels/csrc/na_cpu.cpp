@@ -321,7 +321,6 @@ inline typename Vec<T>::type vlog(typename Vec<T>::type x) {
 // the compiler would otherwise call memmove for every short row)
 template <typename T>
 inline void scaled_copy(const T* __restrict src, T* __restrict dst, int64_t n, T factor) {
-  typedef typename Vec<T>::type vec;
   constexpr int L = Vec<T>::lanes;
   int64_t i = 0;
   for (; i + L <= n; i += L) store(dst + i, load(src + i) * factor);
@@ -431,7 +430,6 @@ inline void stream_fence() {
 
 template <typename T>
 inline void add_bias(T* __restrict x, const T* __restrict bias, int64_t n) {
-  typedef typename Vec<T>::type vec;
   constexpr int L = Vec<T>::lanes;
   for (int64_t i = 0; i < n; i += L) store(x + i, load(x + i) + load(bias + i));
 }
@@ -499,7 +497,6 @@ inline void softmax_gradient(const T* p, int64_t ldp, T* ds, int64_t K, int64_t 
 template <typename T>
 void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T* lse, T* probs,
                    const BlockGeometry& g, T scale, int threads) {
-  typedef typename Vec<T>::type vec;
   constexpr int L = Vec<T>::lanes;
   const int64_t N = g.L[0] * g.L[1] * g.L[2], K = g.K, Kp = g.Kp, Dp = g.Dp, row = g.row;
 #pragma omp parallel num_threads(threads)
@@ -744,7 +741,6 @@ struct TileGeometry {
   }
 
   int64_t tiles(int i) const { return static_cast<int64_t>(hfirst[i].size()); }
-  int64_t tiles() const { return tiles(0) * tiles(1) * tiles(2); }
   int64_t max_keys() const { return nh[0] * nh[1] * nh[2]; }
   int64_t segments(int i) const { return static_cast<int64_t>(segment_first[i].size()); }
   // (query, key) pairs of one (b, h), and where tile a's begin among them (tiles in row-major order)
