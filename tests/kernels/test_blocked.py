@@ -175,9 +175,16 @@ def test_blocked_backward_from_saved_probabilities_matches_recomputed(case, impl
     q, k, v = (t.detach() for t in _inputs(spatial, heads, head_dim, torch.float32))
     rpb = _rpb(params, heads, torch.float32).detach() if all(s == 1 for s in params.stride) else None
     config = ([*params.kernel_size], [*params.stride], [*params.dilation], [*params.is_causal], 0.3, "blocked")
+    check_saved_probabilities(q, k, v, rpb, config, blocked.probabilities_numel(q.shape, params))
+
+
+def check_saved_probabilities(q, k, v, rpb, config, numel):
+    """The custom ops with and without kept probabilities (``numel`` of them, > 0): the same output,
+    and the same gradients from the backward that reads them as from the one that recomputes them.
+    Returns the kept probabilities."""
     out, lse, saved = ops.na_forward(q, k, v, rpb, *config, True)
-    out_plain, lse_plain, nothing = ops.na_forward(q, k, v, rpb, *config, False)
-    assert saved.numel() == blocked.probabilities_numel(q.shape, params) > 0
+    out_plain, _, nothing = ops.na_forward(q, k, v, rpb, *config, False)
+    assert saved.numel() == numel > 0
     assert nothing.numel() == 0
     torch.testing.assert_close(out, out_plain, rtol=0, atol=0)
     grad = torch.randn_like(out)
@@ -185,6 +192,7 @@ def test_blocked_backward_from_saved_probabilities_matches_recomputed(case, impl
     recomputed = ops.na_backward(grad, q, k, v, out, lse, nothing, rpb, *config)
     for name, got, want in zip(["dq", "dk", "dv", "drpb"], from_saved, recomputed):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    return saved
 
 
 def test_blocked_saves_probabilities_only_for_a_backward(monkeypatch):
