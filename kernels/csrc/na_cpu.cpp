@@ -615,7 +615,8 @@ void block_backward(const T* q, const T* k, const T* v, const T* dout, const T* 
 // (l0, l1, l2) of the tile in row-major order. The forward runs one task per (b, h, tile); the
 // backward one per (b, h), which owns the dK / dV rows (and the rpb gradient partial) it adds into.
 // ---------------------------------------------------------------------------------------------
-// rows of x at base + pos[c] * stride (D elements) -> dst [n, Dp] times factor; pos < 0: a zero row
+// rows of x at base + pos[c] * stride (D elements) -> dst [n, Dp] times factor, pads zeroed; pos < 0:
+// a zero row
 template <typename T>
 inline void gather_rows(const T* x, int64_t base, int64_t stride, const int64_t* pos, int64_t n, int64_t D,
                         int64_t Dp, T factor, T* __restrict dst) {
@@ -624,6 +625,7 @@ inline void gather_rows(const T* x, int64_t base, int64_t stride, const int64_t*
       scaled_copy(x + base + pos[c] * stride, dst + c * Dp, D, factor);
     else
       std::memset(dst + c * Dp, 0, D * sizeof(T));
+    if (Dp > D) std::memset(dst + c * Dp + D, 0, (Dp - D) * sizeof(T));
   }
 }
 
@@ -754,11 +756,13 @@ struct TileGeometry {
   int64_t max_panel_keys() const { return max_segment[0] * max_segment[1] * max_segment[2]; }
 };
 
+constexpr size_t kScratchKeepBytes = size_t(32) << 20;  // per thread, kept from call to call
+
 template <typename T>
 struct TileScratch {
   typedef typename Vec<T>::index_scalar index;
   static constexpr int L = Vec<T>::lanes;
-  int64_t Dp, n[3];                       // the tile's halo positions per dimension
+  int64_t Dp = 0, n[3];                   // the tile's halo positions per dimension
   int64_t segment[3], pn[3];              // the panel's segments, their key counts
   const index* window[3];                 // the tile's rows of TileGeometry::window
   std::vector<int64_t> qpos, kbias, ppos;  // lane -> query position (-1: idle lane); key -> rpb offset;
@@ -770,15 +774,44 @@ struct TileScratch {
   std::vector<const T*> krows, vrows;  // the tile's halo keys: their rows in kp, vp
   std::vector<T*> dkrows, dvrows;      // ... and in dkp, dvp
 
-  TileScratch(const TileGeometry<T>& tg, bool backward)
-      : Dp((tg.g.D + L - 1) / L * L), qpos(L), kbias(tg.max_keys()), ppos(tg.max_panel_keys()), lane_bias(L),
-        idle(L), mask(tg.max_keys() * L), qr(L * Dp), qt(Dp * L), st(tg.max_keys() * L),
-        dst(backward ? tg.max_keys() * L : 0), rows(L * Dp), dor(backward ? L * Dp : 0), dot(backward ? Dp * L : 0),
-        lse(L), inverse(L), kp(tg.max_panel_keys() * Dp), vp(tg.max_panel_keys() * Dp),
-        dkp(backward ? tg.max_panel_keys() * Dp : 0), dvp(backward ? tg.max_panel_keys() * Dp : 0),
-        krows(tg.max_keys()), vrows(tg.max_keys()), dkrows(backward ? tg.max_keys() : 0),
-        dvrows(backward ? tg.max_keys() : 0) {}
+  bool backward = false;
+
+  // Sizes every array for a call of geometry tg, growing only: a thread's scratch persists from call
+  // to call (tile_scratch), so a call neither allocates nor clears it. Nothing read is left from an
+  // earlier call: rows are gathered with their pads zeroed, the panel gradients cleared per panel.
+  void prepare(const TileGeometry<T>& tg, bool for_backward) {
+    backward = for_backward;
+    Dp = (tg.g.D + L - 1) / L * L;
+    const size_t keys = tg.max_keys(), panel = tg.max_panel_keys();
+    grow(qpos, L), grow(kbias, keys), grow(ppos, panel), grow(lane_bias, L), grow(idle, L), grow(mask, keys * L);
+    grow(qr, L * Dp), grow(qt, Dp * L), grow(st, keys * L), grow(rows, L * Dp), grow(lse, L), grow(inverse, L);
+    grow(kp, panel * Dp), grow(vp, panel * Dp), grow(krows, keys), grow(vrows, keys);
+    if (backward) {
+      grow(dst, keys * L), grow(dor, L * Dp), grow(dot, Dp * L), grow(dkp, panel * Dp), grow(dvp, panel * Dp);
+      grow(dkrows, keys), grow(dvrows, keys);
+    }
+  }
+
+  // frees the arrays if they hold more than kScratchKeepBytes (one very large call)
+  void trim() {
+    size_t bytes = 0;
+    for (const auto* v : {&qr, &qt, &st, &dst, &rows, &dor, &dot, &kp, &vp, &dkp, &dvp}) bytes += v->capacity() * sizeof(T);
+    if (bytes > kScratchKeepBytes) *this = TileScratch();
+  }
+
+  template <typename V>
+  static void grow(std::vector<V>& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+  }
 };
+
+// The calling thread's scratch, prepared for tg (see TileScratch::prepare)
+template <typename T>
+TileScratch<T>& tile_scratch(const TileGeometry<T>& tg, bool backward) {
+  static thread_local TileScratch<T> w;
+  w.prepare(tg, backward);
+  return w;
+}
 
 // The segments of panel `panel` -> w.segment, their key counts -> w.pn, and the positions of its
 // keys -> w.ppos, in row-major order; returns their number.
@@ -807,7 +840,7 @@ int64_t panel_setup(const TileGeometry<T>& tg, int64_t panel, TileScratch<T>& w)
 template <typename T>
 inline void halo_rows(const TileGeometry<T>& tg, const int64_t* a, TileScratch<T>& w) {
   const int64_t o0 = tg.offset[0][a[0]], o1 = tg.offset[1][a[1]], o2 = tg.offset[2][a[2]];
-  const bool backward = !w.dkrows.empty();
+  const bool backward = w.backward;
   int64_t c = 0;
   for (int64_t u0 = 0; u0 < w.n[0]; ++u0)
     for (int64_t u1 = 0; u1 < w.n[1]; ++u1)
@@ -992,7 +1025,7 @@ void tile_forward(const T* q, const T* k, const T* v, const T* rpb, T* out, T* l
     std::fill(probs + g.B * H * tg.slice_pairs(), probs + g.B * H * N * g.max_keys, T(0));
 #pragma omp parallel num_threads(threads)
   {
-    TileScratch<T> w(tg, false);
+    TileScratch<T>& w = tile_scratch(tg, false);
     const int64_t Dp = w.Dp;
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < g.B * H * panels; ++task) {
@@ -1028,6 +1061,7 @@ void tile_forward(const T* q, const T* k, const T* v, const T* rpb, T* out, T* l
         }
       }
     }
+    w.trim();
   }
 }
 
@@ -1041,7 +1075,7 @@ void tile_backward(const T* q, const T* k, const T* v, const T* dout, const T* l
   const int64_t N = g.tokens(), H = g.H, D = g.D, HD = H * D;
 #pragma omp parallel num_threads(threads)
   {
-    TileScratch<T> w(tg, true);
+    TileScratch<T>& w = tile_scratch(tg, true);
     const int64_t Dp = w.Dp;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < g.B * H; ++bh) {
@@ -1113,6 +1147,7 @@ void tile_backward(const T* q, const T* k, const T* v, const T* dout, const T* l
         }
       }
     }
+    w.trim();
   }
 }
 
