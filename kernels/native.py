@@ -203,6 +203,17 @@ def _prepare(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype).contiguous()
 
 
+def _kept(name: str, probs: Optional[torch.Tensor], numel: int, query: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a backward got the probabilities its forward kept (not None, not empty); ValueError if
+    they are not the ``numel`` elements of ``dtype`` that the forward keeps for ``query``."""
+    if probs is None or probs.numel() == 0:
+        return False
+    if probs.dtype != dtype or probs.numel() != numel:
+        raise ValueError(f"{name}: probs of {probs.numel()} {probs.dtype} elements do not belong to query "
+                         f"{list(query.shape)} {dtype}")
+    return True
+
+
 def _suffix(dtype: torch.dtype) -> str:
     return "f64" if dtype == torch.float64 else "f32"
 
@@ -294,10 +305,7 @@ def na_backward(grad_out, query, key, value, out, lse, probs, rpb, params: Neigh
     q, k, v, do = (_prepare(x, dtype) for x in (query, key, value, grad_out))
     row_lse = _prepare(lse, dtype)
     bias = None if rpb is None else _prepare(rpb, dtype)
-    saved = probs is not None and probs.numel() > 0
-    if saved and (probs.dtype != dtype or probs.numel() != probabilities_numel(q.shape, params)):
-        raise ValueError(f"na_backward: probs of {probs.numel()} {probs.dtype} elements do not belong to query "
-                         f"{list(q.shape)} {dtype}")
+    saved = _kept("na_backward", probs, probabilities_numel(q.shape, params), q, dtype)
     d_query, d_key, d_value = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     d_bias = None if rpb is None else torch.zeros(q.shape[0] * q.shape[-2], rpb[0].numel(), dtype=dtype)
     geom, tables = _geometry(q, params, bias)
@@ -421,10 +429,7 @@ def block_backward(grad_out, query, key, value, lse, probs, bias, params: Neighb
     dtype = compute_dtype(query.dtype)
     q, k, v, do = (_prepare(x, dtype) for x in (query, key, value, grad_out))
     geom, tables, kernel_bias = _block_call(q, params, bias, dtype)
-    saved = probs is not None and probs.numel() > 0
-    if saved and (probs.dtype != dtype or probs.numel() != block_probabilities_numel(q.shape, params)):
-        raise ValueError(f"block_backward: probs of {probs.numel()} {probs.dtype} elements do not belong to query "
-                         f"{list(q.shape)} {dtype}")
+    saved = _kept("block_backward", probs, block_probabilities_numel(q.shape, params), q, dtype)
     d_query, d_key, d_value = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     # one partial bias gradient per fixed chunk of blocks, summed here in a fixed order
     d_bias = None if bias is None else torch.zeros(lib.vz_block_bias_chunks(), *kernel_bias.shape, dtype=dtype)

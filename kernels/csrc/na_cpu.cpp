@@ -331,6 +331,24 @@ inline void scaled_copy(const T* __restrict src, T* __restrict dst, int64_t n, T
   }
 }
 
+// dst[:n] = 0
+template <typename T>
+inline void zero_row(T* dst, int64_t n) {
+  constexpr int L = Vec<T>::lanes;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) store(dst + i, typename Vec<T>::type{});
+  for (; i < n; ++i) dst[i] = T(0);
+}
+
+// dst[:n] += src[:n]
+template <typename T>
+inline void add_row(const T* __restrict src, T* __restrict dst, int64_t n) {
+  constexpr int L = Vec<T>::lanes;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) store(dst + i, load(dst + i) + load(src + i));
+  for (; i < n; ++i) dst[i] += src[i];
+}
+
 // rows [K, G * D] of x at the block's tokens (at[c]: the first head of the group) -> dst [K, G * Dp]
 // (times factor): contiguous runs of G * D elements
 template <typename T>
@@ -428,12 +446,6 @@ inline void stream_fence() {
 #endif
 }
 
-template <typename T>
-inline void add_bias(T* __restrict x, const T* __restrict bias, int64_t n) {
-  constexpr int L = Vec<T>::lanes;
-  for (int64_t i = 0; i < n; i += L) store(x + i, load(x + i) + load(bias + i));
-}
-
 // task -> (b, block, first head), and the offsets of the block's rows for that head (at)
 template <typename T>
 inline void task_offsets(const BlockGeometry& g, int64_t task, BlockScratch<T>& w, int64_t& b, int64_t& block,
@@ -513,7 +525,7 @@ void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T*
         const int64_t h = h0 + j;
         transpose_rows(w.q.data() + j * Dp, row, K, Kp, g.D, w.qt.data());
         gemm(w.k.data() + j * Dp, row, 1, w.qt.data(), Kp, w.st.data(), Kp, K, g.D, Kp);  // S^T = K Q^T
-        if (bias) add_bias(w.st.data(), bias + (g.bias_heads > 1 ? h : 0) * K * Kp, K * Kp);
+        if (bias) add_row(bias + (g.bias_heads > 1 ? h : 0) * K * Kp, w.st.data(), K * Kp);
         T* inverse = w.inverse.data();
         int64_t col = 0;
         for (; col + 4 * L <= Kp; col += 4 * L)
@@ -573,7 +585,7 @@ void block_backward(const T* q, const T* k, const T* v, const T* dout, const T* 
             for (int64_t r = 0; r < K; ++r) w.lse[r] = lse[(b * N + w.pos[r]) * g.H + h];
             transpose_rows(qj, row, K, Kp, g.D, w.qt.data());
             gemm(kj, row, 1, w.qt.data(), Kp, w.st.data(), Kp, K, g.D, Kp);  // S^T = K Q^T
-            if (bias) add_bias(w.st.data(), bias + head * K * Kp, K * Kp);
+            if (bias) add_row(bias + head * K * Kp, w.st.data(), K * Kp);
             for (int64_t r = 0; r < Kp; r += L) {
               T* p = w.st.data() + r;
               const vec row_lse = load(w.lse.data() + r);
@@ -612,8 +624,8 @@ void block_backward(const T* q, const T* k, const T* v, const T* dout, const T* 
 // per-query dot products. Logits are kept transposed, keys x query lanes, as in the block kernels.
 //
 // tile = {t0, t1, t2}: queries per tile along each dimension, t0 * t1 * t2 <= L; lane l is query
-// (l0, l1, l2) of the tile in row-major order. The forward runs one task per (b, h, tile); the
-// backward one per (b, h), which owns the dK / dV rows (and the rpb gradient partial) it adds into.
+// (l0, l1, l2) of the tile in row-major order. The forward runs one task per (b, h, panel of tiles);
+// the backward one per (b, h), which owns the dK / dV rows (and the rpb gradient partial) it writes.
 // ---------------------------------------------------------------------------------------------
 // rows of x at base + pos[c] * stride (D elements) -> dst [n, Dp] times factor, pads zeroed; pos < 0:
 // a zero row
@@ -624,18 +636,9 @@ inline void gather_rows(const T* x, int64_t base, int64_t stride, const int64_t*
     if (pos[c] >= 0)
       scaled_copy(x + base + pos[c] * stride, dst + c * Dp, D, factor);
     else
-      std::memset(dst + c * Dp, 0, D * sizeof(T));
-    if (Dp > D) std::memset(dst + c * Dp + D, 0, (Dp - D) * sizeof(T));
+      zero_row(dst + c * Dp, D);
+    zero_row(dst + c * Dp + D, Dp - D);
   }
-}
-
-// dst[:n] += src[:n]
-template <typename T>
-inline void add_row(const T* __restrict src, T* __restrict dst, int64_t n) {
-  constexpr int L = Vec<T>::lanes;
-  int64_t i = 0;
-  for (; i + L <= n; i += L) store(dst + i, load(dst + i) + load(src + i));
-  for (; i < n; ++i) dst[i] += src[i];
 }
 
 template <typename T>
@@ -693,14 +696,13 @@ struct TileGeometry {
         }
         for (int64_t x = group; x < length; x += t[i] * dil) {
           const int64_t n = std::min(t[i], (length - x + dil - 1) / dil);
-          int64_t lo = g.kfirst[i][x], hi = lo;
+          int64_t lo = g.kfirst[i][x], hi = lo, keys = 0;
           for (int64_t j = 0; j < n; ++j) {
             const int64_t p = x + j * dil;
             lo = std::min(lo, g.kfirst[i][p]);
             hi = std::max(hi, g.kfirst[i][p] + (g.kcount[i][p] - 1) * dil);
+            keys += g.kcount[i][p];
           }
-          int64_t keys = 0;
-          for (int64_t j = 0; j < n; ++j) keys += g.kcount[i][x + j * dil];
           pairs_before[i].push_back(pairs[i].empty() ? 0 : pairs_before[i].back() + pairs[i].back());
           pairs[i].push_back(keys);
           first.push_back(x);
@@ -880,15 +882,6 @@ int64_t tile_setup(const TileGeometry<T>& tg, const int64_t* a, TileScratch<T>& 
       for (int64_t u2 = 0; u2 < w.n[2]; ++u2, ++c) w.kbias[c] = bias + u2 * g.rs[2];
     }
   return c;
-}
-
-// dst[:n] = 0
-template <typename T>
-inline void zero_row(T* dst, int64_t n) {
-  constexpr int L = Vec<T>::lanes;
-  int64_t i = 0;
-  for (; i + L <= n; i += L) store(dst + i, typename Vec<T>::type{});
-  for (; i < n; ++i) dst[i] = T(0);
 }
 
 // bias[lane] = table[index[lane]] where mask[lane] is set, else 0
@@ -1162,13 +1155,17 @@ constexpr int64_t kTasksPerThread = 4;
 template <typename T>
 TileGeometry<T> panel_geometry(const int64_t* geom, const int64_t* tables, const int64_t* tile, int arrays,
                                int threads) {
-  TileGeometry<T> whole(geom, tables, tile, true);
-  const int64_t Dp = (whole.g.D + Vec<T>::lanes - 1) / Vec<T>::lanes * Vec<T>::lanes;
-  const int64_t tasks = whole.g.B * whole.g.H * (arrays == 2 ? whole.panels() : 1);
-  if (arrays * whole.max_panel_keys() * Dp * int64_t(sizeof(T)) <= kPanelBytes &&
-      (arrays == 4 || tasks >= kTasksPerThread * threads || (tasks >= threads && tasks % threads == 0)))
-    return whole;
-  return TileGeometry<T>(geom, tables, tile, false);
+  const Geometry g(geom, tables);
+  int64_t keys = 1, panels = 1;  // of whole-group panels: the longest group's keys, the groups
+  for (int i = 0; i < 3; ++i) {
+    keys *= (g.L[i] + g.dil[i] - 1) / g.dil[i];
+    panels *= std::min(g.dil[i], g.L[i]);
+  }
+  const int64_t Dp = (g.D + Vec<T>::lanes - 1) / Vec<T>::lanes * Vec<T>::lanes;
+  const int64_t tasks = g.B * g.H * (arrays == 2 ? panels : 1);
+  const bool whole = arrays * keys * Dp * int64_t(sizeof(T)) <= kPanelBytes &&
+                     (arrays == 4 || tasks >= kTasksPerThread * threads || (tasks >= threads && tasks % threads == 0));
+  return TileGeometry<T>(geom, tables, tile, whole);
 }
 
 }  // namespace
