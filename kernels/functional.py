@@ -73,7 +73,7 @@ def _neighborhood(op_name, num_dims, query, key, value, kernel_size, stride, dil
         rpb = rpb.to(query.dtype)
     # the blocked path keeps the attention probabilities for a backward, if there will be one
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, rpb))
-    out, _, _ = ops.na_forward(
+    return ops.neighborhood(
         query.contiguous(),
         key.contiguous(),
         value.contiguous(),
@@ -86,7 +86,6 @@ def _neighborhood(op_name, num_dims, query, key, value, kernel_size, stride, dil
         name,
         save,
     )
-    return out
 
 
 def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None, backend=None):
