@@ -141,9 +141,10 @@ def na_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float,
     lse in float32 (float64 for float64 inputs); the probabilities (for :func:`na_backward`) are
     empty unless ``save_probabilities`` and :func:`keeps_probabilities`."""
     save_probabilities = save_probabilities and keeps_probabilities(query.shape, params)
-    blocks = _Blocks(query, params, rpb)
     if _native(query):
-        return native.block_forward(query, key, value, blocks.bias, params, scale, save_probabilities)
+        bias = None if rpb is None else _Blocks(query, params, rpb).bias
+        return native.block_forward(query, key, value, bias, params, scale, save_probabilities)
+    blocks = _Blocks(query, params, rpb)
     q = blocks.to_blocks(query).mul_(scale)
     probs, lse = blocks.probabilities(q, blocks.to_blocks(key))
     out = torch.bmm(probs, blocks.to_blocks(value))
@@ -158,11 +159,12 @@ def na_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float,
 def na_backward(grad_out, query, key, value, out, lse, probabilities, rpb, params: NeighborhoodParams, scale: float):
     """Blocked backward from the saved ``probabilities`` of :func:`na_forward`, or (when empty) from
     the saved ``lse``; returns ``(d_query, d_key, d_value, d_rpb or None)``."""
-    blocks = _Blocks(query, params, rpb)
     if _native(query):
+        blocks = None if rpb is None else _Blocks(query, params, rpb)
         d_query, d_key, d_value, d_bias = native.block_backward(grad_out, query, key, value, lse, probabilities,
-                                                                blocks.bias, params, scale)
-        return d_query, d_key, d_value, blocks.rpb_gradient(d_bias, rpb)
+                                                                None if blocks is None else blocks.bias, params, scale)
+        return d_query, d_key, d_value, None if blocks is None else blocks.rpb_gradient(d_bias, rpb)
+    blocks = _Blocks(query, params, rpb)
     dtype = blocks.dtype
     delta = (grad_out.to(dtype) * out.to(dtype)).sum(-1, keepdim=True)  # [B, *spatial, H, 1]
     q = blocks.to_blocks(query).mul_(scale)

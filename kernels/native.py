@@ -200,7 +200,13 @@ def _ptr(x: Optional[torch.Tensor]):
 
 
 def _prepare(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x.to(dtype).contiguous()
+    """``x`` as a contiguous tensor of ``dtype`` (itself when it is one already: these wrappers run
+    right after kernels that leave the caches cold, where every torch call costs several us)."""
+    return x if x.dtype == dtype and x.is_contiguous() else x.to(dtype).contiguous()
+
+
+def _restore(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _kept(name: str, probs: Optional[torch.Tensor], numel: int, query: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -294,7 +300,7 @@ def na_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float,
         _ptr(q), _ptr(k), _ptr(v), _ptr(bias), _ptr(out), _ptr(lse), _ptr(probs) if probs.numel() else None,
         _ptr(geom), _ptr(tables), _ptr(tile), scale, torch.get_num_threads(),
     )
-    return out.to(query.dtype), lse, probs
+    return _restore(out, query.dtype), lse, probs
 
 
 def na_backward(grad_out, query, key, value, out, lse, probs, rpb, params: NeighborhoodParams, scale: float):
@@ -316,7 +322,7 @@ def na_backward(grad_out, query, key, value, out, lse, probs, rpb, params: Neigh
         torch.get_num_threads(),
     )
     d_rpb = None if rpb is None else d_bias.view(q.shape[0], -1, d_bias.shape[-1]).sum(0).reshape(rpb.shape).to(rpb.dtype)
-    return d_query.to(query.dtype), d_key.to(key.dtype), d_value.to(value.dtype), d_rpb
+    return _restore(d_query, query.dtype), _restore(d_key, key.dtype), _restore(d_value, value.dtype), d_rpb
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,7 +396,7 @@ def _lanes(dtype: torch.dtype) -> int:
     return 64 // dtype.itemsize
 
 
-PROBABILITIES_SLACK = 16  # the lanes of a float32 vector: >= those of any dtype, and a multiple of them
+PROBABILITIES_SLACK = 16  # the lanes of a float32 vector: >= those of any dtype; zeroed by the kernel
 
 
 def block_probabilities_numel(query_shape, params: NeighborhoodParams) -> int:
@@ -413,12 +419,11 @@ def block_forward(query, key, value, bias, params: NeighborhoodParams, scale: fl
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=dtype)
     probs = torch.empty(block_probabilities_numel(q.shape, params) if save_probabilities else 0, dtype=dtype)
-    probs[probs.numel() - PROBABILITIES_SLACK:] = 0  # the slack the backward's vector loads reach into
     getattr(lib, f"vz_block_forward_{_suffix(dtype)}")(
         _ptr(q), _ptr(k), _ptr(v), _ptr(kernel_bias), _ptr(out), _ptr(lse), _ptr(probs if save_probabilities else None),
         _ptr(geom), _ptr(tables), scale, torch.get_num_threads(),
     )
-    return out.to(query.dtype), lse, probs
+    return _restore(out, query.dtype), lse, probs
 
 
 def block_backward(grad_out, query, key, value, lse, probs, bias, params: NeighborhoodParams, scale: float):
@@ -439,8 +444,8 @@ def block_backward(grad_out, query, key, value, lse, probs, bias, params: Neighb
         _ptr(tables), scale, torch.get_num_threads(),
     )
     return (
-        d_query.to(query.dtype),
-        d_key.to(key.dtype),
-        d_value.to(value.dtype),
+        _restore(d_query, query.dtype),
+        _restore(d_key, key.dtype),
+        _restore(d_value, value.dtype),
         None if d_bias is None else d_bias.sum(0)[..., : d_bias.shape[2]].transpose(1, 2),
     )

@@ -119,13 +119,16 @@ inline typename Vec<T>::index_type mask_vector(const typename Vec<T>::index_scal
 //           (token0[i0][c0], token1[i1][c1], token2[i2][c2]) in row-major (c0, c1, c2) order.
 // bias: [bias_heads, K, Kp] added to the transposed logits (keys x queries; zero for padded queries),
 //       or null (no bias).
-// probs: [B * blocks * H, KKp] + lanes of slack, the attention probabilities transposed like the
-//       logits, [K (keys), K (queries)] packed into the first K * K elements of each (b, block, h)'s
-//       KKp (a whole number of vectors). The forward writes them when given (training); the
-//       backward then reads them instead of recomputing Q K^T and the softmax. Its vector loads
-//       run over the end of each row (into the next row, or the zeroed slack at the end): those
-//       lanes are padded queries, whose dO columns are zero, so they contribute nothing.
+// probs: [B * blocks * H, KKp] + kProbabilitiesSlack elements, the attention probabilities transposed
+//       like the logits, [K (keys), K (queries)] packed into the first K * K elements of each
+//       (b, block, h)'s KKp (a whole number of vectors). The forward writes them when given
+//       (training) and zeroes the slack; the backward then reads them instead of recomputing Q K^T
+//       and the softmax. Its vector loads run over the end of each row (into the next row, or the
+//       slack at the end): those lanes are padded queries, whose dO columns are zero, so they
+//       contribute nothing.
 // ---------------------------------------------------------------------------------------------
+constexpr int64_t kProbabilitiesSlack = 16;  // native.PROBABILITIES_SLACK
+
 struct BlockGeometry {
   int64_t B, L[3], H, D, nb[3], k[3], bias_heads, G;
   const int64_t* token[3];
@@ -569,6 +572,7 @@ void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T*
     }
     stream_fence();
   }
+  if (probs) std::fill(probs + g.tasks() * g.G * g.KKp, probs + g.tasks() * g.G * g.KKp + kProbabilitiesSlack, T(0));
 }
 
 // The tasks run in kBiasChunks fixed contiguous chunks, each summing its bias gradient into its own
