@@ -71,8 +71,6 @@ def _neighborhood(op_name, num_dims, query, key, value, kernel_size, stride, dil
         return neighborhood_attention_reference(query, key, value, params, scale, rpb)
     if rpb is not None and rpb.dtype != query.dtype:
         rpb = rpb.to(query.dtype)
-    # the blocked path keeps the attention probabilities for a backward, if there will be one
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, rpb))
     return ops.neighborhood(
         query.contiguous(),
         key.contiguous(),
@@ -84,7 +82,6 @@ def _neighborhood(op_name, num_dims, query, key, value, kernel_size, stride, dil
         list(params.is_causal),
         scale,
         name,
-        save,
     )
 
 

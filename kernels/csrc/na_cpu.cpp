@@ -352,25 +352,6 @@ inline void add_row(const T* __restrict src, T* __restrict dst, int64_t n) {
   for (; i < n; ++i) dst[i] += src[i];
 }
 
-// dst[:n] = src[:n], n a whole number of vectors, with non-temporal stores where the target has
-// them and dst is aligned: data written once and read back much later (the saved probabilities)
-// does not evict the working set on its way out, nor is it read in before being overwritten.
-template <typename T>
-inline void stream_out(T* __restrict dst, const T* __restrict src, int64_t n) {
-#if defined(__AVX512F__)
-  if (reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
-    for (int64_t i = 0; i < n; i += Vec<T>::lanes) {
-      if constexpr (sizeof(T) == 4)
-        _mm512_stream_ps(reinterpret_cast<float*>(dst + i), _mm512_loadu_ps(reinterpret_cast<const float*>(src + i)));
-      else
-        _mm512_stream_pd(reinterpret_cast<double*>(dst + i), _mm512_loadu_pd(reinterpret_cast<const double*>(src + i)));
-    }
-    return;
-  }
-#endif
-  std::memcpy(dst, src, n * sizeof(T));
-}
-
 // orders the non-temporal stores of this thread before what follows (the end of the kernel)
 inline void stream_fence() {
 #if defined(__AVX512F__)
@@ -378,11 +359,11 @@ inline void stream_fence() {
 #endif
 }
 
-// dst[:n] = src[:n] * factor for a result row that is written once and not read again by the kernel:
-// with non-temporal stores where the target has them, dst is aligned and n a whole number of vectors,
-// so that the destination lines are not read in (read for ownership) only to be overwritten (a sixth
-// of the block kernels' backward at 14x14 d2); else scaled_copy. The kernel calls stream_fence
-// before it returns.
+// dst[:n] = src[:n] * factor for data written once and not read again by the kernel (result rows, the
+// saved probabilities): with non-temporal stores where the target has them, dst is aligned and n a
+// whole number of vectors, so that the destination lines are not read in (read for ownership) only
+// to be overwritten (a sixth of the block kernels' backward at 14x14 d2) and do not evict the working
+// set on their way out; else scaled_copy. The kernel calls stream_fence before it returns.
 template <typename T>
 inline void stream_row(const T* __restrict src, T* __restrict dst, int64_t n, T factor) {
 #if defined(__AVX512F__)
@@ -566,7 +547,7 @@ void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T*
           for (int64_t c = 0; c < K; ++c)
             for (int64_t r = 0; r < Kp; r += L)
               store(packed + c * K + r, load(w.st.data() + c * Kp + r) * load(inverse + r));
-          stream_out(probs + ((b * g.blocks() + block) * g.H + h) * g.KKp, packed, g.KKp);
+          stream_row(packed, probs + ((b * g.blocks() + block) * g.H + h) * g.KKp, g.KKp, T(1));
         }
       }
     }
