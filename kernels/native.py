@@ -37,7 +37,7 @@ from .indexing import disjoint_blocks, window_bounds
 from .reference import compute_dtype
 
 SOURCE = Path(__file__).with_name("csrc") / "na_cpu.cpp"
-ABI_VERSION = 5
+ABI_VERSION = 6
 # -ffast-math at compile time only (vectorized exp); the link step leaves it out so that the library
 # does not pull in crtfastmath.o, which would flush denormals to zero for the whole process.
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
@@ -361,34 +361,18 @@ def _block_call(query: torch.Tensor, params: NeighborhoodParams, bias: Optional[
         tokens = bias.shape[-1]
         kernel_bias = torch.zeros(bias.shape[0], tokens, -(-tokens // _lanes(dtype)) * _lanes(dtype), dtype=dtype)
         kernel_bias[..., :tokens] = bias.transpose(1, 2)
-    geom, tables = _block_geometry(tuple(query.shape), params, 0 if bias is None else bias.shape[0], dtype)
+    geom, tables = _block_geometry(tuple(query.shape), params, 0 if bias is None else bias.shape[0])
     return geom, tables, kernel_bias
 
 
 @functools.lru_cache(maxsize=128)
-def _block_geometry(shape: Tuple[int, ...], params: NeighborhoodParams, bias_heads: int, dtype: torch.dtype):
+def _block_geometry(shape: Tuple[int, ...], params: NeighborhoodParams, bias_heads: int):
     """``(geom, tables)`` of the block kernels for a query of ``shape`` (see ``csrc/na_cpu.cpp``)."""
     spatial = shape[1:-2]
     tables, dims = _block_tables(spatial, params)
     padded = [1] * (3 - len(spatial)) + list(spatial)
-    group = _head_group(shape[0] * math.prod(dims[:3]), shape[-2], math.prod(dims[3:]), shape[-1], dtype)
-    geom = torch.tensor([shape[0], *padded, shape[-2], shape[-1], *dims, max(bias_heads, 1), group], dtype=torch.long)
+    geom = torch.tensor([shape[0], *padded, shape[-2], shape[-1], *dims, max(bias_heads, 1)], dtype=torch.long)
     return geom, tables
-
-
-def _head_group(blocks: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Heads per task of the block kernels: as many as leave at least ``vz_block_bias_chunks()`` tasks
-    (enough for the threads to share evenly; the bias gradient is summed in that many chunks of
-    tasks) with one task's token rows (7 arrays of ``tokens x heads x head_dim``, padded) within
-    1 MiB of cache. It depends on the problem only, never on the thread count, so results do not
-    either."""
-    row_bytes = -(-head_dim // _lanes(dtype)) * _lanes(dtype) * dtype.itemsize
-    chunks = library().vz_block_bias_chunks()
-    for groups in range(1, heads + 1):
-        group = heads // groups
-        if heads % groups == 0 and blocks * groups >= chunks and 7 * tokens * group * row_bytes <= 1 << 20:
-            return group
-    return 1
 
 
 def _lanes(dtype: torch.dtype) -> int:

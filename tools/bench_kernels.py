@@ -6,7 +6,9 @@ of the CPU paths it chooses between (blocked dense attention where the windows a
 native C++ kernel, tiled ATen path), the dense reference, a naive per-query gather, dense SDPA with a
 boolean mask, compiled FlexAttention (forward only on CPU) and NATTEN (if installed), plus the "speed
 of light": dense unmasked SDPA time x attention density (what a perfectly sparse kernel running at
-dense-kernel efficiency would take).
+dense-kernel efficiency would take). Forward+backward is the forward with inputs that require grad
+and the backward of its output from a fixed random gradient (what the next layer of a network passes
+back), the same for every method.
 
     python tools/bench_kernels.py                   # the default NAT-like shapes
     python tools/bench_kernels.py --quick           # one small shape, a few seconds
@@ -215,8 +217,14 @@ def bench_shape(shape: Shape, device: torch.device, dtype: torch.dtype, args) ->
             with torch.no_grad():
                 fn(q_plain, k_plain, v_plain)
 
+        grads = {}
+
         def forward_backward():
-            fn(q, k, v).float().sum().backward()
+            out = fn(q, k, v)
+            grad = grads.get(out.shape)
+            if grad is None:  # a fixed output gradient, as the next layer would pass back
+                grad = grads[out.shape] = torch.randn(out.shape, device=out.device, dtype=out.dtype)
+            out.backward(grad)
             q.grad = k.grad = v.grad = None
 
         return forward, (forward_backward if has_backward else None)
