@@ -451,6 +451,21 @@ inline void transpose_rows(const T* x, int64_t ldx, int64_t K, int64_t Kp, int64
     }
 }
 
+// the task's rows [K, D] of x (at[c]: token c's) times factor, transposed -> columns [D, Kp]
+// (columns >= K zero), straight from x: D a whole number of vectors
+template <typename T>
+inline void transpose_block(const T* x, const int64_t* at, int64_t K, int64_t Kp, int64_t D, T factor, T* columns) {
+  typedef typename Vec<T>::type vec;
+  constexpr int L = Vec<T>::lanes;
+  for (int64_t c0 = 0; c0 < Kp; c0 += L)
+    for (int64_t d0 = 0; d0 < D; d0 += L) {
+      vec tile[L];
+      for (int i = 0; i < L; ++i) tile[i] = c0 + i < K ? load(x + at[c0 + i] + d0) * factor : vec{};
+      transpose_tile<T>(tile);
+      for (int64_t i = 0; i < L; ++i) store(columns + (d0 + i) * Kp + c0, tile[i]);
+    }
+}
+
 // task -> (b, block, head), and the offsets of the block's rows of that head (w.at)
 template <typename T>
 inline void task_offsets(const BlockGeometry& g, int64_t task, BlockScratch<T>& w, int64_t& b, int64_t& block,
@@ -522,10 +537,16 @@ void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T*
     for (int64_t task = 0; task < g.tasks(); ++task) {
       int64_t b, block, h;
       task_offsets(g, task, w, b, block, h);
-      gather_block(q, w.at.data(), g, scale, w.q.data());
       gather_block(k, w.at.data(), g, T(1), w.k.data());
       gather_block(v, w.at.data(), g, T(1), w.v.data());
-      transpose_rows(w.q.data(), Dp, K, Kp, g.D, w.qt.data());
+      // Q^T straight from q's rows, which nothing else reads: no copy into scratch first (kernel forward
+      // of [8, 14x14, 8, 32] k7 d2: 0.84 -> 0.78 ms)
+      if (g.D == Dp) {
+        transpose_block(q, w.at.data(), K, Kp, g.D, scale, w.qt.data());
+      } else {  // padded rows: whole vectors loaded from x would run past its end
+        gather_block(q, w.at.data(), g, scale, w.q.data());
+        transpose_rows(w.q.data(), Dp, K, Kp, g.D, w.qt.data());
+      }
       gemm(w.k.data(), Dp, 1, w.qt.data(), Kp, w.st.data(), Kp, K, g.D, Kp);  // S^T = K Q^T
       if (bias) add_row(bias + (g.bias_heads > 1 ? h : 0) * K * Kp, w.st.data(), K * Kp);
       T* inverse = w.inverse.data();
