@@ -267,9 +267,10 @@ template <typename T>
 struct BlockScratch {
   int64_t block = -1;  // the block whose token positions pos holds
   std::vector<int64_t> pos, at;
+  std::vector<const T*> rows;  // rows of an input read in place
   std::vector<T> q, k, v, dout, out, qt, dot, st, dst, lse, inverse;
   BlockScratch(const BlockGeometry& g, bool backward)
-      : pos(g.K), at(g.K), q(g.K * g.Dp), k(g.K * g.Dp), v(g.K * g.Dp), dout(backward ? g.K * g.Dp : 0),
+      : pos(g.K), at(g.K), rows(g.K), q(g.K * g.Dp), k(g.K * g.Dp), v(g.K * g.Dp), dout(backward ? g.K * g.Dp : 0),
         out(g.K * g.Dp), qt(g.D * g.Kp), dot(backward ? g.D * g.Kp : 0), st(g.K * g.Kp), dst(g.K * g.Kp),
         lse(g.Kp), inverse(g.Kp) {}
 };
@@ -537,8 +538,7 @@ void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T*
     for (int64_t task = 0; task < g.tasks(); ++task) {
       int64_t b, block, h;
       task_offsets(g, task, w, b, block, h);
-      gather_block(k, w.at.data(), g, T(1), w.k.data());
-      gather_block(v, w.at.data(), g, T(1), w.v.data());
+      gather_block(v, w.at.data(), g, T(1), w.v.data());  // read K / 8 times by the GEMM below
       // Q^T straight from q's rows, which nothing else reads: no copy into scratch first (kernel forward
       // of [8, 14x14, 8, 32] k7 d2: 0.84 -> 0.78 ms)
       if (g.D == Dp) {
@@ -547,7 +547,11 @@ void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T*
         gather_block(q, w.at.data(), g, scale, w.q.data());
         transpose_rows(w.q.data(), Dp, K, Kp, g.D, w.qt.data());
       }
-      gemm(w.k.data(), Dp, 1, w.qt.data(), Kp, w.st.data(), Kp, K, g.D, Kp);  // S^T = K Q^T
+      // S^T = K Q^T reading k's rows in place, once per 4 vectors of queries (once for blocks of up to 64
+      // tokens in float32), rather than copying them to scratch first (forward 3% faster)
+      for (int64_t c = 0; c < K; ++c) w.rows[c] = k + w.at[c];
+      gemm_rows<T>(RowTable<const T>{w.rows.data(), 0}, 1, Strided<const T>{w.qt.data(), Kp},
+                   Strided<T>{w.st.data(), Kp}, K, g.D, Kp);
       if (bias) add_row(bias + (g.bias_heads > 1 ? h : 0) * K * Kp, w.st.data(), K * Kp);
       T* inverse = w.inverse.data();
       int64_t col = 0;
