@@ -383,6 +383,39 @@ inline void stream_row(const T* __restrict src, T* __restrict dst, int64_t n, T 
   scaled_copy(src, dst, n, factor);
 }
 
+// P^T = E^T [K, Kp] (rows Kp apart) times inverse (per query), packed into K * K contiguous elements
+// (zeros after them up to KKp) and streamed to dst as whole aligned vectors, each assembled from at
+// most two rows with masked loads; returns false (nothing written) where that does not apply
+// (no AVX-512, double, K < L, dst not aligned)
+template <typename T>
+inline bool stream_probabilities(const T* e, const T* inverse, int64_t K, int64_t Kp, int64_t KKp, T* dst) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(T) == 4) {
+    constexpr int L = 16;
+    if (K < L || reinterpret_cast<uintptr_t>(dst) % 64 != 0 || KKp % L != 0) return false;
+    int64_t c = 0, r = 0;  // row and column of the vector's first element
+    for (int64_t o = 0; o < KKp; o += L) {
+      __m512 x = _mm512_setzero_ps();
+      if (c < K) {
+        const int64_t n = std::min<int64_t>(L, K - r);
+        const __mmask16 first = static_cast<__mmask16>((1u << n) - 1);
+        x = _mm512_mul_ps(_mm512_maskz_loadu_ps(first, e + c * Kp + r), _mm512_maskz_loadu_ps(first, inverse + r));
+        if (n < L && c + 1 < K) {  // the rest from the start of row c + 1
+          const __mmask16 rest = static_cast<__mmask16>(~first);
+          x = _mm512_mask_mul_ps(x, rest, _mm512_maskz_loadu_ps(rest, e + (c + 1) * Kp - n),
+                                 _mm512_maskz_loadu_ps(rest, inverse - n));
+        }
+      }
+      _mm512_stream_ps(reinterpret_cast<float*>(dst + o), x);
+      r += L;
+      if (r >= K) r -= K, ++c;
+    }
+    return true;
+  }
+#endif
+  return false;
+}
+
 // the task's rows [K, D] of x (at[c]: token c's) -> dst [K, Dp], times factor
 template <typename T>
 inline void gather_block(const T* x, const int64_t* at, const BlockGeometry& g, T factor, T* __restrict dst) {
@@ -562,12 +595,16 @@ void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T*
       gemm(w.st.data(), 1, Kp, w.v.data(), Dp, w.out.data(), Dp, K, K, Dp);  // O = exp(S - max) V
       scatter_block(w.out.data(), w.at.data(), g, T(1), out, inverse);
       if (probs) {  // P^T = exp(S - max)^T / sum, packed into rows of K queries, streamed out
-        // row c's last vector runs into row c + 1, rewritten next (the last row's into dst's tail)
-        T* packed = w.dst.data();
-        for (int64_t c = 0; c < K; ++c)
-          for (int64_t r = 0; r < Kp; r += L)
-            store(packed + c * K + r, load(w.st.data() + c * Kp + r) * load(inverse + r));
-        stream_row(packed, probs + task * g.KKp, g.KKp, T(1));  // task = (b, block, h)
+        T* dst = probs + task * g.KKp;  // task = (b, block, h)
+        if (!stream_probabilities(w.st.data(), inverse, K, Kp, g.KKp, dst)) {
+          // packed in scratch first: row c's last vector runs into row c + 1, rewritten next (the
+          // last row's into the scratch's tail)
+          T* packed = w.dst.data();
+          for (int64_t c = 0; c < K; ++c)
+            for (int64_t r = 0; r < Kp; r += L)
+              store(packed + c * K + r, load(w.st.data() + c * Kp + r) * load(inverse + r));
+          stream_row(packed, dst, g.KKp, T(1));
+        }
       }
     }
     stream_fence();
