@@ -9,6 +9,7 @@ C++ CPU kernels, ``"tiled"``: tiles through ATen's fused attention, ``"triton"``
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from typing import List, Optional, Tuple
@@ -30,7 +31,9 @@ _IMPLEMENTATIONS = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def _module(backend: str, which: int):
+    """The implementing module of ``backend`` (``which``: 0 neighborhood, 1 block-sparse), imported once."""
     name = _IMPLEMENTATIONS.get(backend, (None, None))[which]
     if name is None:
         kind = ("neighborhood", "block-sparse")[which]
