@@ -701,6 +701,21 @@ inline void gather_rows(const T* x, int64_t base, int64_t stride, const int64_t*
   }
 }
 
+// rows of x at base + pos[l] * stride (D elements; pos < 0: a zero row) for L rows, times factor,
+// transposed -> columns [D, L], straight from x: D a whole number of vectors
+template <typename T>
+inline void transpose_gathered(const T* x, int64_t base, int64_t stride, const int64_t* pos, int64_t D, T factor,
+                               T* columns) {
+  typedef typename Vec<T>::type vec;
+  constexpr int L = Vec<T>::lanes;
+  for (int64_t d0 = 0; d0 < D; d0 += L) {
+    vec tile[L];
+    for (int i = 0; i < L; ++i) tile[i] = pos[i] >= 0 ? load(x + base + pos[i] * stride + d0) * factor : vec{};
+    transpose_tile<T>(tile);
+    for (int64_t i = 0; i < L; ++i) store(columns + (d0 + i) * L, tile[i]);
+  }
+}
+
 template <typename T>
 struct TileGeometry {
   typedef typename Vec<T>::index_scalar index;
@@ -1091,8 +1106,12 @@ void tile_forward(const T* q, const T* k, const T* v, const T* rpb, T* out, T* l
       for (a[1] = tg.segment_tile[1][w.segment[1]]; a[1] < tg.segment_tile[1][w.segment[1] + 1]; ++a[1])
       for (a[2] = tg.segment_tile[2][w.segment[2]]; a[2] < tg.segment_tile[2][w.segment[2] + 1]; ++a[2]) {
         const int64_t nk = tile_setup(tg, a, w);
-        gather_rows(q, base, HD, w.qpos.data(), L, D, Dp, scale, w.qr.data());
-        transpose_rows(w.qr.data(), Dp, int64_t(L), int64_t(L), D, w.qt.data());
+        if (D == Dp) {
+          transpose_gathered(q, base, HD, w.qpos.data(), D, scale, w.qt.data());
+        } else {
+          gather_rows(q, base, HD, w.qpos.data(), L, D, Dp, scale, w.qr.data());
+          transpose_rows(w.qr.data(), Dp, int64_t(L), int64_t(L), D, w.qt.data());
+        }
         halo_rows(tg, a, w);
         gemm_rows<T>(RowTable<const T>{w.krows.data(), 0}, 1, Strided<const T>{w.qt.data(), L},
                      Strided<T>{w.st.data(), L}, nk, D, L);  // S^T = K Q^T
