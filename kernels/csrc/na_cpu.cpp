@@ -469,35 +469,33 @@ inline void transpose_tile(typename Vec<T>::type* r) {
   }
 }
 
-// rows [K, D] of x, ldx apart, transposed -> columns [D, Kp] (columns >= K zero; Kp a whole number
-// of vectors), in L x L register tiles; x's rows are padded to whole vectors
-template <typename T>
-inline void transpose_rows(const T* x, int64_t ldx, int64_t K, int64_t Kp, int64_t D, T* columns) {
+
+
+// rows row(c) [K, D] (c < K; a null row reads as zeros) times factor, transposed -> columns [D, Kp]
+// (columns >= K zero; Kp a whole number of vectors), in L x L register tiles. Whole vectors are
+// loaded from each row: rows padded to whole vectors in scratch, or D a whole number of them (then
+// rows can be read straight from an input)
+template <typename T, typename Row>
+inline void transpose_rows(Row row, int64_t K, int64_t Kp, int64_t D, T factor, T* columns) {
   typedef typename Vec<T>::type vec;
   constexpr int L = Vec<T>::lanes;
   for (int64_t c0 = 0; c0 < Kp; c0 += L)
     for (int64_t d0 = 0; d0 < D; d0 += L) {
       const int64_t width = std::min<int64_t>(L, D - d0);
       vec tile[L];
-      for (int i = 0; i < L; ++i) tile[i] = c0 + i < K ? load(x + (c0 + i) * ldx + d0) : vec{};
+      for (int i = 0; i < L; ++i) {
+        const T* x = c0 + i < K ? row(c0 + i) : nullptr;
+        tile[i] = x ? load(x + d0) * factor : vec{};
+      }
       transpose_tile<T>(tile);
       for (int64_t i = 0; i < width; ++i) store(columns + (d0 + i) * Kp + c0, tile[i]);
     }
 }
 
-// the task's rows [K, D] of x (at[c]: token c's) times factor, transposed -> columns [D, Kp]
-// (columns >= K zero), straight from x: D a whole number of vectors
+// row c of a matrix whose rows are ld apart (for transpose_rows)
 template <typename T>
-inline void transpose_block(const T* x, const int64_t* at, int64_t K, int64_t Kp, int64_t D, T factor, T* columns) {
-  typedef typename Vec<T>::type vec;
-  constexpr int L = Vec<T>::lanes;
-  for (int64_t c0 = 0; c0 < Kp; c0 += L)
-    for (int64_t d0 = 0; d0 < D; d0 += L) {
-      vec tile[L];
-      for (int i = 0; i < L; ++i) tile[i] = c0 + i < K ? load(x + at[c0 + i] + d0) * factor : vec{};
-      transpose_tile<T>(tile);
-      for (int64_t i = 0; i < L; ++i) store(columns + (d0 + i) * Kp + c0, tile[i]);
-    }
+inline auto rows_of(const T* x, int64_t ld) {
+  return [x, ld](int64_t c) { return x + c * ld; };
 }
 
 // task -> (b, block, head), and the offsets of the block's rows of that head (w.at)
@@ -575,10 +573,10 @@ void block_forward(const T* q, const T* k, const T* v, const T* bias, T* out, T*
       // Q^T straight from q's rows, which nothing else reads: no copy into scratch first (kernel forward
       // of [8, 14x14, 8, 32] k7 d2: 0.84 -> 0.78 ms)
       if (g.D == Dp) {
-        transpose_block(q, w.at.data(), K, Kp, g.D, scale, w.qt.data());
+        transpose_rows<T>([&](int64_t c) { return q + w.at[c]; }, K, Kp, g.D, scale, w.qt.data());
       } else {  // padded rows: whole vectors loaded from x would run past its end
         gather_block(q, w.at.data(), g, scale, w.q.data());
-        transpose_rows(w.q.data(), Dp, K, Kp, g.D, w.qt.data());
+        transpose_rows(rows_of(w.q.data(), Dp), K, Kp, g.D, T(1), w.qt.data());
       }
       // S^T = K Q^T reading k's rows in place, once per 4 vectors of queries (once for blocks of up to 64
       // tokens in float32), rather than copying them to scratch first (forward 3% faster)
@@ -644,7 +642,7 @@ void block_backward(const T* q, const T* k, const T* v, const T* dout, const T* 
         const int64_t ldp = probs ? K : Kp;
         if (!probs) {
           for (int64_t r = 0; r < K; ++r) w.lse[r] = lse[(b * N + w.pos[r]) * g.H + h];
-          transpose_rows(w.q.data(), Dp, K, Kp, g.D, w.qt.data());
+          transpose_rows(rows_of(w.q.data(), Dp), K, Kp, g.D, T(1), w.qt.data());
           gemm(w.k.data(), Dp, 1, w.qt.data(), Kp, w.st.data(), Kp, K, g.D, Kp);  // S^T = K Q^T
           if (bias) add_row(bias + head * K * Kp, w.st.data(), K * Kp);
           for (int64_t r = 0; r < Kp; r += L) {
@@ -653,7 +651,7 @@ void block_backward(const T* q, const T* k, const T* v, const T* dout, const T* 
             for (int64_t c = 0; c < K; ++c) store(p + c * Kp, vexp<T>(load(p + c * Kp) - row_lse));
           }
         }
-        transpose_rows(w.dout.data(), Dp, K, Kp, g.D, w.dot.data());
+        transpose_rows(rows_of(w.dout.data(), Dp), K, Kp, g.D, T(1), w.dot.data());
         gemm(w.v.data(), Dp, 1, w.dot.data(), Kp, w.dst.data(), Kp, K, g.D, Kp);  // dP^T = V dO^T
         T* db = dbias_chunk ? dbias_chunk + head * K * Kp : nullptr;
         int64_t col = 0;
@@ -701,20 +699,6 @@ inline void gather_rows(const T* x, int64_t base, int64_t stride, const int64_t*
   }
 }
 
-// rows of x at base + pos[l] * stride (D elements; pos < 0: a zero row) for L rows, times factor,
-// transposed -> columns [D, L], straight from x: D a whole number of vectors
-template <typename T>
-inline void transpose_gathered(const T* x, int64_t base, int64_t stride, const int64_t* pos, int64_t D, T factor,
-                               T* columns) {
-  typedef typename Vec<T>::type vec;
-  constexpr int L = Vec<T>::lanes;
-  for (int64_t d0 = 0; d0 < D; d0 += L) {
-    vec tile[L];
-    for (int i = 0; i < L; ++i) tile[i] = pos[i] >= 0 ? load(x + base + pos[i] * stride + d0) * factor : vec{};
-    transpose_tile<T>(tile);
-    for (int64_t i = 0; i < L; ++i) store(columns + (d0 + i) * L, tile[i]);
-  }
-}
 
 template <typename T>
 struct TileGeometry {
@@ -1107,10 +1091,11 @@ void tile_forward(const T* q, const T* k, const T* v, const T* rpb, T* out, T* l
       for (a[2] = tg.segment_tile[2][w.segment[2]]; a[2] < tg.segment_tile[2][w.segment[2] + 1]; ++a[2]) {
         const int64_t nk = tile_setup(tg, a, w);
         if (D == Dp) {
-          transpose_gathered(q, base, HD, w.qpos.data(), D, scale, w.qt.data());
+          transpose_rows<T>([&](int64_t l) { return w.qpos[l] >= 0 ? q + base + w.qpos[l] * HD : nullptr; }, L, L, D,
+                            scale, w.qt.data());
         } else {
           gather_rows(q, base, HD, w.qpos.data(), L, D, Dp, scale, w.qr.data());
-          transpose_rows(w.qr.data(), Dp, int64_t(L), int64_t(L), D, w.qt.data());
+          transpose_rows(rows_of(w.qr.data(), Dp), L, L, D, T(1), w.qt.data());
         }
         halo_rows(tg, a, w);
         gemm_rows<T>(RowTable<const T>{w.krows.data(), 0}, 1, Strided<const T>{w.qt.data(), L},
@@ -1173,7 +1158,7 @@ void tile_backward(const T* q, const T* k, const T* v, const T* dout, const T* l
           const int64_t nk = tile_setup(tg, a, w);
           gather_rows(q, base, HD, w.qpos.data(), L, D, Dp, scale, w.qr.data());
           gather_rows(dout, base, HD, w.qpos.data(), L, D, Dp, T(1), w.dor.data());
-          transpose_rows(w.dor.data(), Dp, int64_t(L), int64_t(L), D, w.dot.data());
+          transpose_rows(rows_of(w.dor.data(), Dp), L, L, D, T(1), w.dot.data());
           halo_rows(tg, a, w);
           if (probs) {  // P^T saved by the forward
             tile_logits(w, static_cast<const T*>(nullptr));  // the mask only
@@ -1182,7 +1167,7 @@ void tile_backward(const T* q, const T* k, const T* v, const T* dout, const T* l
             for (int64_t c = 0, n = 0; c < nk; ++c, src += n)
               store(w.st.data() + c * L, unpack_lanes<T>(src, load(w.mask.data() + c * L) & busy, n));
           } else {  // recomputed from S^T = K Q^T and the lse
-            transpose_rows(w.qr.data(), Dp, int64_t(L), int64_t(L), D, w.qt.data());
+            transpose_rows(rows_of(w.qr.data(), Dp), L, L, D, T(1), w.qt.data());
             for (int l = 0; l < L; ++l) w.lse[l] = w.qpos[l] >= 0 ? lse[(b * N + w.qpos[l]) * H + h] : T(0);
             gemm_rows<T>(RowTable<const T>{w.krows.data(), 0}, 1, Strided<const T>{w.qt.data(), L},
                          Strided<T>{w.st.data(), L}, nk, D, L);
