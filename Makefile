@@ -1,5 +1,6 @@
-# Quick start:  make demo   (set up, train a small model on the built-in data, benchmark)
-#               make test   (set up, run the test suite)
+# Quick start:  make demo        (set up, train a small model on the built-in data, benchmark)
+#               make test        (set up, run the whole test suite; the first run builds mmcv)
+#               make test-fast   (set up, run every test but the mm suite; no mmcv needed)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup mm data demo test bench clean
+.PHONY: setup mm mm-notice data demo test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +33,18 @@ data:
 demo: setup data
 	$(PY) tools/demo.py
 
-test: setup mm data
+# said before anything else runs: the build is the long part of a first `make test`
+mm-notice:
+	@if ! $(PY) -c "import mmcv._ext, mmdet, mmseg" 2>/dev/null; then \
+		echo "make test: the first run builds mmcv from source for the mm suite (tens of minutes; pip caches the build)."; \
+		echo "           For a quick check of everything but the mm suite: make test-fast"; \
+	fi
+
+test: mm-notice setup mm data
 	$(PY) -m pytest -q
+
+test-fast: setup data
+	$(PY) -m pytest -q --ignore=tests/mm
 
 bench: setup
 	$(PY) tools/bench_kernels.py
