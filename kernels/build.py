@@ -17,6 +17,7 @@ nothing measurable (the vector code is explicit: its exp is a polynomial, not a 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -43,6 +44,7 @@ BUILD_SECONDS = 25
 _lock = threading.Lock()
 _libraries: Dict[str, ctypes.CDLL] = {}
 _reasons: Dict[str, str] = {}
+_selected: Optional[ctypes.CDLL] = None  # the library of selected_isa(), chosen on first use
 
 
 def compiler() -> Optional[str]:
@@ -52,6 +54,7 @@ def compiler() -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -63,6 +66,7 @@ def _cpu_flags() -> str:
     return platform.machine() + platform.processor()
 
 
+@functools.lru_cache(maxsize=None)
 def machine_isa() -> str:
     """The widest instruction set of the vector layer that this CPU executes."""
     if platform.machine().lower() in ("aarch64", "arm64"):
@@ -78,9 +82,8 @@ def machine_isa() -> str:
 def executable_isas() -> List[str]:
     """The instruction sets whose build this CPU runs, widest first (always ending with scalar)."""
     best = machine_isa()
-    if best == "neon":
-        return ["neon", "scalar"]
-    return ISAS[ISAS.index(best):] if best != "scalar" else ["scalar"]
+    ladder = ["neon", "scalar"] if best == "neon" else ["avx512", "avx2", "scalar"]
+    return ladder[ladder.index(best):]
 
 
 def selected_isa() -> str:
@@ -182,16 +185,23 @@ def _bind(path: Path) -> ctypes.CDLL:
         getattr(lib, f"vz_block_backward_{suffix}").argtypes = [p] * 13 + [d, i]
     lib.vz_block_bias_chunks.restype = ctypes.c_int64
     lib.vz_isa.restype = ctypes.c_char_p
+    lib.vector_bytes, lib.isa = lib.vz_vector_bytes(), lib.vz_isa().decode()  # read once: asked on every call
     return lib
 
 
 def library(isa: Optional[str] = None) -> ctypes.CDLL:
-    """The kernel library for ``isa`` (default :func:`selected_isa`), built on first call; raises
-    RuntimeError (with the reason) when it cannot be built or is disabled."""
-    try:
-        isa = isa or selected_isa()
-    except ValueError as error:
-        raise RuntimeError(f"the native CPU kernel is not available: {error}") from None
+    """The kernel library for ``isa`` (default :func:`selected_isa`, read on the first call), built on
+    first call; raises RuntimeError (with the reason) when it cannot be built or is disabled."""
+    global _selected
+    if isa is None:
+        if _selected is not None:
+            return _selected
+        try:
+            isa = selected_isa()
+        except ValueError as error:
+            raise RuntimeError(f"the native CPU kernel is not available: {error}") from None
+        _selected = library(isa)
+        return _selected
     lib = _libraries.get(isa)
     if lib is not None:
         return lib
@@ -231,9 +241,9 @@ def unavailable_reason() -> Optional[str]:
 
 def vector_bytes() -> int:
     """Bytes per vector of the loaded library (the lanes of its tiles, times the element size)."""
-    return library().vz_vector_bytes()
+    return library().vector_bytes
 
 
 def isa() -> str:
     """The instruction set of the loaded library."""
-    return library().vz_isa().decode()
+    return library().isa

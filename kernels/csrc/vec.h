@@ -115,39 +115,53 @@ inline typename Vec<T>::type lanewise(typename Vec<T>::type x, F f) {
   constexpr int L = Vec<T>::lanes;
   T in[L], out[L];
   std::memcpy(in, &x, sizeof(x));
-#pragma omp simd
   for (int i = 0; i < L; ++i) out[i] = f(in[i]);
   return load(out);
 }
 
-// exp of arguments <= 0 (logits minus their max or their lse), clamped at -80: hopeless logits
-// (exp(-80) ~ 2e-35, nothing next to the largest term of 1) stay off the slow underflow path.
-// float: inline, Cody-Waite reduction by ln 2 and the degree-7 polynomial of Cephes' expf (relative
-// error below 3e-7), no call; double: the vectorized libm.
+// exp of arguments <= 0 (logits minus their max or their lse). Below -80 the result is exactly 0
+// (exp(-80) ~ 2e-35, nothing next to the largest term of 1; and exp(-inf) must be 0, as the
+// reference's is, or a masked infinite logit's zero probability would meet an infinite key as
+// inf * tiny instead of 0 * inf); the polynomial then runs on a clamped argument, off the slow
+// underflow path. A NaN argument gives NaN (the clamps keep it: a comparison with NaN is false).
+// Cody-Waite reduction by ln 2, then float: the degree-7 polynomial of Cephes' expf (relative error
+// below 3e-7); double: Cephes' exp rational approximation (below 2e-16).
 template <typename T>
 inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
+  typedef typename Vec<T>::type vec;
+  typedef typename Vec<T>::index_type ivec;
+  const auto underflow = x < T(-80);
+  x = underflow ? vec{} - T(80) : x;
+  x = x > T(0) ? vec{} : x;  // arguments are <= 0 here; rounding could leave a tiny positive one
+  const vec t = x * T(1.44269504088896341);
+  const ivec n = __builtin_convertvector(t - T(0.5), ivec);  // round to nearest for t <= 0
+  const vec nf = __builtin_convertvector(n, vec);
+  vec p;
   if constexpr (sizeof(T) == 4) {
-    typedef typename Vec<T>::type vec;
-    typedef typename Vec<T>::index_type ivec;
-    x = x > T(-80) ? x : vec{} - T(80);
-    x = x < T(0) ? x : vec{};  // arguments are <= 0 here (logits minus their max or lse)
-    const vec t = x * T(1.44269504088896341);
-    const ivec n = __builtin_convertvector(t - T(0.5), ivec);  // round to nearest for t <= 0
-    const vec nf = __builtin_convertvector(n, vec);
     const vec f = x - nf * T(0.693359375) - nf * T(-2.12194440e-4);
-    vec p = T(1.9875691500E-4) * f + T(1.3981999507E-3);
+    p = T(1.9875691500E-4) * f + T(1.3981999507E-3);
     p = p * f + T(8.3334519073E-3);
     p = p * f + T(4.1665795894E-2);
     p = p * f + T(1.6666665459E-1);
     p = p * f + T(5.0000001201E-1);
     p = p * (f * f) + f + T(1);
-    const ivec bits = (n + 127) << 23;
-    vec scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return p * scale;
   } else {
-    return lanewise<T>(x, [](T a) { return std::exp(std::max(a, T(-80))); });
+    const vec f = x - nf * T(6.93145751953125E-1) - nf * T(1.42860682030941723212E-6);
+    const vec ff = f * f;
+    vec num = T(1.26177193074810590878E-4) * ff + T(3.02994407707441961300E-2);
+    num = (num * ff + T(9.99999999999999999910E-1)) * f;
+    vec den = T(3.00198505138664455042E-6) * ff + T(2.52448340349684104954E-3);
+    den = den * ff + T(2.27265548208155028766E-1);
+    den = den * ff + T(2.00000000000000000009E0);
+    p = T(1) + T(2) * num / (den - num);
   }
+  constexpr int mantissa = sizeof(T) == 4 ? 23 : 52;
+  constexpr int bias = sizeof(T) == 4 ? 127 : 1023;
+  const ivec bits = (n + bias) << mantissa;
+  vec scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const vec result = p * scale;
+  return underflow ? vec{} : result;
 }
 
 template <typename T>
@@ -167,6 +181,19 @@ inline void scaled_copy(const T* __restrict src, T* __restrict dst, int64_t n, T
     for (int64_t t = 0; i + t < n; ++t) tail[t] = src[i + t] * factor;
     for (int64_t t = 0; i + t < n; ++t) dst[i + t] = tail[t];
   }
+}
+
+// whether x[:n] holds no NaN or infinity (x - x is 0 for finite x, NaN otherwise)
+template <typename T>
+inline bool all_finite(const T* x, int64_t n) {
+  constexpr int L = Vec<T>::lanes;
+  typename Vec<T>::type bad{};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) bad += load(x + i) - load(x + i);
+  T tail = 0;
+  for (; i < n; ++i) tail += x[i] - x[i];
+  for (int l = 0; l < L; ++l) tail += bad[l];
+  return tail == T(0);
 }
 
 // dst[:n] = 0

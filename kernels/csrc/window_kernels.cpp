@@ -420,6 +420,26 @@ void tile_forward(const T* q, const T* k, const T* v, const T* rpb, T* out, T* l
   }
 }
 
+// dQ = dS K (-> w.rows) and dK += dS^T Q over the tile's pairs in the neighborhood only, for inputs
+// with NaN or infinity: the GEMMs also multiply the zero dS of the halo's other pairs, and 0 * NaN or
+// 0 * inf would carry a bad key (query) into the gradient of queries (keys) whose windows do not
+// hold it, which the reference leaves finite
+template <typename T>
+void neighborhood_products(TileScratch<T>& w, int64_t nk) {
+  constexpr int L = Vec<T>::lanes;
+  const int64_t Dp = w.Dp;
+  std::fill(w.rows.begin(), w.rows.begin() + L * Dp, T(0));
+  for (int64_t c = 0; c < nk; ++c)
+    for (int l = 0; l < L; ++l)
+      if (w.qpos[l] >= 0 && w.mask[c * L + l]) {
+        const T ds = w.dst[c * L + l];
+        for (int64_t d = 0; d < Dp; ++d) {
+          w.rows[l * Dp + d] += ds * w.krows[c][d];
+          w.dkrows[c][d] += ds * w.qr[l * Dp + d];
+        }
+      }
+}
+
 template <typename T>
 void tile_backward(const T* q, const T* k, const T* v, const T* dout, const T* lse, const T* rpb, const T* probs,
                    T* dq, T* dk, T* dv, T* drpb, const TileGeometry<T>& tg, T scale, int threads) {
@@ -428,6 +448,9 @@ void tile_backward(const T* q, const T* k, const T* v, const T* dout, const T* l
   constexpr int L = Vec<T>::lanes;
   const Geometry& g = tg.g;
   const int64_t N = g.tokens(), H = g.H, D = g.D, HD = H * D;
+  bool finite = true;  // no NaN or infinity in q and k: see neighborhood_products
+#pragma omp parallel for num_threads(threads) reduction(&& : finite)
+  for (int64_t b = 0; b < g.B; ++b) finite = finite && all_finite(q + b * N * HD, N * HD) && all_finite(k + b * N * HD, N * HD);
 #pragma omp parallel num_threads(threads)
   {
     TileScratch<T>& w = tile_scratch(tg, true);
@@ -478,16 +501,23 @@ void tile_backward(const T* q, const T* k, const T* v, const T* dout, const T* l
           gemm_rows<T>(RowTable<const T>{w.vrows.data(), 0}, 1, Strided<const T>{w.dot.data(), L},
                        Strided<T>{w.dst.data(), L}, nk, D, L);  // dP^T = V dO^T
           softmax_gradient<T, 1>(w.st.data(), L, w.dst.data(), nk, L, nullptr);  // dS^T
+          const ivec busy = ~load(w.idle.data());
+          for (int64_t c = 0; c < nk; ++c)  // exactly 0 off the neighborhood, whatever P (dP - delta) gave
+            store(w.dst.data() + c * L, (load(w.mask.data() + c * L) & busy) ? load(w.dst.data() + c * L) : vec{});
           if (dbias)
             for (int64_t c = 0; c < nk; ++c)
               for (int l = 0; l < L; ++l)
                 if (w.qpos[l] >= 0 && w.mask[c * L + l]) dbias[w.lane_bias[l] + w.kbias[c]] += w.dst[c * L + l];
-          gemm_rows<T>(Strided<const T>{w.dst.data(), 1}, L, RowTable<const T>{w.krows.data(), 0},
-                       Strided<T>{w.rows.data(), Dp}, L, nk, Dp);  // dQ = dS K
+          if (finite)
+            gemm_rows<T>(Strided<const T>{w.dst.data(), 1}, L, RowTable<const T>{w.krows.data(), 0},
+                         Strided<T>{w.rows.data(), Dp}, L, nk, Dp);  // dQ = dS K
+          else
+            neighborhood_products(w, nk);  // dQ, and dK added to
           for (int l = 0; l < L; ++l)
             if (w.qpos[l] >= 0) stream_row(w.rows.data() + l * Dp, dq + base + w.qpos[l] * HD, D, scale);
-          gemm_rows<T, true>(Strided<const T>{w.dst.data(), L}, 1, Strided<const T>{w.qr.data(), Dp},
-                             RowTable<T>{w.dkrows.data(), 0}, nk, L, Dp);  // dK += dS^T (scale Q)
+          if (finite)
+            gemm_rows<T, true>(Strided<const T>{w.dst.data(), L}, 1, Strided<const T>{w.qr.data(), Dp},
+                               RowTable<T>{w.dkrows.data(), 0}, nk, L, Dp);  // dK += dS^T (scale Q)
           gemm_rows<T, true>(Strided<const T>{w.st.data(), L}, 1, Strided<const T>{w.dor.data(), Dp},
                              RowTable<T>{w.dvrows.data(), 0}, nk, L, Dp);  // dV += P^T dO
         }

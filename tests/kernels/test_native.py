@@ -202,6 +202,7 @@ def test_results_do_not_depend_on_the_thread_count(backend, batch, spatial):
 def test_disabled_native_kernel_falls_back_to_tiled(monkeypatch):
     monkeypatch.setattr(build, "_libraries", {})
     monkeypatch.setattr(build, "_reasons", {})
+    monkeypatch.setattr(build, "_selected", None)
     monkeypatch.setenv("VISIONZOO_NATIVE", "0")
     assert not native.available()
     assert "VISIONZOO_NATIVE=0" in native.unavailable_reason()
