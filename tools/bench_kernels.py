@@ -326,9 +326,9 @@ def render(results, device_name: str) -> str:
         "register-blocked GEMMs near the FMA peak; what is left is memory traffic (q, k, v, dO in, the",
         "gradients out: the bytes dense attention moves too, which sparsity does not reduce) and the softmax,",
         "so at high density (25% at 14x14 d2) it gains less over dense than the density suggests. 'native' runs",
-        "tiles of up to 16 queries against the halo of keys their windows span, with GEMMs near the FMA peak, but",
-        "about half of those pairs are masked out (49 of 100 keys for 7x7 windows and 4x4 tiles, 75 of 192 in",
-        "3D), and the masked softmax, gathers and writes around the GEMMs take about as long again.",
+        "tiles of one vector of queries (16 float32 on AVX-512, 8 on AVX2) against the halo of keys their windows",
+        "span, with GEMMs near the FMA peak, but about half of those pairs are masked out (49 of 100 keys for 7x7",
+        "windows and 4x4 tiles, 75 of 192 in 3D), and the masked softmax, gathers and writes around the GEMMs take about as long again.",
         "Speed of light = dense unmasked SDPA time x attention density. 'tiled halo' is the keys a query",
         "tile of the tiled path computes per query over the keys it needs (that path's extra work).",
     ]

@@ -164,9 +164,42 @@ inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
   return underflow ? vec{} : result;
 }
 
+// log of normal, zero, infinite or NaN arguments (sums of exponentials, once per query). float: x =
+// m 2^e with m in [sqrt(1/2), sqrt(2)), then Cephes' logf polynomial in m - 1 (relative error below
+// 2e-7), no call; double: the libm, lane by lane.
 template <typename T>
 inline typename Vec<T>::type vlog(typename Vec<T>::type x) {
-  return lanewise<T>(x, [](T a) { return std::log(a); });
+  if constexpr (sizeof(T) == 4) {
+    typedef typename Vec<T>::type vec;
+    typedef typename Vec<T>::index_type ivec;
+    ivec bits;
+    std::memcpy(&bits, &x, sizeof(x));
+    ivec e = ((bits >> 23) & 0xff) - 126;
+    const ivec mantissa = (bits & 0x007fffff) | 0x3f000000;  // m in [0.5, 1)
+    vec m;
+    std::memcpy(&m, &mantissa, sizeof(m));
+    const auto small = m < T(0.707106781186547524);
+    e += small;  // all-ones (-1) where m is doubled below
+    m = (small ? m + m : m) - T(1);
+    const vec z = m * m;
+    vec y = T(7.0376836292E-2) * m - T(1.1514610310E-1);
+    y = y * m + T(1.1676998740E-1);
+    y = y * m - T(1.2420140846E-1);
+    y = y * m + T(1.4249322787E-1);
+    y = y * m - T(1.6668057665E-1);
+    y = y * m + T(2.0000714765E-1);
+    y = y * m - T(2.4999993993E-1);
+    y = y * m + T(3.3333331174E-1);
+    const vec ef = __builtin_convertvector(e, vec);
+    y = y * m * z + ef * T(-2.12194440e-4) - T(0.5) * z;
+    vec result = m + y + ef * T(0.693359375);
+    const vec inf = vec{} + std::numeric_limits<T>::infinity();
+    result = x == inf ? inf : result;
+    result = x == T(0) ? vec{} - inf : result;
+    return (x < T(0) || x != x) ? vec{} + std::numeric_limits<T>::quiet_NaN() : result;
+  } else {
+    return lanewise<T>(x, [](T a) { return std::log(a); });
+  }
 }
 
 // dst[:n] = src[:n] * factor in whole vectors and a partial tail (an explicit loop: with factor 1

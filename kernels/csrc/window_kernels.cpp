@@ -448,9 +448,6 @@ void tile_backward(const T* q, const T* k, const T* v, const T* dout, const T* l
   constexpr int L = Vec<T>::lanes;
   const Geometry& g = tg.g;
   const int64_t N = g.tokens(), H = g.H, D = g.D, HD = H * D;
-  bool finite = true;  // no NaN or infinity in q and k: see neighborhood_products
-#pragma omp parallel for num_threads(threads) reduction(&& : finite)
-  for (int64_t b = 0; b < g.B; ++b) finite = finite && all_finite(q + b * N * HD, N * HD) && all_finite(k + b * N * HD, N * HD);
 #pragma omp parallel num_threads(threads)
   {
     TileScratch<T>& w = tile_scratch(tg, true);
@@ -469,6 +466,7 @@ void tile_backward(const T* q, const T* k, const T* v, const T* dout, const T* l
         const int64_t np = panel_setup(tg, panel, w);
         gather_rows(k, base, HD, w.ppos.data(), np, D, Dp, T(1), w.kp.data());
         gather_rows(v, base, HD, w.ppos.data(), np, D, Dp, T(1), w.vp.data());
+        const bool keys_finite = all_finite(w.kp.data(), np * Dp);  // else see neighborhood_products
         std::fill(w.dkp.begin(), w.dkp.begin() + np * Dp, T(0));
         std::fill(w.dvp.begin(), w.dvp.begin() + np * Dp, T(0));
         int64_t a[3];
@@ -478,6 +476,7 @@ void tile_backward(const T* q, const T* k, const T* v, const T* dout, const T* l
           const int64_t nk = tile_setup(tg, a, w);
           gather_rows(q, base, HD, w.qpos.data(), L, D, Dp, scale, w.qr.data());
           gather_rows(dout, base, HD, w.qpos.data(), L, D, Dp, T(1), w.dor.data());
+          const bool finite = keys_finite && all_finite(w.qr.data(), L * Dp);
           transpose_rows(rows_of(w.dor.data(), Dp), L, L, D, T(1), w.dot.data());
           halo_rows(tg, a, w);
           if (probs) {  // P^T saved by the forward
