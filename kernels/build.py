@@ -12,7 +12,7 @@ compiler.
 The flags are the safe ones: no ``-ffast-math``, which would let the compiler assume that no value
 is NaN or infinite (the kernels must pass NaN and inf through as the reference does), only
 contraction into FMAs, no errno from libm and no FP traps. Against ``-ffast-math`` they cost
-nothing measurable (the vector code is explicit: its exp is a polynomial, not a libm call).
+nothing measurable (the vector code is explicit; exp and the float log are polynomials, not libm calls).
 """
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ ISAS = ("avx512", "avx2", "neon", "scalar")
 COMPILE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno",
                  "-fno-trapping-math"]
 LINK_FLAGS = ["-shared", "-fopenmp"]
-# what the first build took on a 2-core AMD EPYC (both objects compiled side by side), for the notice
-BUILD_SECONDS = 25
+# the first build, for the notice: 17 s of compiler CPU time for AVX-512 (13 s for AVX2), the two kernel
+# objects compiled side by side, so about 10 s on two idle cores (a 2-core AMD EPYC); a busy machine
+# takes several times longer
+BUILD_SECONDS = 15
 
 _lock = threading.Lock()
 _libraries: Dict[str, ctypes.CDLL] = {}

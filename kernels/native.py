@@ -250,7 +250,7 @@ def _block_call(query: torch.Tensor, params: NeighborhoodParams, bias: Optional[
 
 @functools.lru_cache(maxsize=128)
 def _block_geometry(shape: Tuple[int, ...], params: NeighborhoodParams, bias_heads: int):
-    """``(geom, tables)`` of the block kernels for a query of ``shape`` (see ``csrc/na_cpu.cpp``)."""
+    """``(geom, tables)`` of the block kernels for a query of ``shape`` (see ``csrc/block_kernels.cpp``)."""
     spatial = shape[1:-2]
     tables, dims = _block_tables(spatial, params)
     padded = [1] * (3 - len(spatial)) + list(spatial)
@@ -268,7 +268,7 @@ PROBABILITIES_SLACK = 16  # the lanes of a float32 vector: >= those of any dtype
 
 def block_probabilities_numel(query_shape, params: NeighborhoodParams) -> int:
     """Elements of the attention probabilities that :func:`block_forward` saves for ``query_shape``:
-    per block ``K * K`` rounded up to whole vectors, plus one vector of slack (see ``csrc/na_cpu.cpp``)."""
+    per block ``K * K`` rounded up to whole vectors, plus one vector of slack (see ``csrc/block_kernels.cpp``)."""
     tokens = math.prod(params.kernel_size)
     blocks = query_shape[0] * query_shape[-2] * math.prod(query_shape[1:-2]) // tokens
     return blocks * -(-tokens * tokens // PROBABILITIES_SLACK) * PROBABILITIES_SLACK + PROBABILITIES_SLACK
