@@ -15,6 +15,7 @@ back), the same for every method.
     python tools/bench_kernels.py --markdown perf.md --plot perf.png
     python tools/bench_kernels.py --tiling-only     # GPU tiling analysis, no timing (runs anywhere)
     python tools/bench_kernels.py --device cuda     # GPU: Triton vs FlexAttention vs flash SDPA vs NATTEN
+    python tools/bench_kernels.py --isa avx2        # the C++ kernels built for another instruction set
 
 Peak memory is measured as in ``tools/benchmark.py``: on CPU the growth of the process's peak
 resident set (Linux VmHWM, reset before each run), on CUDA ``torch.cuda.max_memory_allocated``.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import math
+import os
 import platform
 import sys
 import time
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 
 from visionzoo.kernels import (
     NeighborhoodParams,
+    build,
     attention_density,
     make_params,
     native,
@@ -51,7 +54,7 @@ from visionzoo.kernels.cpu import default_q_tile, tile_plan
 from visionzoo.kernels.indexing import disjoint_blocks
 from visionzoo.kernels.tiling import tiling_analysis
 
-sys.path.insert(0, __import__("os").path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(__file__))
 from bench_gpu import SHAPES as GPU_SHAPES  # noqa: E402
 from bench_gpu import gpu_benchmark_rows  # noqa: E402
 from benchmark import PeakMemory  # noqa: E402
@@ -84,6 +87,17 @@ DEFAULT_SHAPES = [
     Shape(2, (8, 16, 16), 2, 32, (3, 5, 5), (1, 1, 1)),
 ]
 QUICK_SHAPES = [Shape(1, (28, 28), 2, 32, (7, 7), (1, 1))]
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def steady_allocator() -> bool:
@@ -312,9 +326,9 @@ def render(results, device_name: str) -> str:
         "register-blocked GEMMs near the FMA peak; what is left is memory traffic (q, k, v, dO in, the",
         "gradients out: the bytes dense attention moves too, which sparsity does not reduce) and the softmax,",
         "so at high density (25% at 14x14 d2) it gains less over dense than the density suggests. 'native' runs",
-        "tiles of up to 16 queries against the halo of keys their windows span, with GEMMs near the FMA peak, but",
-        "about half of those pairs are masked out (49 of 100 keys for 7x7 windows and 4x4 tiles, 75 of 192 in",
-        "3D), and the masked softmax, gathers and writes around the GEMMs take about as long again.",
+        "tiles of one vector of queries (16 float32 on AVX-512, 8 on AVX2) against the halo of keys their windows",
+        "span, with GEMMs near the FMA peak, but about half of those pairs are masked out (49 of 100 keys for 7x7",
+        "windows and 4x4 tiles, 75 of 192 in 3D), and the masked softmax, gathers and writes around the GEMMs take about as long again.",
         "Speed of light = dense unmasked SDPA time x attention density. 'tiled halo' is the keys a query",
         "tile of the tiled path computes per query over the keys it needs (that path's extra work).",
     ]
@@ -403,9 +417,13 @@ def main(argv=None) -> None:
     parser.add_argument("--markdown", help="also write the tables to this file")
     parser.add_argument("--plot", help="write a bar chart (PNG) to this file")
     parser.add_argument("--tiling-only", action="store_true", help="print the GPU tiling analysis and stop")
+    parser.add_argument("--isa", choices=build.ISAS,
+                        help="instruction set of the C++ kernels (default: the best this CPU executes)")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's malloc thresholds alone (see the module docstring)")
     args = parser.parse_args(argv)
+    if args.isa:
+        os.environ["VISIONZOO_NATIVE_ISA"] = args.isa
 
     tiling = render_tiling()
     if args.tiling_only:
@@ -423,7 +441,8 @@ def main(argv=None) -> None:
         return
     shapes = QUICK_SHAPES if args.quick else DEFAULT_SHAPES
     if device.type == "cpu":
-        device_name = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        isa = native.isa() if native.available() else "unavailable"
+        device_name = f"CPU {cpu_model()}, C++ kernels for {isa}, {torch.get_num_threads()} threads"
         if not args.default_allocator and steady_allocator():
             device_name += "; glibc malloc thresholds raised (freed buffers are reused)"
     else:

@@ -8,6 +8,7 @@ import torch
 from tests.kernels.test_blocked import check_saved_probabilities
 from visionzoo.kernels import (
     block_sparse_attention,
+    build,
     make_params,
     na2d,
     na3d,
@@ -198,36 +199,10 @@ def test_results_do_not_depend_on_the_thread_count(backend, batch, spatial):
         assert torch.equal(one, three)
 
 
-def test_library_is_built_once_and_cached():
-    native.library()
-    built = sorted(native.cache_dir().glob("na_cpu_*.so"))
-    assert built, "no cached library"
-    assert native.library() is native.library()
-    assert sorted(native.cache_dir().glob("na_cpu_*.so")) == built
-
-
-def test_a_fresh_build_in_a_new_cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("VISIONZOO_CACHE_DIR", str(tmp_path))
-    compiler = native._compiler()
-    path = native._build(compiler)
-    assert path.parent == tmp_path / "native" and path.exists()
-    assert native._bind(path).vz_abi_version() == native.ABI_VERSION
-    assert native._build(compiler) == path  # cached: same file, not rebuilt
-    assert [p.name for p in (tmp_path / "native").iterdir()] == [path.name]  # no temporary files left
-
-
-def test_build_failure_is_reported(tmp_path, monkeypatch):
-    broken = tmp_path / "broken.cpp"
-    broken.write_text("this is not C++\n")
-    monkeypatch.setenv("VISIONZOO_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(native, "SOURCE", broken)
-    with pytest.raises(RuntimeError, match="failed"):
-        native._build(native._compiler())
-
-
 def test_disabled_native_kernel_falls_back_to_tiled(monkeypatch):
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_reason", None)
+    monkeypatch.setattr(build, "_libraries", {})
+    monkeypatch.setattr(build, "_reasons", {})
+    monkeypatch.setattr(build, "_selected", None)
     monkeypatch.setenv("VISIONZOO_NATIVE", "0")
     assert not native.available()
     assert "VISIONZOO_NATIVE=0" in native.unavailable_reason()
