@@ -7,15 +7,17 @@ on ATen's fused attention, and fused Triton kernels for GPUs. See :func:`na2d` f
 convention and :mod:`visionzoo.kernels.dispatch` for the backends.
 """
 from .checks import NeighborhoodParams, make_params
-from .dispatch import BACKENDS, get_backend, resolve_backend, set_backend, use_backend
+from .dispatch import ALIASES, BACKENDS, can_run, get_backend, resolve_backend, set_backend, use_backend
 from .functional import block_sparse_attention, na1d, na2d, na3d, neighborhood_attention
 from .indexing import attention_density, neighborhood_mask, window_bounds
 
 __all__ = [
+    "ALIASES",
     "BACKENDS",
     "NeighborhoodParams",
     "attention_density",
     "block_sparse_attention",
+    "can_run",
     "get_backend",
     "make_params",
     "na1d",

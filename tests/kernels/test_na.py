@@ -1,4 +1,5 @@
-"""Neighborhood attention: reference vs brute force, CPU path vs reference, checks, dispatch, compile."""
+"""Neighborhood attention: reference vs brute force, the CPU implementations vs the reference, checks,
+dispatch, compile."""
 import pytest
 import torch
 
@@ -16,8 +17,8 @@ from visionzoo.kernels import (
 )
 
 OPS = {1: na1d, 2: na2d, 3: na3d}
-# the two CPU implementations; "cpu" picks one of them per call
-CPU_PATHS = ["native", "tiled"]
+# the implementations that run any neighborhood on CPU tensors (the block ones: test_blocked.py)
+CPU_PATHS = ["cpu:window", "torch:tiles"]
 
 # (spatial, kernel_size, stride, dilation, is_causal, heads, head_dim)
 CASES = [
@@ -246,7 +247,7 @@ def test_custom_op_passes_opcheck(path):
     )
 
 
-def test_flop_counter_counts_the_custom_ops():
+def test_flop_counter_counts_the_custom_ops(native_kernel):
     from torch.utils.flop_counter import FlopCounterMode
 
     from visionzoo.kernels import block_sparse_attention
@@ -273,42 +274,3 @@ def test_flop_counter_counts_the_custom_ops():
     with FlopCounterMode(display=False) as counter:
         block_sparse_attention(q, q, q, mask, 16, backend="cpu")
     assert counter.get_total_flops() == 2 * (2 * 1 * 8 * 3 * 2 * 16 * 16)  # 3 kept tiles per head, 2 heads
-
-
-@pytest.mark.parametrize("backend", ["blocked", "native", "tiled"])
-def test_plain_eager_calls_skip_the_custom_op_with_identical_results(backend, monkeypatch):
-    from visionzoo.kernels import ops
-
-    spatial, kernel, dilation = ((14, 14), 7, 2) if backend == "blocked" else ((9, 10), 3, 1)
-    q, k, v = _inputs(spatial, 2, 8, torch.float64, requires_grad=True)
-    rpb = torch.randn(2, 2 * kernel - 1, 2 * kernel - 1, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(q.shape, dtype=torch.float64)
-    config = ([kernel] * 2, [1, 1], [dilation] * 2, [False, False], 0.3, backend)
-
-    def through_custom_op():
-        out = ops.na_forward(q, k, v, rpb, *config, True)[0]
-        return out, torch.autograd.grad(out, [q, k, v, rpb], grad)
-
-    expected_out, expected_grads = through_custom_op()
-    calls = []
-    custom_op = ops.na_forward
-    monkeypatch.setattr(ops, "na_forward", lambda *args: calls.append(args) or custom_op(*args))
-    out = na2d(q, k, v, kernel, dilation=dilation, scale=0.3, rpb=rpb, backend=backend)
-    grads = torch.autograd.grad(out, [q, k, v, rpb], grad)
-    with torch.no_grad():
-        inference = na2d(q, k, v, kernel, dilation=dilation, scale=0.3, rpb=rpb, backend=backend)
-    assert calls == []  # plain eager: the implementations ran directly
-    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
-    torch.testing.assert_close(inference, expected_out, rtol=0, atol=0)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False):  # a dispatch mode needs the registered op
-        na2d(q, k, v, kernel, dilation=dilation, rpb=rpb, backend=backend)
-    assert len(calls) == 1
-    with pytest.raises(RuntimeError, match="once_differentiable|double backward|differentiable"):
-        d_query = torch.autograd.grad(na2d(q, k, v, kernel, dilation=dilation, backend=backend).square().sum(), q,
-                                      create_graph=True)[0]
-        d_query.sum().backward()
