@@ -15,13 +15,15 @@ Backends (the ``backend=`` argument of every op, or the thread default of :func:
 * ``"triton"``: the fused Triton kernels (:mod:`.triton_na`), CUDA tensors, or CPU tensors under
   ``TRITON_INTERPRET=1``.
 
-Old names stay accepted: ``"native"`` and ``"blocked"`` mean ``"cpu"``, ``"tiled"`` means ``"torch"``.
-Block-sparse attention has no C++ kernel: ``"cpu"`` runs it on the ``"torch"`` path.
-
 What runs is an *implementation*, the string the custom ops of :mod:`.ops` receive:
 ``"cpu:window"``, ``"cpu:blocks"``, ``"torch:tiles"``, ``"torch:blocks"``, ``"triton"`` or
 ``"reference"``. Tests and benchmarks may pass one of them as ``backend=`` to force it; a forced
 implementation that cannot run the call raises with the reason.
+
+The old names stay accepted as aliases of what they ran: ``"native"`` is ``"cpu:window"`` (the C++
+window kernel), ``"tiled"`` is ``"torch:tiles"``, and ``"blocked"`` is ``"cpu:blocks"``, or
+``"torch:blocks"`` where the C++ kernels cannot run. Block-sparse attention has no C++ kernel:
+``"cpu"`` (and the old names) run it as ``"torch:tiles"``.
 
 ``VISIONZOO_ATTN_BACKEND`` sets the process-wide default.
 """
@@ -40,7 +42,7 @@ from .checks import NeighborhoodParams
 from .indexing import disjoint_blocks
 
 BACKENDS = ("auto", "reference", "cpu", "torch", "triton")
-ALIASES = {"native": "cpu", "blocked": "cpu", "tiled": "torch"}
+ALIASES = {"native": "cpu:window", "blocked": "cpu:blocks", "tiled": "torch:tiles"}
 IMPLEMENTATIONS = ("reference", "cpu:window", "cpu:blocks", "torch:tiles", "torch:blocks", "triton")
 
 _state = threading.local()
@@ -103,7 +105,7 @@ def _blocks(spatial, params) -> bool:
 
 
 def can_run(backend: str, device: torch.device) -> Optional[str]:
-    """None when ``backend`` (a public name or an alias) can run on tensors of ``device``, else the
+    """None when ``backend`` (a name, alias or implementation) can run on tensors of ``device``, else the
     reason it cannot, e.g. ``"cpu: the native kernel could not be built: no C++ compiler found"``."""
     backend = ALIASES.get(backend, backend)
     if not isinstance(device, torch.device):
@@ -148,8 +150,10 @@ def resolve_backend(
     asked for by name cannot run, ValueError for a forced block implementation on windows that are
     not disjoint blocks."""
     name = _check_name(requested if requested is not None else get_backend())
+    if name == "blocked" and can_run("cpu", device) is not None:
+        name = "torch:blocks"
     name = ALIASES.get(name, name)
-    if block_sparse and device.type == "cpu" and name.startswith("cpu"):
+    if block_sparse and (name.endswith("blocks") or (device.type == "cpu" and name.startswith("cpu"))):
         return "torch:tiles"  # no C++ block-sparse kernel: its tiles are dense blocks, which ATen runs well
     if name == "auto":
         preferred = "triton" if device.type == "cuda" else "cpu"
@@ -165,7 +169,8 @@ def resolve_backend(
     blocks = _blocks(spatial, params)
     if name in ("cpu:blocks", "torch:blocks"):
         if params is not None and not blocks:
-            raise ValueError(f"backend={name!r} needs disjoint blocks: {_not_blocks(spatial, params)}")
+            raise ValueError(f"backend={requested or get_backend()!r} needs disjoint blocks: "
+                             f"{_not_blocks(spatial, params)}")
         return name
     if name == "cpu":
         return "cpu:blocks" if blocks else "cpu:window"

@@ -45,8 +45,8 @@ def neighborhood_attention(
         is_causal: causal masking per dimension.
         scale: logit scale, default ``head_dim ** -0.5``.
         rpb: optional relative position bias ``[heads, 2*k0-1, 2*k1-1, ...]`` (stride 1 only).
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"torch"`` or ``"triton"`` (old names
-            ``"native"``, ``"blocked"``, ``"tiled"`` are aliases; see :mod:`visionzoo.kernels.dispatch`);
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"torch"`` or ``"triton"`` (the old names
+            ``"native"``, ``"blocked"``, ``"tiled"`` still work; see :mod:`visionzoo.kernels.dispatch`);
             ``None`` uses the thread default set by :func:`visionzoo.kernels.use_backend`.
 
     Returns:

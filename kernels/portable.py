@@ -187,9 +187,11 @@ def _attend_backward(grad, q, k, v, out, lse, bias, scale: float, logit_gradient
 
 
 def _finite(*tensors: torch.Tensor) -> bool:
-    """Whether every element is finite (one sum per tensor: a NaN or inf survives it); meta tensors
-    hold no values and count as finite."""
-    return all(t.device.type == "meta" or bool(torch.isfinite(t.sum())) for t in tensors)
+    """Whether every element is finite (one sum per tensor: a NaN or inf survives it). Meta tensors
+    hold no values, and a CUDA graph being captured cannot wait for them: both count as finite."""
+    if tensors[0].device.type == "meta" or (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+        return True
+    return all(bool(torch.isfinite(t.sum())) for t in tensors)
 
 
 def _token_major(x: torch.Tensor) -> torch.Tensor:

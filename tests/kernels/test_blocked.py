@@ -7,6 +7,7 @@ import torch
 
 from tests.kernels.brute_force import window_1d
 from tests.kernels.test_na import _inputs as random_inputs
+from tests.kernels.tester import check_against_reference
 from visionzoo.kernels import blocked, make_params, native, neighborhood_attention, ops, resolve_backend
 from visionzoo.kernels.indexing import disjoint_blocks
 from visionzoo.kernels.reference import neighborhood_attention_reference
@@ -81,14 +82,8 @@ def test_blocked_matches_reference_fp32(case, implementation):
     params = make_params(len(spatial), kernel, stride, dilation)
     q, k, v = _inputs(spatial, heads, head_dim, torch.float32)
     rpb = _rpb(params, heads, torch.float32) if all(s == 1 for s in params.stride) else None
-    inputs = [q, k, v] + ([rpb] if rpb is not None else [])
-    expected = neighborhood_attention_reference(q, k, v, params, head_dim ** -0.5, rpb)
-    out = neighborhood_attention(q, k, v, kernel, stride, dilation, rpb=rpb, backend=implementation)
-    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
-    grad = torch.randn_like(out)
-    for name, got, want in zip(["dq", "dk", "dv", "drpb"], torch.autograd.grad(out, inputs, grad),
-                               torch.autograd.grad(expected, inputs, grad)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    check_against_reference(implementation, q, k, v, kernel, stride, dilation, rpb=rpb, tolerance=2e-5,
+                            grad_tolerance=1e-4)
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=_ids)
@@ -220,13 +215,8 @@ def test_blocked_kernel_rows_of_one_head_among_several(head_dim, native_kernel):
     params = make_params(2, 7, 1, 2)
     q, k, v = _inputs((14, 14), 3, head_dim, torch.float32, batch=8)
     rpb = _rpb(params, 3, torch.float32)
-    expected = neighborhood_attention_reference(q, k, v, params, 0.3, rpb)
-    out = neighborhood_attention(q, k, v, 7, dilation=2, scale=0.3, rpb=rpb, backend="cpu:blocks")
-    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
-    grad = torch.randn_like(out)
-    for name, got, want in zip(["dq", "dk", "dv", "drpb"], torch.autograd.grad(out, [q, k, v, rpb], grad),
-                               torch.autograd.grad(expected, [q, k, v, rpb], grad)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    check_against_reference("cpu:blocks", q, k, v, 7, dilation=2, scale=0.3, rpb=rpb, tolerance=2e-5,
+                            grad_tolerance=1e-4)
 
 
 def test_blocked_keeps_probabilities_only_for_small_blocks(implementation):

@@ -22,11 +22,16 @@ CPU, META = torch.device("cpu"), torch.device("meta")
 
 def test_public_names_and_aliases():
     assert BACKENDS == ("auto", "reference", "cpu", "torch", "triton")
-    assert ALIASES == {"native": "cpu", "blocked": "cpu", "tiled": "torch"}
-    for old, new in ALIASES.items():
-        assert resolve_backend(old, META if new == "torch" else CPU) == resolve_backend(new, META if new == "torch" else CPU)
+    assert ALIASES == {"native": "cpu:window", "blocked": "cpu:blocks", "tiled": "torch:tiles"}
+    blocks, window = ((14, 14), make_params(2, 7, 1, 2)), ((56, 56), make_params(2, 7))
+    assert resolve_backend("tiled", META, *window) == "torch:tiles"
+    assert resolve_backend("tiled", CPU, *blocks) == "torch:tiles"  # the old name ran tiles whatever the geometry
+    assert resolve_backend("blocked", META, *blocks) == "torch:blocks"  # no C++ kernels for meta tensors
+    with pytest.raises(ValueError, match="needs disjoint blocks"):
+        resolve_backend("blocked", META, *window)
     with pytest.raises(ValueError, match="unknown attention backend 'cuda-magic'; choose one of auto, reference, cpu, "
-                                         "torch, triton \\(old names: native = cpu, blocked = cpu, tiled = torch\\)"):
+                                         "torch, triton \\(old names: native = cpu:window, blocked = cpu:blocks, "
+                                         "tiled = torch:tiles\\)"):
         resolve_backend("cuda-magic", CPU)
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests.kernels.brute_force import brute_force_na
+from tests.kernels.tester import check_against_reference
 from visionzoo.kernels import (
     attention_density,
     get_backend,
@@ -87,18 +88,9 @@ def test_every_query_attends_kernel_size_keys(case):
 @pytest.mark.parametrize("case, with_rpb", _with_rpb_variants(CASES))
 def test_cpu_matches_reference_fp32(case, with_rpb, path):
     spatial, kernel, stride, dilation, causal, heads, head_dim = case
-    op = OPS[len(spatial)]
     q, k, v = _inputs(spatial, heads, head_dim, torch.float32, requires_grad=True)
     rpb = _rpb(kernel, len(spatial), heads, torch.float32).requires_grad_() if with_rpb else None
-    inputs = [q, k, v] + ([rpb] if with_rpb else [])
-    expected = op(q, k, v, kernel, stride, dilation, causal, rpb=rpb, backend="reference")
-    out = op(q, k, v, kernel, stride, dilation, causal, rpb=rpb, backend=path)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
-    grad = torch.randn_like(out)
-    grads_expected = torch.autograd.grad(expected, inputs, grad)
-    grads = torch.autograd.grad(out, inputs, grad)
-    for name, got, want in zip(["dq", "dk", "dv", "drpb"], grads, grads_expected):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    check_against_reference(path, q, k, v, kernel, stride, dilation, causal, rpb=rpb, tolerance=1e-4)
 
 
 @pytest.mark.parametrize("path", CPU_PATHS)
@@ -143,13 +135,7 @@ def test_larger_nat_shape_fp32(path):
     """A NAT-like stage (odd size, dilation, rpb) at fp32 tolerance, forward and backward."""
     q, k, v = _inputs((23, 19), 3, 32, torch.float32, requires_grad=True)
     rpb = _rpb(7, 2, 3, torch.float32).requires_grad_()
-    expected = na2d(q, k, v, 7, dilation=(3, 2), rpb=rpb, backend="reference")
-    out = na2d(q, k, v, 7, dilation=(3, 2), rpb=rpb, backend=path)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
-    grad = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, [q, k, v, rpb], grad),
-                         torch.autograd.grad(expected, [q, k, v, rpb], grad)):
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    check_against_reference(path, q, k, v, 7, dilation=(3, 2), rpb=rpb, tolerance=1e-4, grad_tolerance=1e-3)
 
 
 @pytest.mark.parametrize("path", CPU_PATHS)

@@ -6,18 +6,17 @@ import pytest
 import torch
 
 from tests.kernels.test_blocked import check_saved_probabilities
+from tests.kernels.tester import check_against_reference
 from visionzoo.kernels import (
     block_sparse_attention,
     make_params,
     na2d,
-    na3d,
     native,
     neighborhood_mask,
     ops,
     resolve_backend,
 )
 from visionzoo.kernels.dispatch import can_run
-from visionzoo.kernels.reference import neighborhood_attention_reference
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("native_kernel")
@@ -35,27 +34,16 @@ def test_head_dims_against_reference(head_dim, dtype):
     non-dividing dilation, a causal axis and rpb, forward and backward."""
     q, k, v = _inputs((2, 11, 9, 2, head_dim), dtype)
     rpb = torch.randn(2, 5, 7, dtype=dtype, requires_grad=True)
-    params = make_params(2, (3, 4), 1, (3, 2), (False, True))
-    expected = neighborhood_attention_reference(q, k, v, params, head_dim ** -0.5, rpb)
-    out = na2d(q, k, v, (3, 4), dilation=(3, 2), is_causal=(False, True), rpb=rpb, backend="cpu:window")
     tolerance = 1e-10 if dtype == torch.float64 else 2e-5
-    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
-    grad = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, [q, k, v, rpb], grad),
-                         torch.autograd.grad(expected, [q, k, v, rpb], grad)):
-        torch.testing.assert_close(got, want, rtol=tolerance * 10, atol=tolerance * 10)
+    check_against_reference("cpu:window", q, k, v, (3, 4), dilation=(3, 2), is_causal=(False, True), rpb=rpb,
+                            tolerance=tolerance, grad_tolerance=tolerance * 10)
 
 
 def test_more_keys_than_one_vector_and_3d_stride():
     """A 3D window of 75 keys (several vector groups of scores, a partial last one) with stride."""
     q, k, v = _inputs((1, 6, 9, 10, 2, 32), torch.float32)
-    params = make_params(3, (3, 5, 5), (1, 2, 3), 1, False)
-    expected = neighborhood_attention_reference(q, k, v, params, 0.2)
-    out = na3d(q, k, v, (3, 5, 5), stride=(1, 2, 3), scale=0.2, backend="cpu:window")
-    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
-    grad = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, [q, k, v], grad), torch.autograd.grad(expected, [q, k, v], grad)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    check_against_reference("cpu:window", q, k, v, (3, 5, 5), stride=(1, 2, 3), scale=0.2, tolerance=2e-5,
+                            grad_tolerance=1e-4)
 
 
 @pytest.mark.parametrize("spatial, tile", [
@@ -81,16 +69,8 @@ def test_window_kernel_is_exact_for_any_tile_shape(spatial, tile, monkeypatch):
     if len(spatial) == 2:
         stride = 1
         rpb = torch.randn(2, *(2 * n - 1 for n in kernel), dtype=dtype, requires_grad=True)
-    params = make_params(len(spatial), kernel, stride, dilation, causal)
-    expected = neighborhood_attention_reference(q, k, v, params, 0.3, rpb)
-    op = na2d if len(spatial) == 2 else na3d
-    out = op(q, k, v, kernel, stride=stride, dilation=dilation, is_causal=causal, scale=0.3, rpb=rpb,
-             backend="cpu:window")
-    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
-    grad = torch.randn_like(out)
-    inputs = [q, k, v] + ([rpb] if rpb is not None else [])
-    for got, want in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
-        torch.testing.assert_close(got, want, rtol=tolerance * 10, atol=tolerance * 10)
+    check_against_reference("cpu:window", q, k, v, kernel, stride, dilation, causal, scale=0.3, rpb=rpb,
+                            tolerance=tolerance, grad_tolerance=tolerance * 10)
 
 
 def test_window_kernel_on_an_input_too_large_for_whole_group_panels():
@@ -236,15 +216,19 @@ def test_disabled_native_kernel_auto_falls_back_to_torch_and_cpu_says_why(monkey
     assert resolve_backend("auto", CPU) == "torch:tiles"
     assert resolve_backend("auto", CPU, (14, 14), make_params(2, 7, 1, 2)) == "torch:blocks"
     assert can_run("cpu", CPU) == "cpu: the native kernel could not be built: disabled by VISIONZOO_NATIVE=0"
-    for name in ("cpu", "native", "blocked", "cpu:window", "cpu:blocks"):
+    for name in ("cpu", "native", "cpu:window", "cpu:blocks"):
         with pytest.raises(RuntimeError, match="cpu: the native kernel could not be built: .*VISIONZOO_NATIVE=0"):
             resolve_backend(name, CPU)
+    assert resolve_backend("blocked", CPU, (14, 14), make_params(2, 7, 1, 2)) == "torch:blocks"  # as it always ran
 
 
 def test_cpu_dispatch():
     assert resolve_backend("cpu", CPU) == "cpu:window"
     assert resolve_backend("auto", CPU) == "cpu:window"
     assert resolve_backend("tiled", CPU) == "torch:tiles"
+    # the old names run what they ran: the window kernel, and the block kernel where windows are blocks
+    assert resolve_backend("native", CPU, (14, 14), make_params(2, 7, 1, 2)) == "cpu:window"
+    assert resolve_backend("blocked", CPU, (14, 14), make_params(2, 7, 1, 2)) == "cpu:blocks"
     assert resolve_backend("auto", torch.device("meta")) == "torch:tiles"
     with pytest.raises(RuntimeError, match="cpu: the C\\+\\+ kernels run on CPU tensors, got a tensor on meta"):
         resolve_backend("cpu", torch.device("meta"))
