@@ -30,7 +30,8 @@ class NeighborhoodParams:
 
 def _as_tuple(name: str, value, num_dims: int, kind: type) -> tuple:
     if isinstance(value, (str, bytes)):
-        raise TypeError(f"{name} must be a {kind.__name__} or a tuple of {num_dims} {kind.__name__}s, got the string {value!r}")
+        raise TypeError(f"{name} must be a {kind.__name__} or a tuple of {num_dims} {kind.__name__}s, "
+                        f"got the string {value!r}")
     if isinstance(value, (bool, int)) and not isinstance(value, torch.Tensor):
         if kind is int and isinstance(value, bool):
             raise ValueError(f"{name} must be an int or a tuple of {num_dims} ints, got {value!r}")

@@ -110,7 +110,8 @@ def neighborhood_mask(spatial: Sequence[int], params: NeighborhoodParams) -> tor
 
 
 @functools.lru_cache(maxsize=64)
-def window_keys(spatial: Tuple[int, ...], params: NeighborhoodParams) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def window_keys(spatial: Tuple[int, ...], params: NeighborhoodParams
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The keys of every query's window: ``(keys, valid, rel)``, each ``[N, K]`` over row-major flat
     positions (``N = prod(spatial)``, ``K = prod(kernel_size)``): the flat key positions, whether
     the slot is part of the window (causal windows near the start hold fewer keys; their other

@@ -202,10 +202,12 @@ def neighborhood(query, key, value, rpb, kernel_size, stride, dilation, is_causa
 def block_sparse_forward(
     query: Tensor, key: Tensor, value: Tensor, block_mask: Tensor, q_block: int, kv_block: int, scale: float, backend: str
 ) -> Tuple[Tensor, Tensor]:
-    """Returns ``(out [B, Nq, H, D], lse [B, Nq, H])``; lse dtype per :func:`~visionzoo.kernels.reference.compute_dtype`.
-    Without queries or keys: zero output (rows that attend nothing) and lse -inf."""
+    """Returns ``(out [B, Nq, H, D], lse [B, Nq, H])``; lse dtype per
+    :func:`~visionzoo.kernels.reference.compute_dtype`. Without queries or keys: zero output (rows that
+    attend nothing) and lse -inf."""
     if query.numel() == 0 or key.shape[1] == 0:
-        return torch.zeros_like(query), query.new_full(query.shape[:-1], float("-inf"), dtype=compute_dtype(query.dtype))
+        lse = query.new_full(query.shape[:-1], float("-inf"), dtype=compute_dtype(query.dtype))
+        return torch.zeros_like(query), lse
     return _block_sparse_module(backend).block_sparse_forward(query, key, value, block_mask, q_block, kv_block, scale)
 
 

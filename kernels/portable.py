@@ -198,7 +198,8 @@ def _token_major(x: torch.Tensor) -> torch.Tensor:
     """``[B, *spatial, H, D]`` -> contiguous ``[N, B*H, D]``."""
     batch, heads, head_dim = x.shape[0], x.shape[-2], x.shape[-1]
     tokens = math.prod(x.shape[1:-2])
-    return x.reshape(batch, tokens, heads * head_dim).transpose(0, 1).reshape(tokens, batch * heads, head_dim).contiguous()
+    x = x.reshape(batch, tokens, heads * head_dim).transpose(0, 1)
+    return x.reshape(tokens, batch * heads, head_dim).contiguous()
 
 
 def _from_token_major(x: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:

@@ -312,8 +312,9 @@ def render(results, device_name: str) -> str:
         )
     notes = [
         "",
-        "'ours' is backend='cpu', which runs the implementation named in 'ours runs'. 'cpu:blocks' (windows that cut the",
-        "input into disjoint blocks, e.g. whole dilation groups) is dense attention per block: no extra pairs,",
+        "'ours' is backend='cpu', which runs the implementation named in 'ours runs'. 'cpu:blocks' (windows",
+        "that cut the input into disjoint blocks, e.g. whole dilation groups) is dense attention per block: no",
+        "extra pairs,",
         "register-blocked GEMMs near the FMA peak; what is left is memory traffic (q, k, v, dO in, the",
         "gradients out: the bytes dense attention moves too, which sparsity does not reduce) and the softmax,",
         "so at high density (25% at 14x14 d2) it gains less over dense than the density suggests. 'cpu:window' runs",

@@ -104,7 +104,8 @@ def test_torch_path_on_meta_tensors_never_calls_the_cpu_op(with_rpb, monkeypatch
     assert torch.autograd.grad(out.sum(), q)[0].shape == q.shape
 
 
-@pytest.mark.parametrize("spatial, kernel, dilation, causal", [((9, 10), 3, (2, 1), (False, True)), ((13,), 4, 3, False)])
+@pytest.mark.parametrize("spatial, kernel, dilation, causal",
+                         [((9, 10), 3, (2, 1), (False, True)), ((13,), 4, 3, False)])
 def test_torch_path_off_cpu_matches_the_reference(spatial, kernel, dilation, causal, monkeypatch):
     """The matmul route that other devices take (CUDA without triton, MPS), run on CPU tensors here
     with the CPU-only op refused: outputs and gradients equal the reference's, for neighborhood

@@ -86,8 +86,11 @@ def _nan_masks(op, backend, inputs, where, value, scale, kernel, dilation, rpb):
     q, k, v = (t.detach().clone() for t in inputs)
     if where is not None:
         {"q": q, "k": k, "v": v}[where][(0, *(3,) * (q.dim() - 3), 1, 0)] = value
-    leaves = [t.requires_grad_() for t in (q, k, v)] + ([rpb.detach().clone().requires_grad_()] if rpb is not None else [])
-    out = op(*leaves[:3], kernel, dilation=dilation, scale=scale, rpb=leaves[3] if rpb is not None else None, backend=backend)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    if rpb is not None:
+        leaves.append(rpb.detach().clone().requires_grad_())
+    out = op(*leaves[:3], kernel, dilation=dilation, scale=scale, rpb=leaves[3] if rpb is not None else None,
+             backend=backend)
     grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
     return [out.isnan()] + [g.isnan() for g in grads]
 
