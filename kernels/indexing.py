@@ -136,6 +136,20 @@ def window_keys(spatial: Tuple[int, ...], params: NeighborhoodParams
     return keys, valid, rel
 
 
+def relative_index(spatial: Sequence[int], params: NeighborhoodParams) -> torch.Tensor:
+    """``[N, N]`` flat index into ``rpb.reshape(heads, -1)`` for every (query, key) pair of a dense
+    formulation; only meaningful where :func:`neighborhood_mask` is true (clamped elsewhere)."""
+    index = torch.zeros(1, 1, dtype=torch.long)
+    for dim, length in enumerate(spatial):
+        kernel = params.kernel_size[dim]
+        coord = torch.arange(length) // params.dilation[dim]
+        index_dim = relative_offset(coord[:, None], coord[None, :], kernel).clamp(0, 2 * kernel - 2)
+        index = (index[:, None, :, None] * (2 * kernel - 1) + index_dim[None, :, None, :]).reshape(
+            index.shape[0] * length, -1
+        )
+    return index
+
+
 def attention_density(spatial: Sequence[int], params: NeighborhoodParams) -> float:
     """Fraction of the dense ``N x N`` attention matrix that the neighborhood mask keeps."""
     density = 1.0

@@ -260,3 +260,19 @@ def test_flop_counter_counts_the_custom_ops(native_kernel):
     with FlopCounterMode(display=False) as counter:
         block_sparse_attention(q, q, q, mask, 16, backend="cpu")
     assert counter.get_total_flops() == 2 * (2 * 1 * 8 * 3 * 2 * 16 * 16)  # 3 kept tiles per head, 2 heads
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_window_keys_list_the_mask_with_the_dense_relative_index(case):
+    """The reference's gathered windows: each query's valid slots are exactly its keys in the mask,
+    each with the rpb index of the dense formulation."""
+    from visionzoo.kernels.indexing import relative_index, window_keys
+
+    spatial, kernel, stride, dilation, causal, *_ = case
+    params = make_params(len(spatial), kernel, stride, dilation, causal)
+    keys, valid, rel = window_keys(tuple(spatial), params)
+    mask, dense_rel = neighborhood_mask(spatial, params), relative_index(spatial, params)
+    for query in range(keys.shape[0]):
+        attended = keys[query][valid[query]]
+        assert sorted(attended.tolist()) == mask[query].nonzero().flatten().tolist()
+        assert torch.equal(rel[query][valid[query]], dense_rel[query, attended])
