@@ -8,7 +8,7 @@ takes tiles of up to one vector of queries (:func:`_tile_shape`: 4x4 for 7x7 win
 AVX-512, 2x4 on AVX2) and runs register-blocked GEMMs over the halo of keys
 their windows span, masking each query to its own window; the block kernel runs dense attention per
 block. If no compiler is found or the build fails, :func:`available` returns False with the reason
-in :func:`unavailable_reason` and ``backend="cpu"`` uses the torch-op paths instead;
+in :func:`unavailable_reason`; ``backend="auto"`` then runs the ``torch`` path and ``backend="cpu"`` raises with the reason;
 ``VISIONZOO_NATIVE=0`` turns the kernels off.
 
 The index math stays in :mod:`.indexing`: per dimension, this module turns
@@ -24,10 +24,11 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import tiles
 from .build import cache_dir, isa, library, unavailable_reason, vector_bytes  # noqa: F401 (the build's API)
 from .build import available as _available
 from .checks import NeighborhoodParams
-from .indexing import disjoint_blocks, window_bounds
+from .indexing import disjoint_blocks, pad_to_3d, relative_offset, window_bounds
 from .reference import compute_dtype
 
 
@@ -45,25 +46,19 @@ def available() -> bool:
 def _tables(spatial: Tuple[int, ...], params: NeighborhoodParams) -> Tuple[torch.Tensor, Tuple[int, ...], int]:
     """``(tables [3 * (L0 + L1 + L2)] int64, per-dim (length, dilation, rpb stride), max keys)`` with
     1D/2D problems padded to 3D by leading dimensions of length 1."""
-    pad = 3 - len(spatial)
+    max_keys, pad = math.prod(params.kernel_size), 3 - len(spatial)
+    spatial, params = pad_to_3d(spatial, params)
     first, count, rfirst, dims = [], [], [], []
     rpb_extent = [2 * k - 1 for k in params.kernel_size]
-    for dim in range(3):
-        if dim < pad:
-            first.append(torch.zeros(1, dtype=torch.long))
-            count.append(torch.ones(1, dtype=torch.long))
-            rfirst.append(torch.zeros(1, dtype=torch.long))
-            dims.append((1, 1, 0))
-            continue
-        i = dim - pad
+    for i in range(3):
         kernel, dilation = params.kernel_size[i], params.dilation[i]
         group, coord, start, end = window_bounds(spatial[i], kernel, params.stride[i], dilation, params.is_causal[i])
         first.append(group + dilation * start)
         count.append(end - start)
-        rfirst.append(start - coord + kernel - 1)
-        dims.append((spatial[i], dilation, math.prod(rpb_extent[i + 1:])))
+        rfirst.append(relative_offset(coord, start, kernel))
+        dims.append((spatial[i], dilation, math.prod(rpb_extent[i + 1:]) if i >= pad else 0))
     tables = torch.cat(first + count + rfirst).contiguous()
-    return tables, tuple(dims), math.prod(params.kernel_size)
+    return tables, tuple(dims), max_keys
 
 
 def _geometry(query: torch.Tensor, params: NeighborhoodParams, rpb: Optional[torch.Tensor]):
@@ -109,49 +104,21 @@ def _suffix(dtype: torch.dtype) -> str:
 
 @functools.lru_cache(maxsize=128)
 def _tile_shape(spatial: Tuple[int, ...], params: NeighborhoodParams, lanes: int) -> torch.Tensor:
-    """Queries per tile along each (3D-padded) dimension for the tiled kernels: the shape of at most
-    ``lanes`` queries whose tiles, with their halos of keys, add up to the least GEMM work
-    (``prod over dims of sum over tiles of halo length``; fewer tiles on ties)."""
-    tables, dims, _ = _tables(spatial, params)
-    total = sum(d[0] for d in dims)
-    first, count = tables[:total].tolist(), tables[total:2 * total].tolist()
-
-    def work(dim: int, t: int) -> Tuple[int, int]:
-        offset = sum(d[0] for d in dims[:dim])
-        length, dilation = dims[dim][0], dims[dim][1]
-        halo = tiles = 0
-        for group in range(min(dilation, length)):
-            for x in range(group, length, t * dilation):
-                positions = range(x, min(length, x + t * dilation), dilation)
-                lo = min(first[offset + p] for p in positions)
-                hi = max(first[offset + p] + (count[offset + p] - 1) * dilation for p in positions)
-                halo += (hi - lo) // dilation + 1
-                tiles += 1
-        return halo, tiles
-
-    sizes = [1 << i for i in range(lanes.bit_length()) if (1 << i) <= lanes]
-    options = {dim: {t: work(dim, t) for t in sizes if t == 1 or t // 2 < -(-dims[dim][0] // dims[dim][1])}
-               for dim in range(3)}
-    best = None
-    for t0, w0 in options[0].items():
-        for t1, w1 in options[1].items():
-            for t2, w2 in options[2].items():
-                if t0 * t1 * t2 > lanes:
-                    continue
-                key = (w0[0] * w1[0] * w2[0], w0[1] * w1[1] * w2[1])
-                if best is None or key < best[0]:
-                    best = (key, (t0, t1, t2))
-    return torch.tensor(best[1], dtype=torch.long)
+    """The window kernel's queries per tile along each (3D-padded) dimension
+    (:func:`~visionzoo.kernels.tiles.cpu_window_tile`), as the tensor the kernel reads."""
+    return torch.tensor(tiles.cpu_window_tile(spatial, params, lanes), dtype=torch.long)
 
 
 SAVES_PROBABILITIES = True  # na_forward / na_backward take and give the saved probabilities
 
 
 def keeps_probabilities(query_shape, params: NeighborhoodParams) -> bool:
-    """Whether a training forward of the window kernel keeps the attention probabilities (then the
-    backward recomputes neither ``Q K^T`` nor the softmax): when a window has at most twice as many
-    keys as the head dim, so that they take at most twice the memory of the query (7x7 windows at head
-    dim 32, as in NAT/DiNAT); the policy of the block kernels (:mod:`.blocked`)."""
+    """Whether a training forward keeps the attention probabilities (then the backward recomputes
+    neither ``Q K^T`` nor the softmax), for the window kernel and both block implementations
+    (:mod:`.blocked`): when a window has at most twice as many keys as the head dim, so that they
+    take at most twice the memory of the query (7x7 windows at head dim 32, as in NAT/DiNAT). Larger
+    windows (wide window attention) recompute them, as flash attention does, rather than keep
+    ``K / head_dim`` query-sized tensors per layer."""
     return math.prod(params.kernel_size) <= 2 * query_shape[-1]
 
 
@@ -217,22 +184,15 @@ def _block_tables(spatial: Tuple[int, ...], params: NeighborhoodParams) -> Tuple
     every block's tokens, one row per distinct window of :func:`window_bounds`."""
     if disjoint_blocks(spatial, params) is None:
         raise ValueError(f"the windows of spatial {list(spatial)} with {params} are not disjoint blocks")
-    pad = 3 - len(spatial)
-    tables, blocks, kernels = [], [], []
-    for dim in range(3):
-        if dim < pad:
-            tables.append(torch.zeros(1, dtype=torch.long))
-            blocks.append(1)
-            kernels.append(1)
-            continue
-        i = dim - pad
+    spatial, params = pad_to_3d(spatial, params)
+    tables, blocks = [], []
+    for i in range(3):
         kernel, dilation = params.kernel_size[i], params.dilation[i]
         group, _, start, _ = window_bounds(spatial[i], kernel, params.stride[i], dilation, False)
         first = torch.unique(group + dilation * start)  # first token of every block
         tables.append((first[:, None] + dilation * torch.arange(kernel)).flatten())
         blocks.append(first.numel())
-        kernels.append(kernel)
-    return torch.cat(tables).contiguous(), tuple(blocks + kernels)
+    return torch.cat(tables).contiguous(), tuple(blocks) + params.kernel_size
 
 
 def _block_call(query: torch.Tensor, params: NeighborhoodParams, bias: Optional[torch.Tensor], dtype: torch.dtype):
@@ -253,7 +213,7 @@ def _block_geometry(shape: Tuple[int, ...], params: NeighborhoodParams, bias_hea
     """``(geom, tables)`` of the block kernels for a query of ``shape`` (see ``csrc/block_kernels.cpp``)."""
     spatial = shape[1:-2]
     tables, dims = _block_tables(spatial, params)
-    padded = [1] * (3 - len(spatial)) + list(spatial)
+    padded, _ = pad_to_3d(spatial, params)
     geom = torch.tensor([shape[0], *padded, shape[-2], shape[-1], *dims, max(bias_heads, 1)], dtype=torch.long)
     return geom, tables
 
