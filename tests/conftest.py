@@ -3,18 +3,21 @@
 The suite controls the variables that would change what it tests: ``VISIONZOO_ATTN_BACKEND``
 (the default backend) and ``VISIONZOO_NATIVE`` (``0`` turns the C++ kernels off) are removed, and
 ``TRITON_INTERPRET`` is set before triton is first imported (here, ahead of every test module):
-``1``, so that the Triton kernels run on CPU tensors, unless ``--triton-compiled`` asks for the
-compiled kernels (``pytest -m gpu --triton-compiled`` on a CUDA machine).
+``1``, so that the Triton kernels run on CPU tensors, unless the compiled kernels are asked for
+on a machine with a CUDA device: ``--triton-compiled``, or ``TRITON_INTERPRET=0`` set explicitly
+(``TRITON_INTERPRET=0 pytest -m gpu``). Without a CUDA device the interpreter is always used.
 """
 import os
 
 import pytest
+import torch
 
 CONTROLLED = ("VISIONZOO_ATTN_BACKEND", "VISIONZOO_NATIVE")
 
 for _name in CONTROLLED:
     os.environ.pop(_name, None)
-os.environ["TRITON_INTERPRET"] = "1"
+_COMPILED_ASKED = os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available()
+os.environ["TRITON_INTERPRET"] = "0" if _COMPILED_ASKED else "1"
 
 
 def pytest_addoption(parser):
