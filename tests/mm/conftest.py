@@ -156,9 +156,9 @@ default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval={max_epoc
     return path
 
 
-def train_losses(runner) -> list:
-    """The total training loss of every iteration of ``runner`` (mmengine's message hub)."""
-    log_history, _ = runner.message_hub.get_scalar("train/loss").data
+def train_losses(runner, key: str = "loss") -> list:
+    """A training loss (default: the total) of every iteration of ``runner`` (mmengine's message hub)."""
+    log_history, _ = runner.message_hub.get_scalar(f"train/{key}").data
     return [float(loss) for loss in log_history]
 
 

