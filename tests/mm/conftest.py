@@ -54,15 +54,17 @@ def _classes() -> tuple:
 
 
 def seg_config(path: Path, data_root: Path, model_name: str, max_iters: int = 2, train_images: Optional[int] = None,
-               background: bool = False) -> Path:
+               background: bool = False, evaluate_train_images: bool = False) -> Path:
     """A tiny UperNet config on ``configs/ade20k/upernet_<model>_512x512_160k.py`` at ``path``.
 
     ``train_images``: train on the first few images only (as many as the batch: a fixed batch).
     ``background``: label 0 is a class (11 classes) instead of ignored (ADE20K's ``reduce_zero_label``).
+    ``evaluate_train_images``: validate and test on the training images instead of the validation split.
     """
     base = CONFIGS / "ade20k" / f"upernet_{model_name}_512x512_160k.py"
     classes = (("background",) if background else ()) + _classes()
     batch_size = min(train_images or 2, 2) if train_images else 4
+    split = "training" if evaluate_train_images else "validation"
     path.write_text(f"""
 _base_ = {str(base)!r}
 crop_size = ({IMAGE_SIZE}, {IMAGE_SIZE})
@@ -91,8 +93,8 @@ train_dataloader = dict(
                  data_prefix=dict(img_path='images/training', seg_map_path='annotations/training')))
 val_dataloader = dict(
     batch_size=2, num_workers=0, persistent_workers=False,
-    dataset=dict(_delete_=True, **dataset, pipeline=test_pipeline,
-                 data_prefix=dict(img_path='images/validation', seg_map_path='annotations/validation')))
+    dataset=dict(_delete_=True, **dataset, pipeline=test_pipeline, indices={train_images if evaluate_train_images else None!r},
+                 data_prefix=dict(img_path='images/{split}', seg_map_path='annotations/{split}')))
 test_dataloader = val_dataloader
 val_evaluator = dict(iou_metrics=['mIoU'])
 test_evaluator = val_evaluator

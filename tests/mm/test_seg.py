@@ -1,6 +1,6 @@
 """UperNet (mmseg) through tools/train_seg.py's and tools/test_seg.py's code on the generated
 ADE20K-format data: each family's smallest model lowers its loss on a fixed batch; a few dozen
-iterations beat predicting the background everywhere; the label path scores a perfect prediction
+iterations on two images beat predicting the background everywhere on them; the label path scores a perfect prediction
 (read from the PNGs, independently of mmseg) 100 with the shipped ADE20K config; resume, a
 2-process torchrun run, and a clear error for batch size 1."""
 import subprocess
@@ -87,23 +87,25 @@ def test_upernet_lowers_its_loss_on_a_fixed_batch(family, dense_data, tmp_path):
 
 
 def test_upernet_beats_predicting_the_background(dense_data, tmp_path, monkeypatch):
-    """A few dozen iterations (background as class 0) against the background everywhere, both
-    through the same evaluation; then resume from the last checkpoint and test it with the test tool."""
-    config = seg_config(tmp_path / "upernet.py", dense_data, SMALLEST["nat"], max_iters=40, background=True)
+    """30 iterations on two images (background as class 0), evaluated on them, against the
+    background everywhere through the same evaluation; then resume from the last checkpoint and
+    test it with the test tool."""
+    config = seg_config(tmp_path / "upernet.py", dense_data, SMALLEST["nat"], max_iters=30, train_images=2,
+                        background=True, evaluate_train_images=True)
     work_dir = tmp_path / "work"
     trained = runner.train("seg", [str(config), "--work-dir", str(work_dir)])
     learned = {key: float(trained.message_hub.get_scalar(f"val/{key}").current()) for key in ("aAcc", "mIoU")}
     resumed = runner.train("seg", [str(config), "--work-dir", str(work_dir), "--resume",
-                                   "--cfg-options", "train_cfg.max_iters=41", "train_cfg.val_interval=41"])
-    assert resumed.iter == 41
-    tested = runner.test("seg", [str(config), str(work_dir / "iter_40.pth"), "--work-dir", str(tmp_path / "test")])
+                                   "--cfg-options", "train_cfg.max_iters=31", "train_cfg.val_interval=31"])
+    assert resumed.iter == 31
+    tested = runner.test("seg", [str(config), str(work_dir / "iter_30.pth"), "--work-dir", str(tmp_path / "test")])
     assert tested["aAcc"] == pytest.approx(learned["aAcc"], abs=0.01)
     assert tested["mIoU"] == pytest.approx(learned["mIoU"], abs=0.01)
 
     predicting(monkeypatch, lambda path: np.zeros_like(png_labels(path, reduce_zero_label=False)))
-    background = runner.test("seg", [str(config), str(work_dir / "iter_40.pth"), "--work-dir", str(tmp_path / "bg")])
-    assert learned["aAcc"] > background["aAcc"] + 2.0, (learned, background)
-    assert learned["mIoU"] > background["mIoU"] + 5.0, (learned, background)
+    background = runner.test("seg", [str(config), str(work_dir / "iter_30.pth"), "--work-dir", str(tmp_path / "bg")])
+    assert learned["aAcc"] > background["aAcc"] + 3.0, (learned, background)
+    assert learned["mIoU"] > background["mIoU"] + 20.0, (learned, background)
 
 
 def test_batch_size_one_is_a_clear_error(dense_data, tmp_path):
