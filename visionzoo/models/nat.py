@@ -46,6 +46,7 @@ from visionzoo.layers import (
 )
 
 from .build import build_model, resolve_cfg
+from .dense import DenseArch, DenseFamily, register_dense_family
 
 __all__ = ["NAT", "NATIsotropic", "dinat_dilations"]
 
@@ -558,7 +559,6 @@ def visionzoo_dinat_iso_b(pretrained: bool = False, **kwargs) -> NATIsotropic:
 # ----------------------------------------------------------------------------------------------
 # dense prediction: what visionzoo.mm registers (mmdet / mmseg backbones) and configs/ are written from
 # ----------------------------------------------------------------------------------------------
-from visionzoo.models.dense import DenseArch, DenseFamily, register_dense_family  # noqa: E402
 
 # Official dense dilation schedules (SHI-Labs/Neighborhood-Attention-Transformer, detection/ and
 # segmentation/ configs): per stage, a cycle repeated to the stage's depth, e.g. DiNAT-T detection
