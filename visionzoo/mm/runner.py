@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 from pathlib import Path
@@ -181,6 +182,15 @@ def _distributed(launcher: str) -> Iterator[None]:
             dist.destroy_process_group()
 
 
+def _release_distributed_model(runner: Runner) -> None:
+    """Unwrap a DistributedDataParallel model while its process group still exists: a DDP reducer
+    destroyed after ``destroy_process_group`` (when the runner is freed at interpreter exit) can
+    abort the process after a finished run."""
+    if dist.is_initialized() and hasattr(runner.model, "module"):
+        runner.model = runner.model.module
+        gc.collect()
+
+
 def train(task: str, argv: Optional[Sequence[str]] = None) -> Runner:
     """``tools/train_{task}.py``: build the Runner from the config and train."""
     args = train_parser(task).parse_args(argv)
@@ -203,6 +213,7 @@ def train(task: str, argv: Optional[Sequence[str]] = None) -> Runner:
             if "Expected more than 1 value per channel" not in str(e):
                 raise
             raise SystemExit(_ONE_VALUE_PER_CHANNEL.format(error=e, batch_size=cfg.train_dataloader.batch_size)) from None
+        _release_distributed_model(runner)
     return runner
 
 
@@ -214,4 +225,6 @@ def test(task: str, argv: Optional[Sequence[str]] = None) -> dict:
     cfg.load_from = args.checkpoint
     with _distributed(args.launcher):
         runner = Runner.from_cfg(cfg)
-        return runner.test()
+        metrics = runner.test()
+        _release_distributed_model(runner)
+        return metrics
