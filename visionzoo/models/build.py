@@ -1,0 +1,48 @@
+"""Building a registered variant: timm's ``build_model_with_cfg`` with checked pretrained sources."""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, Optional, Type
+
+import torch.nn as nn
+from timm.models import PretrainedCfg, build_model_with_cfg, resolve_pretrained_cfg
+
+__all__ = ["build_model", "resolve_cfg"]
+
+
+def resolve_cfg(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> PretrainedCfg:
+    """The pretrained cfg ``variant`` is built with, from the ``pretrained_cfg`` / ``pretrained_cfg_overlay`` in ``kwargs``.
+
+    With ``pretrained=True`` a local weights file named by either argument must exist: timm would
+    fail later with an empty ``FileNotFoundError``.
+    """
+    cfg = resolve_pretrained_cfg(
+        variant,
+        pretrained_cfg=kwargs.get("pretrained_cfg"),
+        pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
+    )
+    if pretrained and cfg.file and not os.path.isfile(cfg.file):
+        overlay = kwargs.get("pretrained_cfg_overlay") or {}
+        argument = "pretrained_cfg_overlay['file']" if overlay.get("file") else "pretrained_cfg['file']"
+        raise FileNotFoundError(f"{argument}: no weights file at {cfg.file!r}")
+    return cfg
+
+
+def build_model(
+    model_cls: Type[nn.Module],
+    variant: str,
+    pretrained: bool,
+    pretrained_filter_fn: Optional[Callable[..., Dict[str, Any]]] = None,
+    feature_cfg: Optional[Dict[str, Any]] = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """``build_model_with_cfg`` after :func:`resolve_cfg` checked the pretrained source."""
+    resolve_cfg(variant, pretrained, kwargs)
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=pretrained_filter_fn,
+        feature_cfg=feature_cfg,
+        **kwargs,
+    )
