@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, register_notrace_function, trunc_normal_
+from timm.layers import ClassifierHead, get_device_dtype, register_notrace_function, trunc_normal_
 from timm.models import checkpoint_seq
 
 # the one timm helper used here without a public export (timm 1.0: timm.models._features)
@@ -114,8 +114,9 @@ class ChannelsLastModel(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier for ``num_classes`` (0: none) on the model's device and dtype; ``global_pool`` as timm."""
         self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features)
+        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features, **get_device_dtype(self))
         self.head_hidden_size = self.head.num_features
         if global_pool is not None:
             self.global_pool = global_pool

@@ -1,9 +1,11 @@
 """Building a registered variant: timm's ``build_model_with_cfg`` with checked pretrained sources."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable, Dict, Optional, Type
 
+import torch
 import torch.nn as nn
 from timm.models import PretrainedCfg, build_model_with_cfg, resolve_pretrained_cfg
 
@@ -36,13 +38,23 @@ def build_model(
     feature_cfg: Optional[Dict[str, Any]] = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """``build_model_with_cfg`` after :func:`resolve_cfg` checked the pretrained source."""
+    """``build_model_with_cfg`` after :func:`resolve_cfg` checked the pretrained source.
+
+    timm's factory arguments ``device`` and ``dtype`` (``timm.create_model(name, device='meta')``)
+    apply to every parameter and buffer the model creates, so model classes need not pass them
+    down to each layer.
+    """
     resolve_cfg(variant, pretrained, kwargs)
-    return build_model_with_cfg(
-        model_cls,
-        variant,
-        pretrained,
-        pretrained_filter_fn=pretrained_filter_fn,
-        feature_cfg=feature_cfg,
-        **kwargs,
-    )
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build_model_with_cfg(
+            model_cls,
+            variant,
+            pretrained,
+            pretrained_filter_fn=pretrained_filter_fn,
+            feature_cfg=feature_cfg,
+            **kwargs,
+        )
+    if dtype is not None:
+        model.to(dtype=dtype)
+    return model
