@@ -35,7 +35,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, PatchEmbed, calculate_drop_path_rates, to_2tuple
+from timm.layers import (
+    ClassifierHead,
+    PatchEmbed,
+    calculate_drop_path_rates,
+    register_notrace_module,
+    to_2tuple,
+)
 from timm.models import generate_default_cfgs, register_model
 
 from visionzoo.layers import (
@@ -49,7 +55,7 @@ from visionzoo.layers import (
 
 from .build import build_model
 
-__all__ = ["SwinTransformer", "TokenBatchNorm", "stage_window_sizes"]
+__all__ = ["FixedSizePatchEmbed", "SwinTransformer", "TokenBatchNorm", "stage_window_sizes"]
 
 _int_or_tuple_2_t = Union[int, Tuple[int, int]]
 _PATCH_SIZE = 4
@@ -81,6 +87,7 @@ def stage_window_sizes(
     return tuple(tuple(max(1, w * g // r) for w, g, r in zip(window, grid, grid_ref)) for window in windows)
 
 
+@register_notrace_module  # checks the token count of its input: a leaf for torch.fx
 class TokenBatchNorm(nn.BatchNorm1d):
     """``BatchNorm1d`` over the token axis of ``[B, H, W, C]`` (Swin-Free-BR): one mean / variance per
     token position (``num_tokens = H * W`` features), taken over the batch and the channels.
@@ -99,6 +106,20 @@ class TokenBatchNorm(nn.BatchNorm1d):
                 f"TokenBatchNorm normalises each of {self.num_features} token positions, got a {height}x{width} map"
             )
         return super().forward(x.reshape(batch, height * width, channels)).reshape(x.shape)
+
+
+@register_notrace_module  # checks the input's size: a leaf for torch.fx
+class FixedSizePatchEmbed(PatchEmbed):
+    """timm's ``PatchEmbed`` for models that take one input size only (``img_size``): any other
+    size is a ValueError naming both."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and tuple(x.shape[-2:]) != tuple(self.img_size):
+            raise ValueError(
+                f"this model normalises over token positions (BatchNorm1d over H*W tokens), so it takes only "
+                f"{self.img_size[0]}x{self.img_size[1]} inputs (img_size); got {x.shape[-2]}x{x.shape[-1]}"
+            )
+        return super().forward(x)
 
 
 def _no_norm(dim: int) -> nn.Module:
@@ -162,7 +183,6 @@ class SwinTransformer(ChannelsLastModel):
         if norm_type not in ("layer", "token_batch"):
             raise ValueError(f"norm_type must be 'layer' or 'token_batch', got {norm_type!r}")
         self.img_size = to_2tuple(img_size)
-        self.fixed_input_size = norm_type == "token_batch"
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.in_chans = in_chans
@@ -177,7 +197,7 @@ class SwinTransformer(ChannelsLastModel):
                 return nn.LayerNorm
             return functools.partial(TokenBatchNorm, num_tokens=size[0] * size[1])
 
-        self.patch_embed = PatchEmbed(
+        self.patch_embed = (FixedSizePatchEmbed if norm_type == "token_batch" else PatchEmbed)(
             img_size=self.img_size,
             patch_size=_PATCH_SIZE,
             in_chans=in_chans,
@@ -229,13 +249,6 @@ class SwinTransformer(ChannelsLastModel):
         )
         self.apply(self._init_weights)
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fixed_input_size and x.dim() == 4 and tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"this model normalises over token positions (BatchNorm1d over H*W tokens), so it takes only "
-                f"{self.img_size[0]}x{self.img_size[1]} inputs (img_size); got {x.shape[-2]}x{x.shape[-1]}"
-            )
-        return super()._embed(x)
 
 
 def _has(model: nn.Module, key: str) -> bool:
