@@ -7,19 +7,22 @@ span their whole dilation group (``kernel_size * dilation == length``, e.g. ever
 layer at its training resolution). The op is then block-diagonal dense attention with no mask and
 no wasted pairs.
 
-* CPU tensors (when the native library builds): the native per-block kernels
+Two implementations, picked by :mod:`.dispatch`:
+
+* ``"cpu:blocks"`` (:func:`cpu_forward`): the C++ per-block kernels
   (:func:`~visionzoo.kernels.native.block_forward`), which gather each block into cache, run its
-  GEMMs with register-blocked micro-kernels and write the results straight back.
-* Elsewhere: one permuting copy puts each block's tokens together (``[B*H*blocks, K, D]``,
-  ``K = prod(kernel_size)``) and batched torch matmuls do the work; the backward is written out.
+  GEMMs with register-blocked micro-kernels and write the results straight back;
+* ``"torch:blocks"`` (:func:`torch_forward`), any device: one permuting copy puts each block's
+  tokens together (``[B*H*blocks, K, D]``, ``K = prod(kernel_size)``) and batched torch matmuls do
+  the work; the backward is written out.
 
 When the forward runs for training it keeps the attention probabilities of every block
 (``B * H * tokens * K`` elements, the size of the attention matrix of the attended pairs, as the
 unfused NAT kernels and windowed-attention layers keep it) and the backward reads them instead of
-recomputing ``Q K^T`` and the softmax: a fifth less GEMM work and no exponentials. It does so for
-blocks of at most ``2 * head_dim`` tokens (e.g. 7x7 at head dim 32), where they take at most twice
-the memory of the query; without them (larger blocks, an inference forward) the backward
-recomputes them from the saved log-sum-exp.
+recomputing ``Q K^T`` and the softmax: a fifth less GEMM work and no exponentials. It does so under
+:func:`~visionzoo.kernels.native.keeps_probabilities` (blocks of at most ``2 * head_dim`` tokens);
+without them (larger blocks, an inference forward) the backward recomputes them from the saved
+log-sum-exp.
 """
 from __future__ import annotations
 
@@ -31,11 +34,8 @@ import torch
 
 from . import native
 from .checks import NeighborhoodParams
-from .indexing import disjoint_blocks, relative_index
+from .indexing import disjoint_blocks, window_keys
 from .reference import compute_dtype
-
-
-SAVES_PROBABILITIES = True  # na_forward / na_backward take and give the saved probabilities
 
 
 @functools.lru_cache(maxsize=64)
@@ -46,7 +46,7 @@ def _plan(spatial: Tuple[int, ...], params: NeighborhoodParams) -> Tuple[List[in
     blocks = disjoint_blocks(spatial, params)
     if blocks is None:
         raise ValueError(
-            f"backend='blocked': the windows of spatial {list(spatial)} with {params} are not disjoint blocks"
+            f"the windows of spatial {list(spatial)} with {params} are not disjoint blocks"
         )
     num_dims = len(spatial)
     split = [n for dim in range(num_dims) for n in (blocks[dim], params.kernel_size[dim], params.dilation[dim])]
@@ -65,7 +65,7 @@ def _relative_index(kernel_size: Tuple[int, ...]) -> torch.Tensor:
     an undilated window of exactly ``kernel_size``, so the offsets are those of that window."""
     num_dims = len(kernel_size)
     unit = NeighborhoodParams(kernel_size, (1,) * num_dims, (1,) * num_dims, (False,) * num_dims)
-    return relative_index(kernel_size, unit).flatten()
+    return window_keys(kernel_size, unit)[2].flatten()  # each window is the whole block, keys in order
 
 
 class _Blocks:
@@ -117,33 +117,33 @@ class _Blocks:
         return logits.sub_(lse).exp_(), lse
 
 
-def keeps_probabilities(query_shape, params: NeighborhoodParams) -> bool:
-    """Whether a training forward keeps the probabilities: when a block has at most twice as many
-    tokens as the head dim, so that they take at most twice the memory of the query. Larger blocks
-    (wide window attention) recompute them, as flash attention does, rather than keep ``K / head_dim``
-    query-sized tensors per layer."""
-    return math.prod(params.kernel_size) <= 2 * query_shape[-1]
-
-
 def probabilities_numel(query_shape, params: NeighborhoodParams) -> int:
     """Elements of the probabilities a training forward keeps (either implementation; see
     :func:`~visionzoo.kernels.native.block_probabilities_numel`), 0 when it keeps none."""
-    return native.block_probabilities_numel(query_shape, params) if keeps_probabilities(query_shape, params) else 0
+    keeps = native.keeps_probabilities(query_shape, params)
+    return native.block_probabilities_numel(query_shape, params) if keeps else 0
 
 
-def _native(query: torch.Tensor) -> bool:
-    """CPU tensors run the native blocked kernels (fused gather, GEMMs and softmax per block)."""
-    return query.device.type == "cpu" and native.available()
+def cpu_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float, save_probabilities: bool = False):
+    """Blocked forward on CPU tensors through the C++ block kernel; see :func:`torch_forward`."""
+    save_probabilities = save_probabilities and native.keeps_probabilities(query.shape, params)
+    bias = None if rpb is None else _Blocks(query, params, rpb).bias
+    return native.block_forward(query, key, value, bias, params, scale, save_probabilities)
 
 
-def na_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float, save_probabilities: bool = False):
+def cpu_backward(grad_out, query, key, value, out, lse, probabilities, rpb, params: NeighborhoodParams, scale: float):
+    """Blocked backward on CPU tensors through the C++ block kernel; see :func:`torch_backward`."""
+    blocks = None if rpb is None else _Blocks(query, params, rpb)
+    d_query, d_key, d_value, d_bias = native.block_backward(grad_out, query, key, value, lse, probabilities,
+                                                            None if blocks is None else blocks.bias, params, scale)
+    return d_query, d_key, d_value, None if blocks is None else blocks.rpb_gradient(d_bias, rpb)
+
+
+def torch_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float, save_probabilities: bool = False):
     """Blocked forward. Inputs ``[B, *spatial, H, D]``; returns ``(out, lse [B, *spatial, H], probabilities)``,
-    lse in float32 (float64 for float64 inputs); the probabilities (for :func:`na_backward`) are
-    empty unless ``save_probabilities`` and :func:`keeps_probabilities`."""
-    save_probabilities = save_probabilities and keeps_probabilities(query.shape, params)
-    if _native(query):
-        bias = None if rpb is None else _Blocks(query, params, rpb).bias
-        return native.block_forward(query, key, value, bias, params, scale, save_probabilities)
+    lse in float32 (float64 for float64 inputs); the probabilities (for the backward) are empty
+    unless ``save_probabilities`` and :func:`~visionzoo.kernels.native.keeps_probabilities`."""
+    save_probabilities = save_probabilities and native.keeps_probabilities(query.shape, params)
     blocks = _Blocks(query, params, rpb)
     q = blocks.to_blocks(query).mul_(scale)
     probs, lse = blocks.probabilities(q, blocks.to_blocks(key))
@@ -156,14 +156,10 @@ def na_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float,
     return blocks.from_blocks(out, query.shape, query.dtype), lse, saved
 
 
-def na_backward(grad_out, query, key, value, out, lse, probabilities, rpb, params: NeighborhoodParams, scale: float):
-    """Blocked backward from the saved ``probabilities`` of :func:`na_forward`, or (when empty) from
+def torch_backward(grad_out, query, key, value, out, lse, probabilities, rpb, params: NeighborhoodParams,
+                   scale: float):
+    """Blocked backward from the saved ``probabilities`` of :func:`torch_forward`, or (when empty) from
     the saved ``lse``; returns ``(d_query, d_key, d_value, d_rpb or None)``."""
-    if _native(query):
-        blocks = None if rpb is None else _Blocks(query, params, rpb)
-        d_query, d_key, d_value, d_bias = native.block_backward(grad_out, query, key, value, lse, probabilities,
-                                                                None if blocks is None else blocks.bias, params, scale)
-        return d_query, d_key, d_value, None if blocks is None else blocks.rpb_gradient(d_bias, rpb)
     blocks = _Blocks(query, params, rpb)
     dtype = blocks.dtype
     delta = (grad_out.to(dtype) * out.to(dtype)).sum(-1, keepdim=True)  # [B, *spatial, H, 1]

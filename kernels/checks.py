@@ -29,6 +29,9 @@ class NeighborhoodParams:
 
 
 def _as_tuple(name: str, value, num_dims: int, kind: type) -> tuple:
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a {kind.__name__} or a tuple of {num_dims} {kind.__name__}s, "
+                        f"got the string {value!r}")
     if isinstance(value, (bool, int)) and not isinstance(value, torch.Tensor):
         if kind is int and isinstance(value, bool):
             raise ValueError(f"{name} must be an int or a tuple of {num_dims} ints, got {value!r}")
@@ -105,6 +108,8 @@ def check_neighborhood_inputs(
         )
     if not query.is_floating_point():
         raise ValueError(f"{op_name}: inputs must be floating point, got {query.dtype}")
+    if query.shape[-1] == 0:
+        raise ValueError(f"{op_name}: head_dim (the last dimension of query, key and value) must be >= 1, got 0")
     if not (query.device == key.device == value.device):
         raise ValueError(f"{op_name}: query, key and value must be on one device")
     spatial = tuple(query.shape[1 : 1 + num_dims])
@@ -137,10 +142,11 @@ def check_block_sparse_inputs(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    block_mask: torch.Tensor,
+    block_mask: Union[torch.Tensor, Sequence],
     block_size: IntOrTuple,
-) -> Tuple[int, int]:
-    """Validate block-sparse attention inputs; returns ``(q_block, kv_block)`` sizes."""
+) -> Tuple[torch.Tensor, int, int]:
+    """Validate block-sparse attention inputs; returns ``(block_mask, q_block, kv_block)``, a nested
+    list or tuple of bools given as ``block_mask`` turned into a tensor."""
     op_name = "block_sparse_attention"
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
@@ -154,6 +160,17 @@ def check_block_sparse_inputs(
         )
     if not (query.dtype == key.dtype == value.dtype) or not query.is_floating_point():
         raise ValueError(f"{op_name}: query, key and value must share one floating dtype")
+    if query.shape[-1] == 0:
+        raise ValueError(f"{op_name}: head_dim (the last dimension of query, key and value) must be >= 1, got 0")
+    if isinstance(block_mask, (list, tuple)):
+        try:
+            block_mask = torch.tensor(block_mask, dtype=torch.bool)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"{op_name}: block_mask must be a bool tensor or a nested list of bools: {error}") from None
+    if not isinstance(block_mask, torch.Tensor):
+        raise TypeError(f"{op_name}: block_mask must be a bool tensor, got {type(block_mask).__name__}")
+    if isinstance(block_size, (str, bytes)):
+        raise TypeError(f"{op_name}: block_size must be an int or (q_block, kv_block), got the string {block_size!r}")
     if isinstance(block_size, int):
         q_block = kv_block = block_size
     else:
@@ -180,4 +197,4 @@ def check_block_sparse_inputs(
             f"or [heads, num_q_blocks, num_kv_blocks] = [{heads}, {num_q_blocks}, {num_kv_blocks}], "
             f"got {list(block_mask.shape)}"
         )
-    return q_block, kv_block
+    return block_mask, q_block, kv_block

@@ -45,9 +45,9 @@ def neighborhood_attention(
         is_causal: causal masking per dimension.
         scale: logit scale, default ``head_dim ** -0.5``.
         rpb: optional relative position bias ``[heads, 2*k0-1, 2*k1-1, ...]`` (stride 1 only).
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"blocked"``, ``"native"``, ``"tiled"`` or ``"triton"``
-            (see :mod:`visionzoo.kernels.dispatch`); ``None`` uses the thread default set by
-            :func:`visionzoo.kernels.use_backend`.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"torch"`` or ``"triton"`` (the old names
+            ``"native"``, ``"blocked"``, ``"tiled"`` still work; see :mod:`visionzoo.kernels.dispatch`);
+            ``None`` uses the thread default set by :func:`visionzoo.kernels.use_backend`.
 
     Returns:
         ``[B, *spatial, heads, head_dim]``, same dtype as ``query``.
@@ -117,14 +117,14 @@ def block_sparse_attention(
             ``[heads, num_q_blocks, num_kv_blocks]``; the last block of each axis may be partial.
         block_size: ``int`` or ``(q_block, kv_block)`` tokens per tile.
         scale: logit scale, default ``head_dim ** -0.5``.
+        backend: as for :func:`neighborhood_attention`; ``"cpu"`` runs on the ``"torch"`` path (there is
+            no C++ block-sparse kernel).
 
     Query rows whose tiles attend nothing get a zero output (and zero gradient).
     """
-    q_block, kv_block = check_block_sparse_inputs(query, key, value, block_mask, block_size)
+    block_mask, q_block, kv_block = check_block_sparse_inputs(query, key, value, block_mask, block_size)
     scale = float(query.shape[-1] ** -0.5 if scale is None else scale)
-    name = resolve_backend(backend, query.device)
-    if name in ("native", "blocked"):  # block-sparse tiles are dense blocks already, which ATen does well
-        name = "tiled"
+    name = resolve_backend(backend, query.device, block_sparse=True)
     block_mask = block_mask.to(query.device)
     if name == "reference":
         return block_sparse_attention_reference(query, key, value, block_mask, (q_block, kv_block), scale)

@@ -56,11 +56,22 @@ def mask_1d(length: int, kernel_size: int, stride: int = 1, dilation: int = 1, i
     return same_group & (key_coord >= start[:, None]) & (key_coord < end[:, None])
 
 
-def relative_index_1d(length: int, kernel_size: int, dilation: int = 1) -> torch.Tensor:
-    """``[length, length]`` index into an rpb axis of size ``2k-1``: key minus query in group
-    coordinates, plus ``k - 1``. Only meaningful where the mask is true (clamped elsewhere)."""
-    coord = torch.arange(length) // dilation
-    return (coord[None, :] - coord[:, None] + kernel_size - 1).clamp(0, 2 * kernel_size - 2)
+def relative_offset(query_coord, key_coord, kernel_size: int):
+    """Index into an rpb axis of size ``2k-1`` of a (query, key) pair along one dimension: key minus
+    query in group coordinates, plus ``k - 1``. Every backend indexes its bias through this."""
+    return key_coord - query_coord + kernel_size - 1
+
+
+def pad_to_3d(spatial: Sequence[int], params: NeighborhoodParams) -> Tuple[Tuple[int, ...], NeighborhoodParams]:
+    """``(spatial, params)`` of a 1D/2D problem as a 3D one, with leading dimensions of length 1 and
+    kernel 1 (the C++ and Triton kernels are written for 3D)."""
+    pad = 3 - len(spatial)
+    return (1,) * pad + tuple(spatial), NeighborhoodParams(
+        (1,) * pad + tuple(params.kernel_size),
+        (1,) * pad + tuple(params.stride),
+        (1,) * pad + tuple(params.dilation),
+        (False,) * pad + tuple(params.is_causal),
+    )
 
 
 @functools.lru_cache(maxsize=128)
@@ -98,12 +109,41 @@ def neighborhood_mask(spatial: Sequence[int], params: NeighborhoodParams) -> tor
     return mask
 
 
+@functools.lru_cache(maxsize=64)
+def window_keys(spatial: Tuple[int, ...], params: NeighborhoodParams
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The keys of every query's window: ``(keys, valid, rel)``, each ``[N, K]`` over row-major flat
+    positions (``N = prod(spatial)``, ``K = prod(kernel_size)``): the flat key positions, whether
+    the slot is part of the window (causal windows near the start hold fewer keys; their other
+    slots repeat the last key), and the flat index into ``rpb.reshape(heads, -1)``."""
+    keys = valid = rel = None
+    for dim, length in enumerate(spatial):
+        kernel = params.kernel_size[dim]
+        group, coord, start, end = window_bounds(length, kernel, params.stride[dim], params.dilation[dim],
+                                                 params.is_causal[dim])
+        key_coord = start[:, None] + torch.arange(kernel)
+        valid_dim = key_coord < end[:, None]
+        key_coord = torch.minimum(key_coord, end[:, None] - 1)
+        keys_dim = group[:, None] + params.dilation[dim] * key_coord
+        rel_dim = relative_offset(coord[:, None], key_coord, kernel)
+        if keys is None:
+            keys, valid, rel = keys_dim, valid_dim, rel_dim
+            continue
+        rows, slots = keys.shape[0] * length, keys.shape[1] * kernel
+        keys = (keys[:, None, :, None] * length + keys_dim[None, :, None, :]).reshape(rows, slots)
+        valid = (valid[:, None, :, None] & valid_dim[None, :, None, :]).reshape(rows, slots)
+        rel = (rel[:, None, :, None] * (2 * kernel - 1) + rel_dim[None, :, None, :]).reshape(rows, slots)
+    return keys, valid, rel
+
+
 def relative_index(spatial: Sequence[int], params: NeighborhoodParams) -> torch.Tensor:
-    """``[N, N]`` flat index into ``rpb.reshape(heads, -1)`` for every (query, key) pair."""
+    """``[N, N]`` flat index into ``rpb.reshape(heads, -1)`` for every (query, key) pair of a dense
+    formulation; only meaningful where :func:`neighborhood_mask` is true (clamped elsewhere)."""
     index = torch.zeros(1, 1, dtype=torch.long)
     for dim, length in enumerate(spatial):
         kernel = params.kernel_size[dim]
-        index_dim = relative_index_1d(length, kernel, params.dilation[dim])
+        coord = torch.arange(length) // params.dilation[dim]
+        index_dim = relative_offset(coord[:, None], coord[None, :], kernel).clamp(0, 2 * kernel - 2)
         index = (index[:, None, :, None] * (2 * kernel - 1) + index_dim[None, :, None, :]).reshape(
             index.shape[0] * length, -1
         )

@@ -2,14 +2,13 @@
 for any neighborhood (``na_forward`` / ``na_backward``) and one for windows that are disjoint blocks
 (``block_forward`` / ``block_backward``, used by :mod:`.blocked`).
 
-The kernel (``csrc/na_cpu.cpp``) is plain C++ with OpenMP and no torch headers, so it builds in a
-few seconds with the system compiler on first use and is cached under
-``$VISIONZOO_CACHE_DIR`` (default ``~/.cache/visionzoo``), keyed by the source, the compiler and the
-CPU's instruction set. The window kernel takes tiles of up to one vector of queries
-(:func:`_tile_shape`: 4x4 for 7x7 windows) and runs register-blocked GEMMs over the halo of keys
+The kernels (``csrc/``) are plain C++ with OpenMP and no torch headers, built with the system
+compiler on first use for this CPU's instruction set and cached (:mod:`.build`). The window kernel
+takes tiles of up to one vector of queries (:func:`_tile_shape`: 4x4 for 7x7 windows in float32 on
+AVX-512, 2x4 on AVX2) and runs register-blocked GEMMs over the halo of keys
 their windows span, masking each query to its own window; the block kernel runs dense attention per
 block. If no compiler is found or the build fails, :func:`available` returns False with the reason
-in :func:`unavailable_reason` and ``backend="cpu"`` uses the torch-op paths instead;
+in :func:`unavailable_reason`; ``backend="auto"`` then runs the ``torch`` path and ``backend="cpu"`` raises with the reason;
 ``VISIONZOO_NATIVE=0`` turns the kernels off.
 
 The index math stays in :mod:`.indexing`: per dimension, this module turns
@@ -20,139 +19,24 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import math
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
-from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 
+from . import tiles
+from .build import cache_dir, isa, library, unavailable_reason, vector_bytes  # noqa: F401 (the build's API)
+from .build import available as _available
 from .checks import NeighborhoodParams
-from .indexing import disjoint_blocks, window_bounds
+from .indexing import disjoint_blocks, pad_to_3d, relative_offset, window_bounds
 from .reference import compute_dtype
-
-SOURCE = Path(__file__).with_name("csrc") / "na_cpu.cpp"
-ABI_VERSION = 6
-# -ffast-math at compile time only (vectorized exp); the link step leaves it out so that the library
-# does not pull in crtfastmath.o, which would flush denormals to zero for the whole process.
-COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
-LINK_FLAGS = ["-shared", "-fopenmp"]
-
-_lock = threading.Lock()
-_reason: Optional[str] = None
-
-
-def _compiler() -> Optional[str]:
-    for name in (os.environ.get("VISIONZOO_CXX"), os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name.split()[0]):
-            return name
-    return None
-
-
-def _cpu_signature() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    import platform
-
-    return platform.machine() + platform.processor()
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("VISIONZOO_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "visionzoo"
-    )
-    return Path(root) / "native"
-
-
-def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    version = subprocess.run(compiler.split() + ["--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(
-        b"\0".join([source, " ".join(COMPILE_FLAGS + LINK_FLAGS).encode(), version.encode(), _cpu_signature().encode()])
-    ).hexdigest()[:16]
-    target = cache_dir() / f"na_cpu_{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # build in a private directory, then rename atomically: concurrent processes (DDP ranks) each
-    # build their own copy and the last rename wins, never a half-written library
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        obj, lib = Path(tmp) / "na_cpu.o", Path(tmp) / "na_cpu.so"
-        for command in (
-            compiler.split() + COMPILE_FLAGS + ["-c", str(SOURCE), "-o", str(obj)],
-            compiler.split() + LINK_FLAGS + [str(obj), "-o", str(lib), "-lm"],
-        ):
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-        os.replace(lib, target)
-    return target
-
-
-def _bind(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    if lib.vz_abi_version() != ABI_VERSION:
-        raise RuntimeError(f"{path} has ABI {lib.vz_abi_version()}, expected {ABI_VERSION}")
-    p, i, d = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
-    for suffix in ("f32", "f64"):
-        getattr(lib, f"vz_na_forward_{suffix}").argtypes = [p] * 10 + [d, i]
-        getattr(lib, f"vz_na_backward_{suffix}").argtypes = [p] * 14 + [d, i]
-        getattr(lib, f"vz_block_forward_{suffix}").argtypes = [p] * 9 + [d, i]
-        getattr(lib, f"vz_block_backward_{suffix}").argtypes = [p] * 13 + [d, i]
-    lib.vz_block_bias_chunks.restype = ctypes.c_int64
-    return lib
-
-
-_library: Optional[ctypes.CDLL] = None
-
-
-def library() -> ctypes.CDLL:
-    """The loaded kernel library, built on first call; raises RuntimeError (with the reason) when it
-    cannot be built or is disabled."""
-    global _library, _reason
-    if _library is not None:
-        return _library
-    with _lock:
-        if _library is None and _reason is None:
-            if os.environ.get("VISIONZOO_NATIVE", "1") == "0":
-                _reason = "disabled by VISIONZOO_NATIVE=0"
-            else:
-                compiler = _compiler()
-                if compiler is None:
-                    _reason = "no C++ compiler found (set CXX or VISIONZOO_CXX)"
-                else:
-                    try:
-                        _library = _bind(_build(compiler))
-                    except (OSError, RuntimeError) as error:
-                        _reason = f"building the native CPU kernel failed: {error}"
-    if _library is None:
-        raise RuntimeError(f"the native CPU kernel is not available: {_reason}")
-    return _library
 
 
 @torch.compiler.assume_constant_result
 def available() -> bool:
     """Whether the native kernel can be used (builds it on first call). A constant to
     ``torch.compile``, which runs it eagerly instead of tracing the build and its lock."""
-    try:
-        library()
-    except RuntimeError:
-        return False
-    return True
-
-
-def unavailable_reason() -> Optional[str]:
-    return None if available() else _reason
+    return _available()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,25 +46,19 @@ def unavailable_reason() -> Optional[str]:
 def _tables(spatial: Tuple[int, ...], params: NeighborhoodParams) -> Tuple[torch.Tensor, Tuple[int, ...], int]:
     """``(tables [3 * (L0 + L1 + L2)] int64, per-dim (length, dilation, rpb stride), max keys)`` with
     1D/2D problems padded to 3D by leading dimensions of length 1."""
-    pad = 3 - len(spatial)
+    max_keys, pad = math.prod(params.kernel_size), 3 - len(spatial)
+    spatial, params = pad_to_3d(spatial, params)
     first, count, rfirst, dims = [], [], [], []
     rpb_extent = [2 * k - 1 for k in params.kernel_size]
-    for dim in range(3):
-        if dim < pad:
-            first.append(torch.zeros(1, dtype=torch.long))
-            count.append(torch.ones(1, dtype=torch.long))
-            rfirst.append(torch.zeros(1, dtype=torch.long))
-            dims.append((1, 1, 0))
-            continue
-        i = dim - pad
+    for i in range(3):
         kernel, dilation = params.kernel_size[i], params.dilation[i]
         group, coord, start, end = window_bounds(spatial[i], kernel, params.stride[i], dilation, params.is_causal[i])
         first.append(group + dilation * start)
         count.append(end - start)
-        rfirst.append(start - coord + kernel - 1)
-        dims.append((spatial[i], dilation, math.prod(rpb_extent[i + 1:])))
+        rfirst.append(relative_offset(coord, start, kernel))
+        dims.append((spatial[i], dilation, math.prod(rpb_extent[i + 1:]) if i >= pad else 0))
     tables = torch.cat(first + count + rfirst).contiguous()
-    return tables, tuple(dims), math.prod(params.kernel_size)
+    return tables, tuple(dims), max_keys
 
 
 def _geometry(query: torch.Tensor, params: NeighborhoodParams, rpb: Optional[torch.Tensor]):
@@ -226,49 +104,21 @@ def _suffix(dtype: torch.dtype) -> str:
 
 @functools.lru_cache(maxsize=128)
 def _tile_shape(spatial: Tuple[int, ...], params: NeighborhoodParams, lanes: int) -> torch.Tensor:
-    """Queries per tile along each (3D-padded) dimension for the tiled kernels: the shape of at most
-    ``lanes`` queries whose tiles, with their halos of keys, add up to the least GEMM work
-    (``prod over dims of sum over tiles of halo length``; fewer tiles on ties)."""
-    tables, dims, _ = _tables(spatial, params)
-    total = sum(d[0] for d in dims)
-    first, count = tables[:total].tolist(), tables[total:2 * total].tolist()
-
-    def work(dim: int, t: int) -> Tuple[int, int]:
-        offset = sum(d[0] for d in dims[:dim])
-        length, dilation = dims[dim][0], dims[dim][1]
-        halo = tiles = 0
-        for group in range(min(dilation, length)):
-            for x in range(group, length, t * dilation):
-                positions = range(x, min(length, x + t * dilation), dilation)
-                lo = min(first[offset + p] for p in positions)
-                hi = max(first[offset + p] + (count[offset + p] - 1) * dilation for p in positions)
-                halo += (hi - lo) // dilation + 1
-                tiles += 1
-        return halo, tiles
-
-    sizes = [1 << i for i in range(lanes.bit_length()) if (1 << i) <= lanes]
-    options = {dim: {t: work(dim, t) for t in sizes if t == 1 or t // 2 < -(-dims[dim][0] // dims[dim][1])}
-               for dim in range(3)}
-    best = None
-    for t0, w0 in options[0].items():
-        for t1, w1 in options[1].items():
-            for t2, w2 in options[2].items():
-                if t0 * t1 * t2 > lanes:
-                    continue
-                key = (w0[0] * w1[0] * w2[0], w0[1] * w1[1] * w2[1])
-                if best is None or key < best[0]:
-                    best = (key, (t0, t1, t2))
-    return torch.tensor(best[1], dtype=torch.long)
+    """The window kernel's queries per tile along each (3D-padded) dimension
+    (:func:`~visionzoo.kernels.tiles.cpu_window_tile`), as the tensor the kernel reads."""
+    return torch.tensor(tiles.cpu_window_tile(spatial, params, lanes), dtype=torch.long)
 
 
 SAVES_PROBABILITIES = True  # na_forward / na_backward take and give the saved probabilities
 
 
 def keeps_probabilities(query_shape, params: NeighborhoodParams) -> bool:
-    """Whether a training forward of the window kernel keeps the attention probabilities (then the
-    backward recomputes neither ``Q K^T`` nor the softmax): when a window has at most twice as many
-    keys as the head dim, so that they take at most twice the memory of the query (7x7 windows at head
-    dim 32, as in NAT/DiNAT); the policy of the block kernels (:mod:`.blocked`)."""
+    """Whether a training forward keeps the attention probabilities (then the backward recomputes
+    neither ``Q K^T`` nor the softmax), for the window kernel and both block implementations
+    (:mod:`.blocked`): when a window has at most twice as many keys as the head dim, so that they
+    take at most twice the memory of the query (7x7 windows at head dim 32, as in NAT/DiNAT). Larger
+    windows (wide window attention) recompute them, as flash attention does, rather than keep
+    ``K / head_dim`` query-sized tensors per layer."""
     return math.prod(params.kernel_size) <= 2 * query_shape[-1]
 
 
@@ -334,22 +184,15 @@ def _block_tables(spatial: Tuple[int, ...], params: NeighborhoodParams) -> Tuple
     every block's tokens, one row per distinct window of :func:`window_bounds`."""
     if disjoint_blocks(spatial, params) is None:
         raise ValueError(f"the windows of spatial {list(spatial)} with {params} are not disjoint blocks")
-    pad = 3 - len(spatial)
-    tables, blocks, kernels = [], [], []
-    for dim in range(3):
-        if dim < pad:
-            tables.append(torch.zeros(1, dtype=torch.long))
-            blocks.append(1)
-            kernels.append(1)
-            continue
-        i = dim - pad
+    spatial, params = pad_to_3d(spatial, params)
+    tables, blocks = [], []
+    for i in range(3):
         kernel, dilation = params.kernel_size[i], params.dilation[i]
         group, _, start, _ = window_bounds(spatial[i], kernel, params.stride[i], dilation, False)
         first = torch.unique(group + dilation * start)  # first token of every block
         tables.append((first[:, None] + dilation * torch.arange(kernel)).flatten())
         blocks.append(first.numel())
-        kernels.append(kernel)
-    return torch.cat(tables).contiguous(), tuple(blocks + kernels)
+    return torch.cat(tables).contiguous(), tuple(blocks) + params.kernel_size
 
 
 def _block_call(query: torch.Tensor, params: NeighborhoodParams, bias: Optional[torch.Tensor], dtype: torch.dtype):
@@ -367,17 +210,17 @@ def _block_call(query: torch.Tensor, params: NeighborhoodParams, bias: Optional[
 
 @functools.lru_cache(maxsize=128)
 def _block_geometry(shape: Tuple[int, ...], params: NeighborhoodParams, bias_heads: int):
-    """``(geom, tables)`` of the block kernels for a query of ``shape`` (see ``csrc/na_cpu.cpp``)."""
+    """``(geom, tables)`` of the block kernels for a query of ``shape`` (see ``csrc/block_kernels.cpp``)."""
     spatial = shape[1:-2]
     tables, dims = _block_tables(spatial, params)
-    padded = [1] * (3 - len(spatial)) + list(spatial)
+    padded, _ = pad_to_3d(spatial, params)
     geom = torch.tensor([shape[0], *padded, shape[-2], shape[-1], *dims, max(bias_heads, 1)], dtype=torch.long)
     return geom, tables
 
 
 def _lanes(dtype: torch.dtype) -> int:
-    """Elements per 64-byte vector of the kernel."""
-    return 64 // dtype.itemsize
+    """Elements per vector of the kernel's instruction set."""
+    return vector_bytes() // dtype.itemsize
 
 
 PROBABILITIES_SLACK = 16  # the lanes of a float32 vector: >= those of any dtype; zeroed by the kernel
@@ -385,7 +228,7 @@ PROBABILITIES_SLACK = 16  # the lanes of a float32 vector: >= those of any dtype
 
 def block_probabilities_numel(query_shape, params: NeighborhoodParams) -> int:
     """Elements of the attention probabilities that :func:`block_forward` saves for ``query_shape``:
-    per block ``K * K`` rounded up to whole vectors, plus one vector of slack (see ``csrc/na_cpu.cpp``)."""
+    per block ``K * K`` rounded up to whole vectors, plus one vector of slack (see ``csrc/block_kernels.cpp``)."""
     tokens = math.prod(params.kernel_size)
     blocks = query_shape[0] * query_shape[-2] * math.prod(query_shape[1:-2]) // tokens
     return blocks * -(-tokens * tokens // PROBABILITIES_SLACK) * PROBABILITIES_SLACK + PROBABILITIES_SLACK

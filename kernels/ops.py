@@ -2,43 +2,63 @@
 
 ``visionzoo::na_forward`` / ``visionzoo::na_backward`` and ``visionzoo::block_sparse_forward`` /
 ``visionzoo::block_sparse_backward`` carry fake (meta) implementations, so ``torch.compile`` and
-``torch.export`` trace through models that use them without graph breaks. The ``backend`` argument
-selects the implementation (``"blocked"``: dense attention per disjoint block, ``"native"``: fused
-C++ CPU kernels, ``"tiled"``: tiles through ATen's fused attention, ``"triton"``: fused GPU kernels);
-:func:`~visionzoo.kernels.dispatch.resolve_backend` picks it.
+``torch.export`` trace through models that use them without graph breaks. Their ``backend``
+argument names the implementation that :func:`~visionzoo.kernels.dispatch.resolve_backend` picked
+(:data:`~visionzoo.kernels.dispatch.IMPLEMENTATIONS`). Inputs with no elements (batch or heads 0)
+give empty results here, for every implementation.
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import math
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
 
 from .checks import NeighborhoodParams
 from .reference import compute_dtype
 
-# backend -> (neighborhood module, block-sparse module)
-_IMPLEMENTATIONS = {
-    "blocked": (".blocked", None),
-    "native": (".native", None),
-    "tiled": (".cpu", ".cpu"),
-    "triton": (".triton_na", ".triton_block_sparse"),
+
+class _Implementation(NamedTuple):
+    module: str
+    forward: str
+    backward: str
+    saves_probabilities: bool  # forward takes save_probabilities and returns them, backward reads them
+
+
+# implementation -> its neighborhood-attention functions
+_NEIGHBORHOOD = {
+    "cpu:window": _Implementation(".native", "na_forward", "na_backward", True),
+    "cpu:blocks": _Implementation(".blocked", "cpu_forward", "cpu_backward", True),
+    "torch:blocks": _Implementation(".blocked", "torch_forward", "torch_backward", True),
+    "torch:tiles": _Implementation(".portable", "na_forward", "na_backward", False),
+    "triton": _Implementation(".triton_na", "na_forward", "na_backward", False),
 }
+# implementation -> the module of its block-sparse functions
+_BLOCK_SPARSE = {"torch:tiles": ".portable", "triton": ".triton_block_sparse"}
 
 
 @functools.lru_cache(maxsize=None)
-def _module(backend: str, which: int):
-    """The implementing module of ``backend`` (``which``: 0 neighborhood, 1 block-sparse), imported once."""
-    name = _IMPLEMENTATIONS.get(backend, (None, None))[which]
-    if name is None:
-        kind = ("neighborhood", "block-sparse")[which]
-        raise ValueError(f"no {kind} custom-op implementation for backend {backend!r}")
-    return importlib.import_module(name, __package__)
+def _import(module: str):
+    return importlib.import_module(module, __package__)
+
+
+def _neighborhood_functions(backend: str):
+    """``(forward, backward, saves_probabilities, module)`` of an implementation (its module imported once)."""
+    spec = _NEIGHBORHOOD.get(backend)
+    if spec is None:
+        raise ValueError(f"no neighborhood custom-op implementation {backend!r}; one of {', '.join(_NEIGHBORHOOD)}")
+    module = _import(spec.module)
+    return getattr(module, spec.forward), getattr(module, spec.backward), spec.saves_probabilities, module
+
+
+def _block_sparse_module(backend: str):
+    if backend not in _BLOCK_SPARSE:
+        raise ValueError(f"no block-sparse custom-op implementation {backend!r}; one of {', '.join(_BLOCK_SPARSE)}")
+    return _import(_BLOCK_SPARSE[backend])
 
 
 def _params(kernel_size, stride, dilation, is_causal) -> NeighborhoodParams:
@@ -73,18 +93,19 @@ def na_forward(
 def _na_forward_impl(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend,
                      save_probabilities):
     params = _params(kernel_size, stride, dilation, is_causal)
-    module = _module(backend, 0)
-    if getattr(module, "SAVES_PROBABILITIES", False):
-        return module.na_forward(query, key, value, rpb, params, scale, save_probabilities)
-    out, lse = module.na_forward(query, key, value, rpb, params, scale)
+    forward, _, saves, _ = _neighborhood_functions(backend)
+    if query.numel() == 0:
+        dtype = compute_dtype(query.dtype)
+        return torch.empty_like(query), query.new_empty(query.shape[:-1], dtype=dtype), query.new_empty(0, dtype=dtype)
+    if saves:
+        return forward(query, key, value, rpb, params, scale, save_probabilities)
+    out, lse = forward(query, key, value, rpb, params, scale)
     return out, lse, query.new_empty(0, dtype=compute_dtype(query.dtype))
 
 
 def _saved_numel(query, kernel_size, stride, dilation, is_causal, backend, save_probabilities):
-    if not save_probabilities:
-        return 0
-    module = _module(backend, 0)
-    if not getattr(module, "SAVES_PROBABILITIES", False):
+    _, _, saves, module = _neighborhood_functions(backend)
+    if not (save_probabilities and saves):
         return 0
     return module.probabilities_numel(query.shape, _params(kernel_size, stride, dilation, is_causal))
 
@@ -127,13 +148,13 @@ def _na_backward_impl(grad_out, query, key, value, out, lse, saved, rpb, kernel_
                       scale, backend):
     """``(d_query, d_key, d_value, d_rpb or None)``."""
     params = _params(kernel_size, stride, dilation, is_causal)
-    module = _module(backend, 0)
-    if getattr(module, "SAVES_PROBABILITIES", False):
-        d_query, d_key, d_value, d_rpb = module.na_backward(grad_out, query, key, value, out, lse, saved, rpb, params,
-                                                            scale)
-    else:
-        d_query, d_key, d_value, d_rpb = module.na_backward(grad_out, query, key, value, out, lse, rpb, params, scale)
-    return d_query, d_key, d_value, d_rpb
+    _, backward, saves, _ = _neighborhood_functions(backend)
+    if query.numel() == 0:
+        return (torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value),
+                None if rpb is None else torch.zeros_like(rpb))
+    if saves:
+        return backward(grad_out, query, key, value, out, lse, saved, rpb, params, scale)
+    return backward(grad_out, query, key, value, out, lse, rpb, params, scale)
 
 
 @na_backward.register_fake
@@ -166,52 +187,12 @@ def _na_autograd(ctx, grad_out, grad_lse, grad_saved):
 na_forward.register_autograd(_na_autograd, setup_context=_na_setup_context)
 
 
-class _EagerNeighborhood(torch.autograd.Function):
-    """The custom op's autograd in plain eager mode: the same implementations called directly, without
-    the custom-op dispatch (0.17 ms less per forward + backward of [8, 14x14, 8 heads, 32], about 4%).
-    :func:`neighborhood` uses it only where nothing could need the registered op."""
-
-    @staticmethod
-    def forward(ctx, query, key, value, rpb, config, save_probabilities):
-        out, lse, saved = _na_forward_impl(query, key, value, rpb, *config, save_probabilities)
-        ctx.save_for_backward(query, key, value, out, lse, saved, rpb)
-        ctx.config = config
-        ctx.set_materialize_grads(False)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        if grad_out is None:
-            return (None,) * 6
-        grads = _na_backward_impl(grad_out.contiguous(), *ctx.saved_tensors, *ctx.config)
-        return (*grads, None, None)
-
-
-def _plain_eager(*tensors) -> bool:
-    """Whether a call may skip the registered op: not compiling, tracing or exporting, no dispatch mode
-    (FlopCounterMode, fake tensors), no functorch transform, and plain tensors."""
-    return not (
-        torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-        or torch._C._len_torch_dispatch_stack()
-        or torch._C._functorch.peek_interpreter_stack() is not None
-        or any(t is not None and type(t) is not Tensor for t in tensors)
-    )
-
-
 def neighborhood(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale: float,
                  backend: str) -> Tensor:
-    """The attention output of the ``visionzoo::na_forward`` op, with its autograd; backends that can
-    keep the attention probabilities when a backward may follow. In plain eager mode the same
-    implementations run without the custom-op dispatch."""
-    config = (kernel_size, stride, dilation, is_causal, scale, backend)
+    """The attention output of the ``visionzoo::na_forward`` op, with its autograd; implementations
+    that can keep the attention probabilities do when a backward may follow."""
     backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, rpb))
-    if not _plain_eager(query, key, value, rpb):
-        return na_forward(query, key, value, rpb, *config, backward)[0]
-    if backward:
-        return _EagerNeighborhood.apply(query, key, value, rpb, config, True)
-    return _na_forward_impl(query, key, value, rpb, *config, False)[0]
+    return na_forward(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend, backward)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,8 +202,13 @@ def neighborhood(query, key, value, rpb, kernel_size, stride, dilation, is_causa
 def block_sparse_forward(
     query: Tensor, key: Tensor, value: Tensor, block_mask: Tensor, q_block: int, kv_block: int, scale: float, backend: str
 ) -> Tuple[Tensor, Tensor]:
-    """Returns ``(out [B, Nq, H, D], lse [B, Nq, H])``; lse dtype per :func:`~visionzoo.kernels.reference.compute_dtype`."""
-    return _module(backend, 1).block_sparse_forward(query, key, value, block_mask, q_block, kv_block, scale)
+    """Returns ``(out [B, Nq, H, D], lse [B, Nq, H])``; lse dtype per
+    :func:`~visionzoo.kernels.reference.compute_dtype`. Without queries or keys: zero output (rows that
+    attend nothing) and lse -inf."""
+    if query.numel() == 0 or key.shape[1] == 0:
+        lse = query.new_full(query.shape[:-1], float("-inf"), dtype=compute_dtype(query.dtype))
+        return torch.zeros_like(query), lse
+    return _block_sparse_module(backend).block_sparse_forward(query, key, value, block_mask, q_block, kv_block, scale)
 
 
 @block_sparse_forward.register_fake
@@ -244,7 +230,9 @@ def block_sparse_backward(
     scale: float,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    return _module(backend, 1).block_sparse_backward(
+    if query.numel() == 0 or key.shape[1] == 0:
+        return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+    return _block_sparse_module(backend).block_sparse_backward(
         grad_out, query, key, value, out, lse, block_mask, q_block, kv_block, scale
     )
 

@@ -3,7 +3,7 @@
 Tensors are heads-last, ``[B, *spatial, heads, D]``; 1D and 2D problems are run as 3D ones with
 leading dimensions of size 1 (kernel 1, tile 1: those dimensions cost nothing, see ``_in_window``).
 
-Tiling (the GNA scheme, see :mod:`visionzoo.kernels.tiling`): every program owns one
+Tiling (the GNA scheme, see :mod:`visionzoo.kernels.tiles`): every program owns one
 multi-dimensional query tile (e.g. 8x8 tokens) inside one dilation group. Tile coordinates are in
 group coordinates and map to memory as ``x = group + dilation * coord`` per dimension, so dilated
 problems need no copies. Per dimension, window starts and ends never decrease, so the keys the
@@ -15,7 +15,7 @@ with the image.
 * backward: ``delta = rowsum(dO * O)``; a query-stationary kernel for dQ (which also accumulates
   d(rpb) with fp32 atomic adds, since it visits every (query, key) pair exactly once), and a
   key/value-stationary kernel for dK and dV that visits the query tiles of the KV tile's inverse
-  neighborhood (closed form in ``_inverse_window``, mirrored by :func:`tiling.inverse_window`).
+  neighborhood (closed form in ``_inverse_window``, mirrored by :func:`tiles.inverse_window`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from .checks import NeighborhoodParams
-from .tiling import choose_tiles
+from .indexing import pad_to_3d
+from .tiles import triton_tiles
 from .triton_block_sparse import (
     LN2,
     LOG2E,
@@ -335,15 +336,11 @@ def _launch(query: torch.Tensor, params: NeighborhoodParams, rpb, backward: bool
     batch, *spatial, heads, head_dim = query.shape
     if batch * heads > 65535:
         raise NotImplementedError(f"na (triton backend): batch * heads = {batch * heads} exceeds the grid limit 65535")
-    q_tile, kv_tile = choose_tiles(tuple(spatial), params, backward)
+    q_tile, kv_tile = triton_tiles(tuple(spatial), params, backward)
     pad = 3 - len(spatial)
-    spatial3 = (1,) * pad + tuple(spatial)
-    kernel = (1,) * pad + tuple(params.kernel_size)
-    stride = (1,) * pad + tuple(params.stride)
-    dilation = (1,) * pad + tuple(params.dilation)
-    causal = (False,) * pad + tuple(params.is_causal)
-    q_tile = (1,) * pad + tuple(q_tile)
-    kv_tile = (1,) * pad + tuple(kv_tile)
+    q_tile, kv_tile = (1,) * pad + tuple(q_tile), (1,) * pad + tuple(kv_tile)
+    spatial3, padded = pad_to_3d(spatial, params)
+    kernel, stride, dilation, causal = padded.kernel_size, padded.stride, padded.dilation, padded.is_causal
     meta = dict(BLOCK_Q=q_tile[0] * q_tile[1] * q_tile[2], BLOCK_KV=kv_tile[0] * kv_tile[1] * kv_tile[2],
                 BLOCK_D=head_block(head_dim), HAS_RPB=rpb is not None, num_warps=num_warps(head_dim), num_stages=2,
                 **dtype_flags(query.dtype))

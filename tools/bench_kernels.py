@@ -2,8 +2,9 @@
 """Benchmark neighborhood attention implementations against each other in one run.
 
 For each shape: forward and forward+backward time and peak memory of ``backend="cpu"`` ("ours") and
-of the CPU paths it chooses between (blocked dense attention where the windows are disjoint blocks,
-native C++ kernel, tiled ATen path), the dense reference, a naive per-query gather, dense SDPA with a
+of the implementations it and ``backend="torch"`` choose between (``cpu:blocks``: dense attention per
+block where the windows are disjoint blocks, ``cpu:window``: the C++ window kernel, ``torch:tiles``:
+tiles through ATen's fused attention), the dense reference, a naive per-query gather, dense SDPA with a
 boolean mask, compiled FlexAttention (forward only on CPU) and NATTEN (if installed), plus the "speed
 of light": dense unmasked SDPA time x attention density (what a perfectly sparse kernel running at
 dense-kernel efficiency would take). Forward+backward is the forward with inputs that require grad
@@ -15,6 +16,7 @@ back), the same for every method.
     python tools/bench_kernels.py --markdown perf.md --plot perf.png
     python tools/bench_kernels.py --tiling-only     # GPU tiling analysis, no timing (runs anywhere)
     python tools/bench_kernels.py --device cuda     # GPU: Triton vs FlexAttention vs flash SDPA vs NATTEN
+    python tools/bench_kernels.py --isa avx2        # the C++ kernels built for another instruction set
 
 Peak memory is measured as in ``tools/benchmark.py``: on CPU the growth of the process's peak
 resident set (Linux VmHWM, reset before each run), on CUDA ``torch.cuda.max_memory_allocated``.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import math
+import os
 import platform
 import sys
 import time
@@ -40,6 +43,7 @@ import torch.nn.functional as F
 
 from visionzoo.kernels import (
     NeighborhoodParams,
+    build,
     attention_density,
     make_params,
     native,
@@ -47,11 +51,11 @@ from visionzoo.kernels import (
     neighborhood_mask,
     resolve_backend,
 )
-from visionzoo.kernels.cpu import default_q_tile, tile_plan
 from visionzoo.kernels.indexing import disjoint_blocks
-from visionzoo.kernels.tiling import tiling_analysis
+from visionzoo.kernels.portable import tile_plan
+from visionzoo.kernels.tiles import tiling_analysis, torch_query_tile
 
-sys.path.insert(0, __import__("os").path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(__file__))
 from bench_gpu import SHAPES as GPU_SHAPES  # noqa: E402
 from bench_gpu import gpu_benchmark_rows  # noqa: E402
 from benchmark import PeakMemory  # noqa: E402
@@ -84,6 +88,17 @@ DEFAULT_SHAPES = [
     Shape(2, (8, 16, 16), 2, 32, (3, 5, 5), (1, 1, 1)),
 ]
 QUICK_SHAPES = [Shape(1, (28, 28), 2, 32, (7, 7), (1, 1))]
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def steady_allocator() -> bool:
@@ -142,14 +157,18 @@ def make_methods(
     methods: Dict[str, Tuple[Callable, bool]] = {
         "ours": (lambda q, k, v: neighborhood_attention(q, k, v, backend="cpu", **kwargs), True),
     }
-    # the CPU paths "cpu" chooses between, each forced
+    # the implementations "cpu" and "torch" choose between, each forced
+    with_native = mask.device.type == "cpu" and native.available()
     if disjoint_blocks(shape.spatial, params) is not None:
-        methods["ours: blocked"] = (lambda q, k, v: neighborhood_attention(q, k, v, backend="blocked", **kwargs), True)
-    if mask.device.type == "cpu" and native.available():
-        methods["ours: native"] = (lambda q, k, v: neighborhood_attention(q, k, v, backend="native", **kwargs), True)
+        blocks = "cpu:blocks" if with_native else "torch:blocks"
+        methods["ours: " + blocks] = (lambda q, k, v: neighborhood_attention(q, k, v, backend=blocks, **kwargs), True)
+    if with_native:
+        methods["ours: cpu:window"] = (lambda q, k, v: neighborhood_attention(q, k, v, backend="cpu:window", **kwargs),
+                                       True)
     elif mask.device.type == "cpu":
         print("  native CPU kernel unavailable: " + str(native.unavailable_reason()), file=sys.stderr)
-    methods["ours: tiled"] = (lambda q, k, v: neighborhood_attention(q, k, v, backend="tiled", **kwargs), True)
+    methods["ours: torch:tiles"] = (lambda q, k, v: neighborhood_attention(q, k, v, backend="torch:tiles", **kwargs),
+                                    True)
     methods["reference"] = (lambda q, k, v: neighborhood_attention(q, k, v, backend="reference", **kwargs), True)
     if bool((mask.sum(-1) == keys_per_query).all()):
         neighbors = mask.nonzero()[:, 1].view(mask.shape[0], keys_per_query).to(mask.device)
@@ -251,13 +270,13 @@ def bench_shape(shape: Shape, device: torch.device, dtype: torch.dtype, args) ->
               + (f"{row.forward_backward * 1e3:9.2f} ms" if row.forward_backward else "      n/a"), file=sys.stderr)
 
     density = attention_density(shape.spatial, params)
-    plan = tile_plan(shape.spatial, params, default_q_tile(shape.spatial, params), False)
+    plan = tile_plan(shape.spatial, params, torch_query_tile(shape.spatial, params), False)
     light = {
         "density": density,
         "forward": median(measured["dense"][0]) * density,
         "forward_backward": median(measured["dense"][1]) * density,
         "halo": plan.kv_slots / plan.keys_per_query,
-        "q_tile": default_q_tile(shape.spatial, params),
+        "q_tile": torch_query_tile(shape.spatial, params),
         "path": resolve_backend("cpu", device, shape.spatial, params),
     }
     return rows, light
@@ -307,16 +326,17 @@ def render(results, device_name: str) -> str:
         )
     notes = [
         "",
-        "'ours' is backend='cpu', which runs the path named in 'ours runs'. 'blocked' (windows that cut the",
-        "input into disjoint blocks, e.g. whole dilation groups) is dense attention per block: no extra pairs,",
+        "'ours' is backend='cpu', which runs the implementation named in 'ours runs'. 'cpu:blocks' (windows",
+        "that cut the input into disjoint blocks, e.g. whole dilation groups) is dense attention per block: no",
+        "extra pairs,",
         "register-blocked GEMMs near the FMA peak; what is left is memory traffic (q, k, v, dO in, the",
         "gradients out: the bytes dense attention moves too, which sparsity does not reduce) and the softmax,",
-        "so at high density (25% at 14x14 d2) it gains less over dense than the density suggests. 'native' runs",
-        "tiles of up to 16 queries against the halo of keys their windows span, with GEMMs near the FMA peak, but",
-        "about half of those pairs are masked out (49 of 100 keys for 7x7 windows and 4x4 tiles, 75 of 192 in",
-        "3D), and the masked softmax, gathers and writes around the GEMMs take about as long again.",
+        "so at high density (25% at 14x14 d2) it gains less over dense than the density suggests. 'cpu:window' runs",
+        "tiles of one vector of queries (16 float32 on AVX-512, 8 on AVX2) against the halo of keys their windows",
+        "span, with GEMMs near the FMA peak, but about half of those pairs are masked out (49 of 100 keys for 7x7",
+        "windows and 4x4 tiles, 75 of 192 in 3D), and the masked softmax, gathers and writes around the GEMMs take about as long again.",
         "Speed of light = dense unmasked SDPA time x attention density. 'tiled halo' is the keys a query",
-        "tile of the tiled path computes per query over the keys it needs (that path's extra work).",
+        "tile of torch:tiles computes per query over the keys it needs (that path's extra work).",
     ]
     return "\n".join(lines + summary + notes)
 
@@ -403,9 +423,13 @@ def main(argv=None) -> None:
     parser.add_argument("--markdown", help="also write the tables to this file")
     parser.add_argument("--plot", help="write a bar chart (PNG) to this file")
     parser.add_argument("--tiling-only", action="store_true", help="print the GPU tiling analysis and stop")
+    parser.add_argument("--isa", choices=build.ISAS,
+                        help="instruction set of the C++ kernels (default: the best this CPU executes)")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's malloc thresholds alone (see the module docstring)")
     args = parser.parse_args(argv)
+    if args.isa:
+        os.environ["VISIONZOO_NATIVE_ISA"] = args.isa
 
     tiling = render_tiling()
     if args.tiling_only:
@@ -423,7 +447,8 @@ def main(argv=None) -> None:
         return
     shapes = QUICK_SHAPES if args.quick else DEFAULT_SHAPES
     if device.type == "cpu":
-        device_name = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        isa = native.isa() if native.available() else "unavailable"
+        device_name = f"CPU {cpu_model()}, C++ kernels for {isa}, {torch.get_num_threads()} threads"
         if not args.default_allocator and steady_allocator():
             device_name += "; glibc malloc thresholds raised (freed buffers are reused)"
     else:

@@ -232,8 +232,8 @@ def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         text += f", GPU {torch.cuda.get_device_name(device)}"
     backend, resolved = get_backend(), resolve_backend(None, device)
-    if resolved == "native":  # "cpu" also picks "blocked" per layer, where the windows are disjoint blocks
-        resolved = "blocked where the windows are disjoint blocks, else native"
+    if resolved in ("cpu:window", "torch:tiles"):  # per layer, the block implementation where windows are blocks
+        resolved = f"{resolved.split(':')[0]}:blocks where the windows are disjoint blocks, else {resolved}"
     return text + f", attention backend {backend}" + (f" ({resolved})" if resolved != backend else "")
 
 

@@ -1,5 +1,5 @@
-"""The blocked path: windows that are disjoint blocks run as dense attention per block, through the
-native kernel on CPU and through batched matmuls elsewhere (or without a compiler)."""
+"""The block implementations: windows that are disjoint blocks run as dense attention per block,
+through the C++ block kernel ("cpu:blocks") or batched torch matmuls ("torch:blocks")."""
 import itertools
 
 import pytest
@@ -7,13 +7,14 @@ import torch
 
 from tests.kernels.brute_force import window_1d
 from tests.kernels.test_na import _inputs as random_inputs
+from tests.kernels.tester import check_against_reference
 from visionzoo.kernels import blocked, make_params, native, neighborhood_attention, ops, resolve_backend
 from visionzoo.kernels.indexing import disjoint_blocks
 from visionzoo.kernels.reference import neighborhood_attention_reference
 
 CPU = torch.device("cpu")
-# the two implementations of the blocked path: the native kernel (CPU) and batched torch matmuls
-IMPLEMENTATIONS = ["native", "matmul"]
+# the two block implementations: the C++ kernel (CPU) and batched torch matmuls (any device)
+IMPLEMENTATIONS = ["cpu:blocks", "torch:blocks"]
 
 # (spatial, kernel_size, stride, dilation, heads, head_dim); all are disjoint blocks
 CASES = [
@@ -43,9 +44,9 @@ def _rpb(params, heads, dtype):
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)
-def implementation(request, monkeypatch):
-    if request.param == "matmul":
-        monkeypatch.setattr(blocked, "_native", lambda query: False)
+def implementation(request):
+    if request.param.startswith("cpu"):
+        request.getfixturevalue("native_kernel")
     return request.param
 
 
@@ -81,14 +82,8 @@ def test_blocked_matches_reference_fp32(case, implementation):
     params = make_params(len(spatial), kernel, stride, dilation)
     q, k, v = _inputs(spatial, heads, head_dim, torch.float32)
     rpb = _rpb(params, heads, torch.float32) if all(s == 1 for s in params.stride) else None
-    inputs = [q, k, v] + ([rpb] if rpb is not None else [])
-    expected = neighborhood_attention_reference(q, k, v, params, head_dim ** -0.5, rpb)
-    out = neighborhood_attention(q, k, v, kernel, stride, dilation, rpb=rpb, backend="blocked")
-    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
-    grad = torch.randn_like(out)
-    for name, got, want in zip(["dq", "dk", "dv", "drpb"], torch.autograd.grad(out, inputs, grad),
-                               torch.autograd.grad(expected, inputs, grad)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    check_against_reference(implementation, q, k, v, kernel, stride, dilation, rpb=rpb, tolerance=2e-5,
+                            grad_tolerance=1e-4)
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=_ids)
@@ -101,7 +96,7 @@ def test_blocked_gradcheck_fp64(case, implementation):
 
     def fn(*args):
         return neighborhood_attention(args[0], args[1], args[2], kernel, stride, dilation,
-                                      rpb=args[3] if with_rpb else None, backend="blocked")
+                                      rpb=args[3] if with_rpb else None, backend=implementation)
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
 
@@ -113,7 +108,7 @@ def test_blocked_gradcheck_fp64_with_kept_probabilities(implementation):
     assert blocked.probabilities_numel(q.shape, params) > 0
 
     def fn(*args):
-        return neighborhood_attention(*args, 2, 2, backend="blocked")
+        return neighborhood_attention(*args, 2, 2, backend=implementation)
 
     assert torch.autograd.gradcheck(fn, [q, k, v], eps=1e-6, atol=1e-6)
 
@@ -123,7 +118,7 @@ def test_blocked_bf16_close_to_reference(implementation):
     params = make_params(2, 7, 1, 2)
     expected = neighborhood_attention_reference(q, k, v, params, 0.25)
     inputs = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
-    out = neighborhood_attention(*inputs, 7, dilation=2, backend="blocked")
+    out = neighborhood_attention(*inputs, 7, dilation=2, backend=implementation)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, rtol=5e-2, atol=5e-2)
     out.float().sum().backward()
@@ -132,20 +127,19 @@ def test_blocked_bf16_close_to_reference(implementation):
         torch.testing.assert_close(got.grad.float(), want.grad, rtol=5e-2, atol=5e-2)
 
 
-def test_cpu_picks_blocked_only_for_disjoint_blocks():
-    assert resolve_backend("cpu", CPU, (14, 14), make_params(2, 7, 1, 2)) == "blocked"
-    assert resolve_backend("cpu", CPU, (56, 56), make_params(2, 7, 7)) == "blocked"
-    assert resolve_backend("cpu", CPU, (56, 56), make_params(2, 7)) == "native"
-    assert resolve_backend("cpu", CPU) == "native"  # no geometry given: never blocked
+def test_cpu_picks_blocked_only_for_disjoint_blocks(native_kernel):
+    assert resolve_backend("cpu", CPU, (14, 14), make_params(2, 7, 1, 2)) == "cpu:blocks"
+    assert resolve_backend("cpu", CPU, (56, 56), make_params(2, 7, 7)) == "cpu:blocks"
+    assert resolve_backend("cpu", CPU, (56, 56), make_params(2, 7)) == "cpu:window"
     assert resolve_backend("reference", CPU, (14, 14), make_params(2, 7, 1, 2)) == "reference"
 
 
-def test_blocked_refuses_windows_that_overlap():
+def test_blocked_refuses_windows_that_overlap(implementation):
     q = torch.randn(1, 9, 9, 1, 4)
     with pytest.raises(ValueError, match="disjoint blocks.*spatial \\[9, 9\\]"):
-        neighborhood_attention(q, q, q, 3, backend="blocked")
+        neighborhood_attention(q, q, q, 3, backend=implementation)
     with pytest.raises(ValueError, match="disjoint blocks"):
-        neighborhood_attention(q[:, :7, :7], q[:, :7, :7], q[:, :7, :7], 7, is_causal=True, backend="blocked")
+        neighborhood_attention(q[:, :7, :7], q[:, :7, :7], q[:, :7, :7], 7, is_causal=True, backend=implementation)
 
 
 def test_custom_op_passes_opcheck_on_blocked(implementation):
@@ -153,7 +147,7 @@ def test_custom_op_passes_opcheck_on_blocked(implementation):
     rpb = torch.randn(2, 13, 13, requires_grad=True)
     torch.library.opcheck(
         torch.ops.visionzoo.na_forward.default,
-        (q, k, v, rpb, [7, 7], [1, 1], [2, 1], [False, False], 0.5, "blocked"),
+        (q, k, v, rpb, [7, 7], [1, 1], [2, 1], [False, False], 0.5, implementation),
     )
 
 
@@ -161,7 +155,7 @@ def test_custom_op_passes_opcheck_on_blocked(implementation):
 def test_custom_op_passes_opcheck_on_blocked_saving_probabilities(implementation, save):
     q, k, v = _inputs((6, 8), 2, 4, torch.float32)  # 2x2 blocks: 4 tokens, kept at head dim 4
     rpb = torch.randn(2, 3, 3, requires_grad=True)
-    args = (q, k, v, rpb, [2, 2], [1, 1], [3, 4], [False, False], 0.5, "blocked", save)
+    args = (q, k, v, rpb, [2, 2], [1, 1], [3, 4], [False, False], 0.5, implementation, save)
     assert ops.na_forward(*args)[2].numel() == (blocked.probabilities_numel(q.shape, make_params(2, 2)) if save else 0)
     torch.library.opcheck(torch.ops.visionzoo.na_forward.default, args)
 
@@ -174,7 +168,7 @@ def test_blocked_backward_from_saved_probabilities_matches_recomputed(case, impl
     params = make_params(len(spatial), kernel, stride, dilation)
     q, k, v = (t.detach() for t in _inputs(spatial, heads, head_dim, torch.float32))
     rpb = _rpb(params, heads, torch.float32).detach() if all(s == 1 for s in params.stride) else None
-    config = ([*params.kernel_size], [*params.stride], [*params.dilation], [*params.is_causal], 0.3, "blocked")
+    config = ([*params.kernel_size], [*params.stride], [*params.dilation], [*params.is_causal], 0.3, implementation)
     check_saved_probabilities(q, k, v, rpb, config, blocked.probabilities_numel(q.shape, params))
 
 
@@ -195,47 +189,43 @@ def check_saved_probabilities(q, k, v, rpb, config, numel):
     return saved
 
 
-def test_blocked_saves_probabilities_only_for_a_backward(monkeypatch):
+def test_blocked_saves_probabilities_only_for_a_backward(implementation, monkeypatch):
     calls = []
-    forward = blocked.na_forward
+    name = "cpu_forward" if implementation == "cpu:blocks" else "torch_forward"
+    forward = getattr(blocked, name)
 
     def spy(*args):
         calls.append(args[-1])
         return forward(*args)
 
-    monkeypatch.setattr(blocked, "na_forward", spy)
+    monkeypatch.setattr(blocked, name, spy)
     q, k, v = _inputs((14, 14), 2, 8, torch.float32)
-    neighborhood_attention(q, k, v, 7, dilation=2, backend="blocked").sum().backward()
+    neighborhood_attention(q, k, v, 7, dilation=2, backend=implementation).sum().backward()
     with torch.no_grad():
-        neighborhood_attention(q, k, v, 7, dilation=2, backend="blocked")
-    neighborhood_attention(q.detach(), k.detach(), v.detach(), 7, dilation=2, backend="blocked")
+        neighborhood_attention(q, k, v, 7, dilation=2, backend=implementation)
+    neighborhood_attention(q.detach(), k.detach(), v.detach(), 7, dilation=2, backend=implementation)
     assert calls == [True, False, False]
     assert q.grad is not None
 
 
 @pytest.mark.parametrize("head_dim", [16, 24])
-def test_blocked_kernel_rows_of_one_head_among_several(head_dim):
+def test_blocked_kernel_rows_of_one_head_among_several(head_dim, native_kernel):
     """A task of the native kernel gathers one head's rows out of tokens that hold several heads, into
     scratch rows padded to whole vectors when head_dim is not a whole number of them (24)."""
     params = make_params(2, 7, 1, 2)
     q, k, v = _inputs((14, 14), 3, head_dim, torch.float32, batch=8)
     rpb = _rpb(params, 3, torch.float32)
-    expected = neighborhood_attention_reference(q, k, v, params, 0.3, rpb)
-    out = neighborhood_attention(q, k, v, 7, dilation=2, scale=0.3, rpb=rpb, backend="blocked")
-    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
-    grad = torch.randn_like(out)
-    for name, got, want in zip(["dq", "dk", "dv", "drpb"], torch.autograd.grad(out, [q, k, v, rpb], grad),
-                               torch.autograd.grad(expected, [q, k, v, rpb], grad)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    check_against_reference("cpu:blocks", q, k, v, 7, dilation=2, scale=0.3, rpb=rpb, tolerance=2e-5,
+                            grad_tolerance=1e-4)
 
 
-def test_blocked_keeps_probabilities_only_for_small_blocks():
+def test_blocked_keeps_probabilities_only_for_small_blocks(implementation):
     """Up to 2 x head_dim tokens per block the probabilities take at most twice the query's memory and
     are kept; larger blocks recompute them."""
-    assert blocked.keeps_probabilities((2, 14, 14, 2, 32), make_params(2, 7, 1, 2))  # 49 <= 64
-    assert not blocked.keeps_probabilities((2, 14, 14, 2, 16), make_params(2, 7, 1, 2))  # 49 > 32
+    assert native.keeps_probabilities((2, 14, 14, 2, 32), make_params(2, 7, 1, 2))  # 49 <= 64
+    assert not native.keeps_probabilities((2, 14, 14, 2, 16), make_params(2, 7, 1, 2))  # 49 > 32
     q, k, v = (t.detach() for t in _inputs((3, 10, 10), 1, 32, torch.float32))  # 75-token blocks
-    config = ([3, 5, 5], [1, 5, 5], [1, 1, 1], [False] * 3, 0.3, "blocked")
+    config = ([3, 5, 5], [1, 5, 5], [1, 1, 1], [False] * 3, 0.3, implementation)
     out, lse, saved = ops.na_forward(q, k, v, None, *config, True)
     assert saved.numel() == 0
     grad = torch.randn_like(out)

@@ -1,8 +1,10 @@
-"""Neighborhood attention: reference vs brute force, CPU path vs reference, checks, dispatch, compile."""
+"""Neighborhood attention: reference vs brute force, the CPU implementations vs the reference, checks,
+dispatch, compile."""
 import pytest
 import torch
 
 from tests.kernels.brute_force import brute_force_na
+from tests.kernels.tester import check_against_reference
 from visionzoo.kernels import (
     attention_density,
     get_backend,
@@ -16,8 +18,8 @@ from visionzoo.kernels import (
 )
 
 OPS = {1: na1d, 2: na2d, 3: na3d}
-# the two CPU implementations; "cpu" picks one of them per call
-CPU_PATHS = ["native", "tiled"]
+# the implementations that run any neighborhood on CPU tensors (the block ones: test_blocked.py)
+CPU_PATHS = ["cpu:window", "torch:tiles"]
 
 # (spatial, kernel_size, stride, dilation, is_causal, heads, head_dim)
 CASES = [
@@ -86,18 +88,9 @@ def test_every_query_attends_kernel_size_keys(case):
 @pytest.mark.parametrize("case, with_rpb", _with_rpb_variants(CASES))
 def test_cpu_matches_reference_fp32(case, with_rpb, path):
     spatial, kernel, stride, dilation, causal, heads, head_dim = case
-    op = OPS[len(spatial)]
     q, k, v = _inputs(spatial, heads, head_dim, torch.float32, requires_grad=True)
     rpb = _rpb(kernel, len(spatial), heads, torch.float32).requires_grad_() if with_rpb else None
-    inputs = [q, k, v] + ([rpb] if with_rpb else [])
-    expected = op(q, k, v, kernel, stride, dilation, causal, rpb=rpb, backend="reference")
-    out = op(q, k, v, kernel, stride, dilation, causal, rpb=rpb, backend=path)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
-    grad = torch.randn_like(out)
-    grads_expected = torch.autograd.grad(expected, inputs, grad)
-    grads = torch.autograd.grad(out, inputs, grad)
-    for name, got, want in zip(["dq", "dk", "dv", "drpb"], grads, grads_expected):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    check_against_reference(path, q, k, v, kernel, stride, dilation, causal, rpb=rpb, tolerance=1e-4)
 
 
 @pytest.mark.parametrize("path", CPU_PATHS)
@@ -142,13 +135,7 @@ def test_larger_nat_shape_fp32(path):
     """A NAT-like stage (odd size, dilation, rpb) at fp32 tolerance, forward and backward."""
     q, k, v = _inputs((23, 19), 3, 32, torch.float32, requires_grad=True)
     rpb = _rpb(7, 2, 3, torch.float32).requires_grad_()
-    expected = na2d(q, k, v, 7, dilation=(3, 2), rpb=rpb, backend="reference")
-    out = na2d(q, k, v, 7, dilation=(3, 2), rpb=rpb, backend=path)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
-    grad = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, [q, k, v, rpb], grad),
-                         torch.autograd.grad(expected, [q, k, v, rpb], grad)):
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    check_against_reference(path, q, k, v, 7, dilation=(3, 2), rpb=rpb, tolerance=1e-4, grad_tolerance=1e-3)
 
 
 @pytest.mark.parametrize("path", CPU_PATHS)
@@ -246,7 +233,7 @@ def test_custom_op_passes_opcheck(path):
     )
 
 
-def test_flop_counter_counts_the_custom_ops():
+def test_flop_counter_counts_the_custom_ops(native_kernel):
     from torch.utils.flop_counter import FlopCounterMode
 
     from visionzoo.kernels import block_sparse_attention
@@ -275,40 +262,17 @@ def test_flop_counter_counts_the_custom_ops():
     assert counter.get_total_flops() == 2 * (2 * 1 * 8 * 3 * 2 * 16 * 16)  # 3 kept tiles per head, 2 heads
 
 
-@pytest.mark.parametrize("backend", ["blocked", "native", "tiled"])
-def test_plain_eager_calls_skip_the_custom_op_with_identical_results(backend, monkeypatch):
-    from visionzoo.kernels import ops
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_window_keys_list_the_mask_with_the_dense_relative_index(case):
+    """The reference's gathered windows: each query's valid slots are exactly its keys in the mask,
+    each with the rpb index of the dense formulation."""
+    from visionzoo.kernels.indexing import relative_index, window_keys
 
-    spatial, kernel, dilation = ((14, 14), 7, 2) if backend == "blocked" else ((9, 10), 3, 1)
-    q, k, v = _inputs(spatial, 2, 8, torch.float64, requires_grad=True)
-    rpb = torch.randn(2, 2 * kernel - 1, 2 * kernel - 1, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(q.shape, dtype=torch.float64)
-    config = ([kernel] * 2, [1, 1], [dilation] * 2, [False, False], 0.3, backend)
-
-    def through_custom_op():
-        out = ops.na_forward(q, k, v, rpb, *config, True)[0]
-        return out, torch.autograd.grad(out, [q, k, v, rpb], grad)
-
-    expected_out, expected_grads = through_custom_op()
-    calls = []
-    custom_op = ops.na_forward
-    monkeypatch.setattr(ops, "na_forward", lambda *args: calls.append(args) or custom_op(*args))
-    out = na2d(q, k, v, kernel, dilation=dilation, scale=0.3, rpb=rpb, backend=backend)
-    grads = torch.autograd.grad(out, [q, k, v, rpb], grad)
-    with torch.no_grad():
-        inference = na2d(q, k, v, kernel, dilation=dilation, scale=0.3, rpb=rpb, backend=backend)
-    assert calls == []  # plain eager: the implementations ran directly
-    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
-    torch.testing.assert_close(inference, expected_out, rtol=0, atol=0)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False):  # a dispatch mode needs the registered op
-        na2d(q, k, v, kernel, dilation=dilation, rpb=rpb, backend=backend)
-    assert len(calls) == 1
-    with pytest.raises(RuntimeError, match="once_differentiable|double backward|differentiable"):
-        d_query = torch.autograd.grad(na2d(q, k, v, kernel, dilation=dilation, backend=backend).square().sum(), q,
-                                      create_graph=True)[0]
-        d_query.sum().backward()
+    spatial, kernel, stride, dilation, causal, *_ = case
+    params = make_params(len(spatial), kernel, stride, dilation, causal)
+    keys, valid, rel = window_keys(tuple(spatial), params)
+    mask, dense_rel = neighborhood_mask(spatial, params), relative_index(spatial, params)
+    for query in range(keys.shape[0]):
+        attended = keys[query][valid[query]]
+        assert sorted(attended.tolist()) == mask[query].nonzero().flatten().tolist()
+        assert torch.equal(rel[query][valid[query]], dense_rel[query, attended])

@@ -6,19 +6,21 @@ import pytest
 import torch
 
 from tests.kernels.test_blocked import check_saved_probabilities
+from tests.kernels.tester import check_against_reference
 from visionzoo.kernels import (
     block_sparse_attention,
+    build,
     make_params,
     na2d,
-    na3d,
     native,
     neighborhood_mask,
     ops,
     resolve_backend,
 )
-from visionzoo.kernels.reference import neighborhood_attention_reference
+from visionzoo.kernels.dispatch import can_run
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("native_kernel")
 
 
 def _inputs(shape, dtype, seed=0):
@@ -33,27 +35,16 @@ def test_head_dims_against_reference(head_dim, dtype):
     non-dividing dilation, a causal axis and rpb, forward and backward."""
     q, k, v = _inputs((2, 11, 9, 2, head_dim), dtype)
     rpb = torch.randn(2, 5, 7, dtype=dtype, requires_grad=True)
-    params = make_params(2, (3, 4), 1, (3, 2), (False, True))
-    expected = neighborhood_attention_reference(q, k, v, params, head_dim ** -0.5, rpb)
-    out = na2d(q, k, v, (3, 4), dilation=(3, 2), is_causal=(False, True), rpb=rpb, backend="native")
     tolerance = 1e-10 if dtype == torch.float64 else 2e-5
-    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
-    grad = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, [q, k, v, rpb], grad),
-                         torch.autograd.grad(expected, [q, k, v, rpb], grad)):
-        torch.testing.assert_close(got, want, rtol=tolerance * 10, atol=tolerance * 10)
+    check_against_reference("cpu:window", q, k, v, (3, 4), dilation=(3, 2), is_causal=(False, True), rpb=rpb,
+                            tolerance=tolerance, grad_tolerance=tolerance * 10)
 
 
 def test_more_keys_than_one_vector_and_3d_stride():
     """A 3D window of 75 keys (several vector groups of scores, a partial last one) with stride."""
     q, k, v = _inputs((1, 6, 9, 10, 2, 32), torch.float32)
-    params = make_params(3, (3, 5, 5), (1, 2, 3), 1, False)
-    expected = neighborhood_attention_reference(q, k, v, params, 0.2)
-    out = na3d(q, k, v, (3, 5, 5), stride=(1, 2, 3), scale=0.2, backend="native")
-    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
-    grad = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, [q, k, v], grad), torch.autograd.grad(expected, [q, k, v], grad)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    check_against_reference("cpu:window", q, k, v, (3, 5, 5), stride=(1, 2, 3), scale=0.2, tolerance=2e-5,
+                            grad_tolerance=1e-4)
 
 
 @pytest.mark.parametrize("spatial, tile", [
@@ -79,16 +70,8 @@ def test_window_kernel_is_exact_for_any_tile_shape(spatial, tile, monkeypatch):
     if len(spatial) == 2:
         stride = 1
         rpb = torch.randn(2, *(2 * n - 1 for n in kernel), dtype=dtype, requires_grad=True)
-    params = make_params(len(spatial), kernel, stride, dilation, causal)
-    expected = neighborhood_attention_reference(q, k, v, params, 0.3, rpb)
-    op = na2d if len(spatial) == 2 else na3d
-    out = op(q, k, v, kernel, stride=stride, dilation=dilation, is_causal=causal, scale=0.3, rpb=rpb,
-             backend="native")
-    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
-    grad = torch.randn_like(out)
-    inputs = [q, k, v] + ([rpb] if rpb is not None else [])
-    for got, want in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
-        torch.testing.assert_close(got, want, rtol=tolerance * 10, atol=tolerance * 10)
+    check_against_reference("cpu:window", q, k, v, kernel, stride, dilation, causal, scale=0.3, rpb=rpb,
+                            tolerance=tolerance, grad_tolerance=tolerance * 10)
 
 
 def test_window_kernel_on_an_input_too_large_for_whole_group_panels():
@@ -100,7 +83,7 @@ def test_window_kernel_on_an_input_too_large_for_whole_group_panels():
                for _ in range(3))
     rpb = torch.randn(1, 5, 5, dtype=torch.float64, requires_grad=True)
     results = []
-    for backend in ("native", "tiled"):
+    for backend in ("cpu:window", "torch:tiles"):
         out = na2d(q, k, v, 3, dilation=(1, 2), rpb=rpb, backend=backend)
         results.append([out, *torch.autograd.grad(out, [q, k, v, rpb], out.detach() + 0.1)])
     for got, want in zip(*results):
@@ -119,7 +102,7 @@ def test_window_backward_from_saved_probabilities_matches_recomputed(spatial, ke
     params = make_params(len(spatial), kernel, stride, dilation, causal)
     q, k, v = (t.detach() for t in _inputs((2, *spatial, 2, 16), torch.float32))
     bias = torch.randn(2, *(2 * n - 1 for n in kernel)) if rpb else None
-    config = (list(kernel), list(stride), list(dilation), list(causal), 0.3, "native")
+    config = (list(kernel), list(stride), list(dilation), list(causal), 0.3, "cpu:window")
     saved = check_saved_probabilities(q, k, v, bias, config, native.probabilities_numel(q.shape, params))
     pairs = 2 * 2 * int(neighborhood_mask(spatial, params).sum())  # B x heads x attended pairs
     assert saved.numel() == 2 * 2 * math.prod(spatial) * math.prod(kernel) >= pairs
@@ -138,7 +121,7 @@ def test_window_gradcheck_fp64_with_kept_probabilities():
 
     def fn(*args):
         return na2d(args[0], args[1], args[2], (3, 2), dilation=(1, 2), is_causal=(True, False), rpb=args[3],
-                    backend="native")
+                    backend="cpu:window")
 
     assert torch.autograd.gradcheck(fn, [q, k, v, rpb], eps=1e-6, atol=1e-6)
 
@@ -147,7 +130,7 @@ def test_window_gradcheck_fp64_with_kept_probabilities():
 def test_custom_op_passes_opcheck_on_native(save):
     q, k, v = _inputs((2, 6, 7, 2, 8), torch.float32)
     rpb = torch.randn(2, 5, 5, requires_grad=True)
-    args = (q, k, v, rpb, [3, 3], [1, 1], [2, 1], [False, True], 0.5, "native", save)
+    args = (q, k, v, rpb, [3, 3], [1, 1], [2, 1], [False, True], 0.5, "cpu:window", save)
     params = make_params(2, 3, 1, (2, 1), (False, True))
     assert ops.na_forward(*args)[2].numel() == (native.probabilities_numel(q.shape, params) if save else 0)
     torch.library.opcheck(torch.ops.visionzoo.na_forward.default, args)
@@ -159,7 +142,7 @@ def test_window_kernel_keeps_probabilities_only_for_small_windows():
     assert native.keeps_probabilities((2, 56, 56, 2, 32), make_params(2, 7))  # 49 <= 64
     assert not native.keeps_probabilities((2, 56, 56, 2, 16), make_params(2, 7))  # 49 > 32
     q, k, v = (t.detach() for t in _inputs((1, 9, 9, 1, 16), torch.float32))
-    out, lse, saved = ops.na_forward(q, k, v, None, [7, 7], [1, 1], [1, 1], [False, False], 0.25, "native", True)
+    out, lse, saved = ops.na_forward(q, k, v, None, [7, 7], [1, 1], [1, 1], [False, False], 0.25, "cpu:window", True)
     assert saved.numel() == 0
 
 
@@ -177,8 +160,8 @@ def test_tile_shape_choice():
         assert all(t == 1 or t // 2 < n for t, n in zip(tile, padded))
 
 
-@pytest.mark.parametrize("backend, batch, spatial", [("native", 3, (15, 17)), ("blocked", 1, (14, 14)),
-                                                    ("blocked", 8, (14, 14))])
+@pytest.mark.parametrize("backend, batch, spatial", [("cpu:window", 3, (15, 17)), ("cpu:blocks", 1, (14, 14)),
+                                                    ("cpu:blocks", 8, (14, 14))])
 def test_results_do_not_depend_on_the_thread_count(backend, batch, spatial):
     """Both native kernels: the window kernel splits work by (batch, head); the block kernel sums the
     rpb gradient in fixed chunks of tasks whose heads per task do not depend on the thread count
@@ -198,49 +181,32 @@ def test_results_do_not_depend_on_the_thread_count(backend, batch, spatial):
         assert torch.equal(one, three)
 
 
-def test_library_is_built_once_and_cached():
-    native.library()
-    built = sorted(native.cache_dir().glob("na_cpu_*.so"))
-    assert built, "no cached library"
-    assert native.library() is native.library()
-    assert sorted(native.cache_dir().glob("na_cpu_*.so")) == built
-
-
-def test_a_fresh_build_in_a_new_cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("VISIONZOO_CACHE_DIR", str(tmp_path))
-    compiler = native._compiler()
-    path = native._build(compiler)
-    assert path.parent == tmp_path / "native" and path.exists()
-    assert native._bind(path).vz_abi_version() == native.ABI_VERSION
-    assert native._build(compiler) == path  # cached: same file, not rebuilt
-    assert [p.name for p in (tmp_path / "native").iterdir()] == [path.name]  # no temporary files left
-
-
-def test_build_failure_is_reported(tmp_path, monkeypatch):
-    broken = tmp_path / "broken.cpp"
-    broken.write_text("this is not C++\n")
-    monkeypatch.setenv("VISIONZOO_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(native, "SOURCE", broken)
-    with pytest.raises(RuntimeError, match="failed"):
-        native._build(native._compiler())
-
-
-def test_disabled_native_kernel_falls_back_to_tiled(monkeypatch):
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_reason", None)
+def test_disabled_native_kernel_auto_falls_back_to_torch_and_cpu_says_why(monkeypatch):
+    monkeypatch.setattr(build, "_libraries", {})
+    monkeypatch.setattr(build, "_reasons", {})
+    monkeypatch.setattr(build, "_selected", None)
     monkeypatch.setenv("VISIONZOO_NATIVE", "0")
     assert not native.available()
     assert "VISIONZOO_NATIVE=0" in native.unavailable_reason()
-    assert resolve_backend("cpu", CPU) == "tiled"
-    with pytest.raises(RuntimeError, match="VISIONZOO_NATIVE=0"):
-        resolve_backend("native", CPU)
+    assert resolve_backend("auto", CPU) == "torch:tiles"
+    assert resolve_backend("auto", CPU, (14, 14), make_params(2, 7, 1, 2)) == "torch:blocks"
+    assert can_run("cpu", CPU) == "cpu: the native kernel could not be built: disabled by VISIONZOO_NATIVE=0"
+    for name in ("cpu", "native", "cpu:window", "cpu:blocks"):
+        with pytest.raises(RuntimeError, match="cpu: the native kernel could not be built: .*VISIONZOO_NATIVE=0"):
+            resolve_backend(name, CPU)
+    assert resolve_backend("blocked", CPU, (14, 14), make_params(2, 7, 1, 2)) == "torch:blocks"  # as it always ran
 
 
 def test_cpu_dispatch():
-    assert resolve_backend("cpu", CPU) == "native"
-    assert resolve_backend("auto", CPU) == "native"
-    assert resolve_backend("tiled", CPU) == "tiled"
-    assert resolve_backend("cpu", torch.device("meta")) == "tiled"
+    assert resolve_backend("cpu", CPU) == "cpu:window"
+    assert resolve_backend("auto", CPU) == "cpu:window"
+    assert resolve_backend("tiled", CPU) == "torch:tiles"
+    # the old names run what they ran: the window kernel, and the block kernel where windows are blocks
+    assert resolve_backend("native", CPU, (14, 14), make_params(2, 7, 1, 2)) == "cpu:window"
+    assert resolve_backend("blocked", CPU, (14, 14), make_params(2, 7, 1, 2)) == "cpu:blocks"
+    assert resolve_backend("auto", torch.device("meta")) == "torch:tiles"
+    with pytest.raises(RuntimeError, match="cpu: the C\\+\\+ kernels run on CPU tensors, got a tensor on meta"):
+        resolve_backend("cpu", torch.device("meta"))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "native", "blocked"])

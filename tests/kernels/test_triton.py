@@ -21,7 +21,7 @@ from visionzoo.kernels import (  # noqa: E402
     na3d,
     neighborhood_attention,
     ops,
-    tiling,
+    tiles,
     window_bounds,
 )
 from visionzoo.kernels import triton_na  # noqa: E402
@@ -92,7 +92,7 @@ def check_na(fn, shape, dtype=torch.float32, backward=True, rpb=False, seed=0, *
 @pytest.fixture
 def small_tiles(monkeypatch):
     """16-token tiles, so that small problems still span several query and KV tiles."""
-    monkeypatch.setattr(triton_na, "choose_tiles", functools.partial(tiling.choose_tiles, q_volume=16, kv_volume=16))
+    monkeypatch.setattr(triton_na, "triton_tiles", functools.partial(tiles.triton_tiles, q_volume=16, kv_volume=16))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,14 +184,14 @@ def test_inverse_window_matches_brute_force():
                     group_length = len(starts)
                     for first, last in itertools.combinations_with_replacement(range(group_length), 2):
                         queries = [i for i in range(group_length) if starts[i] <= last and ends[i] > first]
-                        lo, hi = tiling.inverse_window(first, last, group_length, kernel, stride, causal)
+                        lo, hi = tiles.inverse_window(first, last, group_length, kernel, stride, causal)
                         assert queries == list(range(lo, hi + 1)), (length, dilation, kernel, stride, causal,
                                                                     first, last)
 
 
 def test_tiling_analysis_counts():
     params = make_params(2, 7)
-    result = tiling.tiling_analysis((56, 56), params, q_tile=(8, 8), kv_tile=(8, 8))
+    result = tiles.tiling_analysis((56, 56), params, q_tile=(8, 8), kv_tile=(8, 8))
     # the windows of an 8x8 tile span 14 keys per dimension: 2 x 2 unaligned 8x8 KV tiles
     assert result["kv_tiles_visited_max"] == 4
     assert result["kv_tiles_min"] == 1
@@ -200,18 +200,18 @@ def test_tiling_analysis_counts():
     assert result["mask_bound"] == pytest.approx(1 / result["density"])
     assert 0 < result["tile_efficiency"] <= 1
     # dense attention: every query tile visits every KV tile, no speedup possible
-    dense = tiling.tiling_analysis((16, 16), make_params(2, 16), q_tile=(8, 8), kv_tile=(8, 8))
+    dense = tiles.tiling_analysis((16, 16), make_params(2, 16), q_tile=(8, 8), kv_tile=(8, 8))
     assert dense["kv_tiles_visited_max"] == dense["dense_kv_tiles"] == 4
     assert dense["speed_of_light"] == 1.0
 
 
-def test_choose_tiles_volumes():
+def test_triton_tiles_volumes():
     for spatial, params in (((300,), make_params(1, 9)), ((20, 30), make_params(2, 7, dilation=2)),
                             ((8, 16, 16), make_params(3, (3, 7, 7)))):
-        q_tile, kv_tile = tiling.choose_tiles(spatial, params)
+        q_tile, kv_tile = tiles.triton_tiles(spatial, params)
         assert len(q_tile) == len(spatial)
-        assert torch.tensor(q_tile).prod() == tiling.Q_TILE_VOLUME
-        assert torch.tensor(kv_tile).prod() == tiling.KV_TILE_VOLUME
+        assert torch.tensor(q_tile).prod() == tiles.Q_TILE_VOLUME
+        assert torch.tensor(kv_tile).prod() == tiles.KV_TILE_VOLUME
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ def test_quick_benchmark_prints_ratios_and_speed_of_light(tmp_path):
     out = _run("--quick", "--skip", "flex", "reference", "--min-time", "0", "--max-runs", "2", "--plot", str(plot))
     rows = [line for line in out.splitlines() if line.startswith("| [1, 28x28, 2h, 32] k7x7 |")]
     methods = [row.split("|")[2].strip() for row in rows]
-    assert methods[:5] == ["ours", "ours: native", "ours: tiled", "gather", "sdpa+mask"]
-    summary = [line for line in out.splitlines() if line.startswith("| [1, 28x28, 2h, 32] k7x7 | native |")]
+    assert methods[:5] == ["ours", "ours: cpu:window", "ours: torch:tiles", "gather", "sdpa+mask"]
+    summary = [line for line in out.splitlines() if line.startswith("| [1, 28x28, 2h, 32] k7x7 | cpu:window |")]
     assert len(summary) == 1, "the summary names the path 'cpu' ran"
     assert "speed of light" in out and "tiled halo" in out
     assert plot.stat().st_size > 0

@@ -1,24 +1,36 @@
-"""Tiled neighborhood / block-sparse attention built on batched torch matmuls (the fast CPU path).
+"""The portable path (``backend="torch"``, implementation ``"torch:tiles"``): neighborhood and
+block-sparse attention as tiles through ATen's fused attention, on any device.
 
 Queries are cut into n-D tiles that stay inside one dilation group; each query tile gathers the
 union of its queries' windows (its "key halo"), so attention runs as one batched
 ``[tiles, q_tile, kv_tile]`` problem with a small per-tile mask. Compute scales with the window
-(``kv_tile / prod(kernel_size)`` over the exact amount), not the image. The backward is written out
-(flash-style, from the saved log-sum-exp) so the op needs no autograd graph of its own and the same
-functions serve the ``torch.library`` custom op.
+(``kv_tile / prod(kernel_size)`` over the exact amount), not the image. The backward runs from the
+saved log-sum-exp, so the op needs no autograd graph of its own and the same functions serve the
+``torch.library`` custom op.
+
+CPU tensors go through ATen's fused CPU flash-attention kernels; other devices (CUDA without triton,
+MPS, meta) through the same computation written with matmuls (:func:`_attend`). A tile's halo holds
+keys that some of its queries do not attend, masked by a -inf bias: a NaN or inf there would still
+reach them, so a call whose output or lse is not finite is redone by the reference
+(:mod:`.reference`), which touches attended pairs only.
 """
 from __future__ import annotations
 
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
+from . import tiles as tile_shapes
 from .checks import NeighborhoodParams
-from .indexing import window_bounds
-from .reference import compute_dtype
+from .indexing import relative_offset, window_bounds
+from .reference import (
+    compute_dtype,
+    neighborhood_attention_reference,
+    neighborhood_attention_reference_backward,
+)
 
 
 @dataclass
@@ -58,9 +70,7 @@ def _plan_1d(length: int, kernel: int, stride: int, dilation: int, causal: bool,
         group_length = members.numel()
         for first in range(0, group_length, q_tile):
             tiles.append((g, members, first, min(first + q_tile, group_length)))
-    # the key halo of a tile spans from its first query's window start to its last query's end
-    spans = [int(end[members[last - 1]] - start[members[first]]) for _, members, first, last in tiles]
-    kv_tile = max(spans)
+    kv_tile = max(tile_shapes.halo_spans(length, kernel, stride, dilation, causal, q_tile))
     q_pos, q_ok, k_pos, k_ok, allowed, rel = [], [], [], [], [], []
     for g, members, first, last in tiles:
         group_length = members.numel()
@@ -81,7 +91,7 @@ def _plan_1d(length: int, kernel: int, stride: int, dilation: int, causal: bool,
         k_pos.append(members[k_coord])
         k_ok.append(k_valid)
         allowed.append(ok)
-        rel.append((k_coord[None, :] - q_coord[:, None] + kernel - 1).clamp(0, 2 * kernel - 2))
+        rel.append(relative_offset(q_coord[:, None], k_coord[None, :], kernel).clamp(0, 2 * kernel - 2))
     return (torch.stack(q_pos), torch.stack(q_ok), torch.stack(k_pos), torch.stack(k_ok), torch.stack(allowed),
             torch.stack(rel))
 
@@ -134,29 +144,62 @@ def tile_plan(spatial: Tuple[int, ...], params: NeighborhoodParams, q_tile: Tupl
     )
 
 
-def default_q_tile(spatial: Sequence[int], params: NeighborhoodParams) -> Tuple[int, ...]:
-    """Query tile per dimension: small enough that the halo overhead stays low, large enough that
-    the batched matmuls are not dominated by per-tile overhead."""
-    tiles = []
-    for length, kernel, stride in zip(spatial, params.kernel_size, params.stride):
-        tile = max(stride, min(kernel, 8)) if len(spatial) > 1 else max(stride, 4 * kernel, 32)
-        tiles.append(min(tile, length))
-    return tuple(tiles)
-
-
 # ----------------------------------------------------------------------------------------------
-# Tiles run through the fused CPU flash-attention kernel of ATen. Tensors are kept token-major
-# ([N, B*H, D]) so that a gathered tile is a strided [T, B*H, slots, D] view and the per-tile mask
-# [T, 1, TQ, TK] broadcasts over batch and heads without a copy.
+# Tiles run through fused attention. Tensors are kept token-major ([N, B*H, D]) so that a gathered
+# tile is a strided [T, B*H, slots, D] view and the per-tile mask [T, 1, TQ, TK] broadcasts over
+# batch and heads without a copy.
 # ----------------------------------------------------------------------------------------------
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
+def _fused_cpu(tensor: torch.Tensor) -> bool:
+    """Whether ATen's fused CPU kernels run the tiles: for CPU tensors, and only for them."""
+    return tensor.device.type == "cpu"
+
+
+def _attend(q, k, v, bias, scale: float):
+    """Attention of tiles ``q [T, BH, TQ, D]`` over ``k, v [T, BH, TK, D]`` with the logit ``bias``
+    (-inf where a pair is masked); returns ``(out, lse [T, BH, TQ])``. Rows that attend nothing give
+    a zero output."""
+    if _fused_cpu(q):
+        return _flash(q, k, v, attn_mask=bias, scale=scale)
+    logits = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias)
+    lse = torch.logsumexp(logits, -1)
+    probs = logits.sub_(lse.masked_fill(lse == float("-inf"), float("inf")).unsqueeze(-1)).exp_()
+    return torch.matmul(probs, v), lse
+
+
+def _attend_backward(grad, q, k, v, out, lse, bias, scale: float, logit_gradient: bool = False):
+    """Gradients ``(d_q, d_k, d_v, d_logits or None)`` of :func:`_attend` from its saved ``lse`` (finite
+    in every row); ``d_logits [T, BH, TQ, TK]`` (the gradient of the bias) with ``logit_gradient``."""
+    if _fused_cpu(q) and not logit_gradient:
+        return (*_flash_backward(grad, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale), None)
+    # written out: P from the saved lse, dS = P * (dP - delta); the fused CPU kernel does not return dS
+    logits = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias)
+    probs = logits.sub_(lse.unsqueeze(-1)).exp_()
+    delta = (grad * out).sum(-1, keepdim=True)
+    d_value = torch.matmul(probs.transpose(-1, -2), grad)
+    d_logits = torch.matmul(grad, v.transpose(-1, -2)).sub_(delta).mul_(probs)
+    d_query = torch.matmul(d_logits, k).mul_(scale)
+    d_key = torch.matmul(d_logits.transpose(-1, -2), q).mul_(scale)
+    return d_query, d_key, d_value, (d_logits if logit_gradient else None)
+
+
+def _finite(*tensors: torch.Tensor) -> bool:
+    """Whether every element is finite (one sum per tensor: a NaN or inf survives it). Meta tensors
+    hold no values, and a CUDA graph being captured cannot wait for them: both count as finite."""
+    if tensors[0].device.type == "meta" or (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+        return True
+    return all(bool(torch.isfinite(t.sum())) for t in tensors)
+
+
 def _token_major(x: torch.Tensor) -> torch.Tensor:
     """``[B, *spatial, H, D]`` -> contiguous ``[N, B*H, D]``."""
     batch, heads, head_dim = x.shape[0], x.shape[-2], x.shape[-1]
-    return x.reshape(batch, -1, heads * head_dim).transpose(0, 1).reshape(-1, batch * heads, head_dim).contiguous()
+    tokens = math.prod(x.shape[1:-2])
+    x = x.reshape(batch, tokens, heads * head_dim).transpose(0, 1)
+    return x.reshape(tokens, batch * heads, head_dim).contiguous()
 
 
 def _from_token_major(x: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -188,7 +231,7 @@ class _Tiles:
 
     def __init__(self, query: torch.Tensor, params: NeighborhoodParams, rpb: Optional[torch.Tensor]):
         spatial = tuple(query.shape[1:-2])
-        plan = tile_plan(spatial, params, default_q_tile(spatial, params), rpb is not None)
+        plan = tile_plan(spatial, params, tile_shapes.torch_query_tile(spatial, params), rpb is not None)
         device = query.device
         self.dtype = compute_dtype(query.dtype)
         self.batch, self.heads = query.shape[0], query.shape[-2]
@@ -217,35 +260,26 @@ def na_forward(query, key, value, rpb, params: NeighborhoodParams, scale: float)
     """Tiled forward. Inputs ``[B, *spatial, H, D]``; returns ``(out, lse [B, *spatial, H])``, lse in
     float32 (float64 for float64 inputs)."""
     tiles = _Tiles(query, params, rpb)
-    out_t, lse_t = _flash(
-        tiles.gather_q(query), tiles.gather_kv(key), tiles.gather_kv(value), attn_mask=tiles.bias, scale=scale
-    )
+    out_t, lse_t = _attend(tiles.gather_q(query), tiles.gather_kv(key), tiles.gather_kv(value), tiles.bias, scale)
     out = _from_token_major(_ungather(out_t, tiles.inverse), query.shape, query.dtype)
     lse = _from_token_major(_ungather(lse_t, tiles.inverse), query.shape[:-1], lse_t.dtype)
+    if not _finite(out, lse):
+        return neighborhood_attention_reference(query, key, value, params, scale, rpb, return_lse=True)
     return out, lse
 
 
 def na_backward(grad_out, query, key, value, out, lse, rpb, params: NeighborhoodParams, scale: float):
     """Tiled backward from the saved ``lse``; returns ``(d_query, d_key, d_value, d_rpb or None)``."""
+    if not _finite(out, lse):
+        return neighborhood_attention_reference_backward(grad_out, query, key, value, lse, params, scale, rpb)
     tiles = _Tiles(query, params, rpb)
-    q_t, k_t, v_t = tiles.gather_q(query), tiles.gather_kv(key), tiles.gather_kv(value)
-    grad_t, out_t = tiles.gather_q(grad_out), tiles.gather_q(out)
     lse_t = _gather(_token_major(lse.unsqueeze(-1)).to(tiles.dtype), tiles.q_index).squeeze(-1)
-    if rpb is None:
-        d_query_t, d_key_t, d_value_t = _flash_backward(
-            grad_t, q_t, k_t, v_t, out_t, lse_t, 0.0, False, attn_mask=tiles.bias, scale=scale
-        )
-        d_rpb = None
-    else:
-        # the relative position bias needs the logit gradient dS itself, which the fused kernel does
-        # not return, so the backward is written out: P from the saved lse, dS = P * (dP - delta)
-        logits = torch.matmul(q_t, k_t.transpose(-1, -2)).mul_(scale).add_(tiles.bias)
-        probs = logits.sub_(lse_t.unsqueeze(-1)).exp_()
-        delta = (grad_t * out_t).sum(-1, keepdim=True)
-        d_value_t = torch.matmul(probs.transpose(-1, -2), grad_t)
-        d_logits = torch.matmul(grad_t, v_t.transpose(-1, -2)).sub_(delta).mul_(probs)
-        d_query_t = torch.matmul(d_logits, k_t).mul_(scale)
-        d_key_t = torch.matmul(d_logits.transpose(-1, -2), q_t).mul_(scale)
+    d_query_t, d_key_t, d_value_t, d_logits = _attend_backward(
+        tiles.gather_q(grad_out), tiles.gather_q(query), tiles.gather_kv(key), tiles.gather_kv(value),
+        tiles.gather_q(out), lse_t, tiles.bias, scale, logit_gradient=rpb is not None,
+    )
+    d_rpb = None
+    if rpb is not None:  # the bias gradient, summed over batch and over the pairs of each offset
         heads = tiles.heads
         d_bias = d_logits.view(d_logits.shape[0], tiles.batch, heads, *d_logits.shape[2:]).sum(1)  # [T, H, TQ, TK]
         d_rpb = torch.zeros(heads, rpb[0].numel(), dtype=tiles.dtype, device=query.device)
@@ -314,12 +348,12 @@ def block_sparse_forward(query, key, value, block_mask, q_block: int, kv_block: 
     """Returns ``(out [B, Nq, H, D], lse [B, Nq, H])``; empty rows give 0 and ``lse = -inf``."""
     dtype = compute_dtype(query.dtype)
     q_index, k_index, inverse, bias, row_empty = _block_sparse_tiles(query, key, block_mask, q_block, kv_block)
-    out_t, lse_t = _flash(
+    out_t, lse_t = _attend(
         _gather(_head_major(query, dtype), q_index),
         _gather(_head_major(key, dtype), k_index),
         _gather(_head_major(value, dtype), k_index),
-        attn_mask=bias,
-        scale=scale,
+        bias,
+        scale,
     )
     out = _from_head_major(_ungather(out_t, inverse), query.shape, query.dtype)
     lse = _ungather(lse_t, inverse)  # [H*Nq, B]
@@ -334,17 +368,15 @@ def block_sparse_backward(grad_out, query, key, value, out, lse, block_mask, q_b
     # empty rows have lse = -inf; any finite value gives them zero probabilities under the -inf mask
     lse = torch.nan_to_num(lse.to(dtype), neginf=0.0)
     lse_t = _gather(_head_major(lse.unsqueeze(-1), dtype), q_index).squeeze(-1)
-    d_query_t, d_key_t, d_value_t = _flash_backward(
+    d_query_t, d_key_t, d_value_t, _ = _attend_backward(
         _gather(_head_major(grad_out, dtype), q_index),
         _gather(_head_major(query, dtype), q_index),
         _gather(_head_major(key, dtype), k_index),
         _gather(_head_major(value, dtype), k_index),
         _gather(_head_major(out, dtype), q_index),
         lse_t,
-        0.0,
-        False,
-        attn_mask=bias,
-        scale=scale,
+        bias,
+        scale,
     )
     num_kv_rows = key.shape[1] * key.shape[2]
     d_query = _from_head_major(_ungather(d_query_t, inverse), query.shape, query.dtype)

@@ -1,17 +1,21 @@
-"""Tiling analysis of generalized neighborhood attention (GNA), in plain Python (no GPU, no triton).
+"""Tile shapes of the tiled kernels, chosen from one work model, and the Triton tiling analysis.
 
-The fused kernels (:mod:`visionzoo.kernels.triton_na`) work on multi-dimensional tiles in the
-coordinates of one dilation group: a query tile (e.g. 8x8 tokens in 2D) visits the key/value tiles
-that cover the union of its queries' windows, and only those. Per dimension that union is the
-interval ``[start(first query), end(last query))`` (window starts and ends never decrease along a
-dimension), and the kernel walks it in steps of the KV tile starting at its first key (tiles are
-not aligned to a global grid: loads are plain strided gathers, so any start works). The backward
-key/value-stationary kernel does the converse: a KV tile visits the query tiles of its *inverse
-neighborhood* (:func:`inverse_window`).
+Every tiled kernel cuts the queries of one dilation group into tiles of consecutive tokens per
+dimension; a query tile computes against the union of its queries' windows, its *key halo*. Per
+dimension that union is the interval ``[start(first query), end(last query))`` (window starts and
+ends never decrease along a dimension): :func:`halo_spans`. Because the mask is an AND over
+dimensions, the work of an n-D tile shape is a product of per-dimension sums, cheap enough to
+choose tile shapes at run time. One chooser per kernel:
 
-Because the mask is an AND over dimensions, every count here factorises over dimensions (and
-dilation groups), which keeps the analysis cheap enough to pick tile shapes at run time
-(:func:`choose_tiles`).
+* :func:`cpu_window_tile`: the C++ window kernel (:mod:`.native`): at most one vector of queries,
+  least ``sum over tiles of halo length`` (multiply-adds of its GEMMs);
+* :func:`torch_query_tile`: the portable path (:mod:`.portable`): a fixed rule, tiles large enough
+  that batched matmuls are not dominated by per-tile overhead;
+* :func:`triton_tiles`: the Triton kernels (:mod:`.triton_na`): query and key/value tiles of fixed
+  volume that minimise the tile pairs computed. The Triton kernels walk the halo in steps of the
+  KV tile starting at its first key (tiles are not aligned to a global grid), and the backward
+  key/value-stationary kernel does the converse: a KV tile visits the query tiles of its *inverse
+  neighborhood* (:func:`inverse_window`). :func:`tiling_analysis` reports how well they fit a shape.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import math
 from typing import Dict, List, Sequence, Tuple
 
 from .checks import NeighborhoodParams
-from .indexing import attention_density, window_bounds
+from .indexing import attention_density, pad_to_3d, window_bounds
 
 #: Tokens per query tile and per key/value tile of the Triton kernels (both powers of two).
 Q_TILE_VOLUME = 64
@@ -73,17 +77,29 @@ def _group_windows(
 
 
 @functools.lru_cache(maxsize=4096)
+def halo_spans(length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool,
+               q_tile: int) -> Tuple[int, ...]:
+    """Along one dimension: the keys spanned by the windows of each query tile (``q_tile``
+    consecutive queries of a dilation group, the last tile of a group possibly shorter), over all
+    dilation groups in order."""
+    spans = []
+    for starts, ends in _group_windows(length, kernel_size, stride, dilation, is_causal):
+        for first in range(0, len(starts), q_tile):
+            last = min(first + q_tile, len(starts)) - 1
+            spans.append(ends[last] - starts[first])
+    return tuple(spans)
+
+
+@functools.lru_cache(maxsize=4096)
 def _dim_visits(
     length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool, q_tile: int, kv_tile: int
 ) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """Along one dimension: KV tiles visited by each (non-empty) query tile, and query tiles
     visited by each key/value tile in the backward pass, over all dilation groups."""
-    kv_per_q, q_per_kv = [], []
-    for starts, ends in _group_windows(length, kernel_size, stride, dilation, is_causal):
+    kv_per_q = [_cdiv(span, kv_tile) for span in halo_spans(length, kernel_size, stride, dilation, is_causal, q_tile)]
+    q_per_kv = []
+    for starts, _ in _group_windows(length, kernel_size, stride, dilation, is_causal):
         group_length = len(starts)
-        for first in range(0, group_length, q_tile):
-            last = min(first + q_tile, group_length) - 1
-            kv_per_q.append(_cdiv(ends[last] - starts[first], kv_tile))
         for first in range(0, group_length, kv_tile):
             last = min(first + kv_tile, group_length) - 1
             lo, hi = inverse_window(first, last, group_length, kernel_size, stride, is_causal)
@@ -116,8 +132,42 @@ def _work(spatial, params, q_tile, kv_tile, backward: bool) -> int:
     return total
 
 
+@functools.lru_cache(maxsize=128)
+def cpu_window_tile(spatial: Tuple[int, ...], params: NeighborhoodParams, lanes: int) -> Tuple[int, int, int]:
+    """Queries per tile along each (3D-padded) dimension for the C++ window kernel: the shape of at
+    most ``lanes`` queries whose tiles, with their halos of keys, add up to the least GEMM work
+    (``prod over dims of sum over tiles of halo length``; fewer tiles on ties). Sizes are powers of
+    two, never more than twice a dimension's group length."""
+    spatial, params = pad_to_3d(spatial, params)
+    options = []
+    for length, kernel, stride, dilation, causal in zip(spatial, params.kernel_size, params.stride, params.dilation,
+                                                        params.is_causal):
+        sizes = [1 << i for i in range(lanes.bit_length()) if (1 << i) <= lanes]
+        spans = {t: halo_spans(length, kernel, stride, dilation, causal, t)
+                 for t in sizes if t == 1 or t // 2 < _cdiv(length, dilation)}
+        options.append({t: (sum(s), len(s)) for t, s in spans.items()})
+    best = None
+    for (t0, w0), (t1, w1), (t2, w2) in itertools.product(*(o.items() for o in options)):
+        if t0 * t1 * t2 > lanes:
+            continue
+        key = (w0[0] * w1[0] * w2[0], w0[1] * w1[1] * w2[1])
+        if best is None or key < best[0]:
+            best = (key, (t0, t1, t2))
+    return best[1]
+
+
+def torch_query_tile(spatial: Sequence[int], params: NeighborhoodParams) -> Tuple[int, ...]:
+    """Query tile per dimension of the portable path: small enough that the halo overhead stays low,
+    large enough that the batched matmuls are not dominated by per-tile overhead."""
+    tiles = []
+    for length, kernel, stride in zip(spatial, params.kernel_size, params.stride):
+        tile = max(stride, min(kernel, 8)) if len(spatial) > 1 else max(stride, 4 * kernel, 32)
+        tiles.append(min(tile, length))
+    return tuple(tiles)
+
+
 @functools.lru_cache(maxsize=256)
-def choose_tiles(
+def triton_tiles(
     spatial: Tuple[int, ...],
     params: NeighborhoodParams,
     backward: bool = False,
@@ -149,7 +199,7 @@ def tiling_analysis(
     Args:
         spatial: token grid, e.g. ``(56, 56)``.
         params: a :class:`NeighborhoodParams` (see :func:`visionzoo.kernels.make_params`).
-        q_tile, kv_tile: tile shapes; default: what the kernels pick (:func:`choose_tiles`).
+        q_tile, kv_tile: tile shapes; default: what the kernels pick (:func:`triton_tiles`).
 
     Returns a dict with ``q_tile``, ``kv_tile``, ``q_tiles`` (non-empty query tiles),
     ``kv_tiles_visited_max`` / ``kv_tiles_visited_mean`` (per query tile), ``kv_tiles_min``
@@ -163,7 +213,7 @@ def tiling_analysis(
     if len(spatial) != params.num_dims:
         raise ValueError(f"tiling_analysis: spatial {spatial} does not match {params.num_dims}-D params")
     if q_tile is None or kv_tile is None:
-        chosen_q, chosen_kv = choose_tiles(spatial, params)
+        chosen_q, chosen_kv = triton_tiles(spatial, params)
         q_tile = tuple(q_tile) if q_tile is not None else chosen_q
         kv_tile = tuple(kv_tile) if kv_tile is not None else chosen_kv
     q_tile, kv_tile = tuple(q_tile), tuple(kv_tile)

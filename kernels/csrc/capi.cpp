@@ -1,0 +1,63 @@
+// The C interface loaded by build.py with ctypes: one function per kernel and dtype, plus what the
+// caller checks before it uses them (ABI version) and needs to lay out their arguments (vector width).
+#include "abi.h"
+#include "kernels.h"
+#include "vec.h"
+
+extern "C" {
+
+int vz_abi_version() { return VZ_ABI_VERSION; }
+
+// bytes per vector of the build: the lanes of the window kernels' tiles and of the block kernels'
+// padded query columns (native._lanes)
+int vz_vector_bytes() { return kVectorBytes; }
+
+const char* vz_isa() { return VZ_ISA_NAME; }
+
+int64_t vz_block_bias_chunks() { return vz::block_bias_chunks(); }
+
+void vz_na_forward_f32(const float* q, const float* k, const float* v, const float* rpb, float* out, float* lse, float* probs,
+                       const int64_t* geom, const int64_t* tables, const int64_t* tile, double scale, int threads) {
+  vz::window_forward<float>(q, k, v, rpb, out, lse, probs, geom, tables, tile, float(scale), threads);
+}
+
+void vz_na_backward_f32(const float* q, const float* k, const float* v, const float* dout, const float* lse, const float* rpb,
+                        const float* probs, float* dq, float* dk, float* dv, float* drpb, const int64_t* geom,
+                        const int64_t* tables, const int64_t* tile, double scale, int threads) {
+  vz::window_backward<float>(q, k, v, dout, lse, rpb, probs, dq, dk, dv, drpb, geom, tables, tile, float(scale), threads);
+}
+
+void vz_block_forward_f32(const float* q, const float* k, const float* v, const float* bias, float* out, float* lse, float* probs,
+                          const int64_t* geom, const int64_t* tables, double scale, int threads) {
+  vz::block_forward<float>(q, k, v, bias, out, lse, probs, geom, tables, float(scale), threads);
+}
+
+void vz_block_backward_f32(const float* q, const float* k, const float* v, const float* dout, const float* lse,
+                           const float* bias, const float* probs, float* dq, float* dk, float* dv, float* dbias,
+                           const int64_t* geom, const int64_t* tables, double scale, int threads) {
+  vz::block_backward<float>(q, k, v, dout, lse, bias, probs, dq, dk, dv, dbias, geom, tables, float(scale), threads);
+}
+
+void vz_na_forward_f64(const double* q, const double* k, const double* v, const double* rpb, double* out, double* lse, double* probs,
+                       const int64_t* geom, const int64_t* tables, const int64_t* tile, double scale, int threads) {
+  vz::window_forward<double>(q, k, v, rpb, out, lse, probs, geom, tables, tile, scale, threads);
+}
+
+void vz_na_backward_f64(const double* q, const double* k, const double* v, const double* dout, const double* lse, const double* rpb,
+                        const double* probs, double* dq, double* dk, double* dv, double* drpb, const int64_t* geom,
+                        const int64_t* tables, const int64_t* tile, double scale, int threads) {
+  vz::window_backward<double>(q, k, v, dout, lse, rpb, probs, dq, dk, dv, drpb, geom, tables, tile, scale, threads);
+}
+
+void vz_block_forward_f64(const double* q, const double* k, const double* v, const double* bias, double* out, double* lse, double* probs,
+                          const int64_t* geom, const int64_t* tables, double scale, int threads) {
+  vz::block_forward<double>(q, k, v, bias, out, lse, probs, geom, tables, scale, threads);
+}
+
+void vz_block_backward_f64(const double* q, const double* k, const double* v, const double* dout, const double* lse,
+                           const double* bias, const double* probs, double* dq, double* dk, double* dv, double* dbias,
+                           const int64_t* geom, const int64_t* tables, double scale, int threads) {
+  vz::block_backward<double>(q, k, v, dout, lse, bias, probs, dq, dk, dv, dbias, geom, tables, scale, threads);
+}
+
+}  // extern "C"
