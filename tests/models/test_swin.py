@@ -11,6 +11,7 @@ import torch
 import timm
 
 import visionzoo  # noqa: F401  (registers the models)
+from visionzoo.kernels import use_backend
 from visionzoo.layers import WindowAttention
 from visionzoo.models.swin import TokenBatchNorm, checkpoint_filter_fn, stage_window_sizes
 
@@ -220,6 +221,22 @@ def test_br_official_checkpoint_drops_unused_modules():
         official[f"layers.{i}.downsample.norm.weight"] = torch.ones(4 * width)
         official[f"layers.{i}.downsample.norm.bias"] = torch.zeros(4 * width)
     model.load_state_dict(checkpoint_filter_fn({"model": official}, model), strict=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "torch"])
+@pytest.mark.parametrize("size, shift", [((14, 14), 3), ((10, 13), 3), ((9, 16), 0)])  # 10x13, 9x16: padded
+def test_window_attention_equals_timm_block_attention(size, shift, backend):
+    torch.manual_seed(0)
+    block = timm.models.swin_transformer.SwinTransformerBlock(
+        32, input_resolution=size, num_heads=2, window_size=7, shift_size=shift
+    ).eval()
+    attn = WindowAttention(32, 2, window_size=7, shift_size=shift).eval()
+    state = {k: v for k, v in block.attn.state_dict().items() if k != "relative_position_index"}
+    attn.load_state_dict(state, strict=True)
+    x = torch.randn(2, *size, 32)
+    with torch.no_grad(), use_backend(backend):
+        expected, actual = block._attn(x), attn(x)
+    assert _relative_error(expected, actual) < TOLERANCE
 
 
 def test_window_attention_rejects_bad_shift():

@@ -19,7 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module, to_2tuple, trunc_normal_
 
-from .relative_position import crop_rel_pos_table, relative_position_index_key_minus_query
+from visionzoo.kernels import na2d
+
+from .relative_position import crop_rel_pos_table
 
 __all__ = ["WindowAttention", "fit_window_shift"]
 
@@ -58,30 +60,6 @@ def _padded_layout(length: int, window: int, shift: int) -> Tuple[torch.Tensor, 
 def _pad(x: torch.Tensor, dim: int, layout: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     pad = [0, 0] * (x.dim() - dim - 1) + [0, 1]  # one zero token at the end of ``dim``
     return F.pad(x, pad).index_select(dim, layout[0].to(x.device))
-
-
-def _shifted_window_sdpa(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window, shift, bias, scale
-) -> torch.Tensor:
-    """Temporary: ``[B, H, W, heads, D]`` -> same, H and W multiples of ``window``; roll, window
-    partition and masked SDPA, until the shared op takes shifted windows with a bias."""
-    batch, height, width, heads, head_dim = query.shape
-    (wh, ww), (sh, sw) = window, shift
-    rows = (torch.arange(height, device=query.device) + wh - sh) // wh
-    cols = (torch.arange(width, device=query.device) + ww - sw) // ww
-    label = (rows[:, None] * (width + 1) + cols[None, :]).roll((-sh, -sw), (0, 1))
-    label = label.view(height // wh, wh, width // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
-
-    def windows(t):
-        t = t.roll((-sh, -sw), (1, 2)).view(batch, height // wh, wh, width // ww, ww, heads, head_dim)
-        return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(batch, -1, heads, wh * ww, head_dim)
-
-    mask = torch.zeros(label.shape + (wh * ww,), dtype=query.dtype, device=query.device)
-    mask.masked_fill_(label[:, :, None] != label[:, None, :], float("-inf"))
-    attn_mask = bias.to(query.dtype)[None, None] + mask[None, :, None]
-    out = F.scaled_dot_product_attention(windows(query), windows(key), windows(value), attn_mask=attn_mask, scale=scale)
-    out = out.view(batch, height // wh, width // ww, heads, wh, ww, head_dim).permute(0, 1, 4, 2, 5, 3, 6)
-    return out.reshape(batch, height, width, heads, head_dim).roll((sh, sw), (1, 2))
 
 
 @register_notrace_module  # fits its window to the input's shape: a leaf for torch.fx
@@ -170,8 +148,7 @@ class WindowAttention(nn.Module):
         padded_height, padded_width = x.shape[1:3]
         qkv = self.qkv(x).reshape(batch, padded_height, padded_width, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(3)
-        bias = rpb.flatten(1)[:, relative_position_index_key_minus_query(window).to(rpb.device)]
-        x = _shifted_window_sdpa(q, k, v, window, shift, bias, self.scale)
+        x = na2d(q, k, v, kernel_size=window, stride=window, scale=self.scale, rpb=rpb, shift=shift)
         for dim, layout in enumerate(layouts, start=1):
             if layout is not None:
                 x = x.index_select(dim, layout[1].to(x.device))
