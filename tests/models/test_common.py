@@ -95,6 +95,19 @@ def test_build_and_pretrained_cfg(name):
         assert len(groups) > len(info)  # stem, then at least one group per feature level
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_factory_device_and_dtype(name):
+    # timm's factory arguments: every tensor created there, also the classifier of a reset
+    model = timm.create_model(name, device="meta", dtype=torch.bfloat16)
+    tensors = dict(model.named_parameters(), **dict(model.named_buffers()))
+    assert all(t.device.type == "meta" for t in tensors.values())
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values() if t.is_floating_point())
+    model.reset_classifier(0)
+    model.reset_classifier(3)
+    assert model.get_classifier().weight.device.type == "meta"
+    assert model.get_classifier().weight.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("name", SMALLEST)
 def test_forward_backward_reaches_every_parameter(name):
     model = _create(name).train()

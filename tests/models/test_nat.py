@@ -130,7 +130,7 @@ def official_shapes(arch, num_classes=1000, in_chans=3):
                 )
             if i < num_stages - 1:
                 prefix = f"{stage_key}.{i}.downsample."
-                if arch["layout"] == "nat":  # ConvDownsampler
+                if arch["layout"] == "nat":  # ConvDownsample
                     shapes.update({
                         prefix + "reduction.weight": (2 * width, width, 3, 3),
                         prefix + "norm.weight": (2 * width,),
