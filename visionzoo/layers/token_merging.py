@@ -247,14 +247,18 @@ def apply_tome(model: nn.Module, r: Schedule, *, trace_source: bool = False, pro
             :func:`patch_token_ids` and visualisation.
         prop_attn: proportional attention (``log(size)`` added to the attention logits).
 
-    Applying again replaces the previous settings; :func:`remove_tome` restores the model.
+    Applying again replaces the previous settings; :func:`remove_tome` restores the model. The
+    shared state (schedule, token sizes, source map) is ``model._tome_state`` (on the ViT inside a
+    ``features_only`` wrapper).
     """
     blocks = _tome_blocks(model)
     schedule = parse_r(len(blocks), r)
-    if getattr(model, "reg_token", None) is not None:
+    # the module embedding the tokens: the model itself, or the ViT inside a features_only wrapper
+    owner = next((module for module in model.modules() if hasattr(module, "cls_token")), model)
+    if getattr(owner, "reg_token", None) is not None:
         raise TypeError("apply_tome: models with register tokens are not supported (only class / distillation tokens are protected)")
-    class_token = getattr(model, "cls_token", None) is not None
-    distill_token = getattr(model, "dist_token", None) is not None
+    class_token = getattr(owner, "cls_token", None) is not None
+    distill_token = getattr(owner, "dist_token", None) is not None
     if distill_token and not class_token:
         raise TypeError("apply_tome: a distillation token needs a class token before it")
     remove_tome(model)
@@ -272,7 +276,7 @@ def apply_tome(model: nn.Module, r: Schedule, *, trace_source: bool = False, pro
         block.__class__ = ToMeBlock
         block._tome_state, block._tome_index, block._tome_r, block._tome_keys = state, index, block_r, None
         block.attn.k_norm.register_forward_hook(block._tome_keep_keys)
-    model._tome_state = state
+    owner._tome_state = state
     return model
 
 
@@ -286,8 +290,9 @@ def remove_tome(model: nn.Module) -> nn.Module:
             for attribute in ("_tome_state", "_tome_index", "_tome_r", "_tome_keys"):
                 delattr(module, attribute)
             module.__class__ = Block
-    if hasattr(model, "_tome_state"):
-        del model._tome_state
+    for module in model.modules():
+        if hasattr(module, "_tome_state"):
+            del module._tome_state
     return model
 
 

@@ -1,2 +1,3 @@
 """Model families; importing this module registers them with timm."""
 from . import nat  # noqa: F401
+from . import tome  # noqa: F401
