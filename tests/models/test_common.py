@@ -2,7 +2,9 @@
 
 Cheap checks (build on the meta device) run for every model; forward / backward checks run at low
 resolution for the smallest variant of each family (``visionzoo_<family>_<size>``), and
-``torch.compile`` for one model per model file, to keep the suite within the CI budget.
+``torch.compile`` for one model per model file, to keep the suite within the CI budget. The FX
+checks are those of timm's own ``tests/test_models.py`` (which ``test_timm_suite.py`` runs over
+every model at full size), here at low resolution and comparing gradients too.
 """
 import math
 import re
@@ -12,6 +14,8 @@ import pytest
 import torch
 import torch.nn as nn
 import timm
+from timm.models import get_notrace_functions, get_notrace_modules
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import visionzoo  # noqa: F401  (registers the models)
 
@@ -180,15 +184,84 @@ def test_state_dict_round_trip(name, tmp_path):
         torch.testing.assert_close(loaded(image), model(image))
 
 
+def _parameter_grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
 @pytest.mark.parametrize("name", COMPILE)
-def test_torch_compile_without_graph_breaks(name):
+def test_torch_compile_without_graph_breaks_matches_eager(name):
     # aot_eager traces forward and backward through the attention custom ops (fake kernels) in one
-    # graph; inductor's C++ code generation would cost about a minute per model on CI
+    # graph; inductor code generation is checked once, in test_compile.py
     torch._dynamo.reset()
     model = _create(name).eval()
     image = _image()
+    expected = model(image)
+    expected.square().mean().backward()
+    expected_grads = _parameter_grads(model)
+    model.zero_grad(set_to_none=True)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     out = compiled(image)
-    torch.testing.assert_close(out, model(image))
+    torch.testing.assert_close(out, expected)
     out.square().mean().backward()
-    assert all(p.grad is not None for p in model.parameters())
+    grads = _parameter_grads(model)
+    for key, grad in expected_grads.items():
+        torch.testing.assert_close(grads[key], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def _fx_extractor(model):
+    """The model's output node traced as timm's tests and feature extraction do (its leaves not traced into)."""
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    _, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    return create_feature_extractor(model, return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs), eval_nodes[-1]
+
+
+@pytest.mark.parametrize("name", SMALLEST)
+def test_fx_traced_model_matches_eager_forward_and_backward(name):
+    model = _create(name).eval()
+    image = _image()
+    expected = model(image)
+    expected.square().mean().backward()
+    expected_grads = _parameter_grads(model)
+    model.zero_grad(set_to_none=True)
+
+    traced, output_node = _fx_extractor(model)
+    out = traced(image)[output_node]
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    out.square().mean().backward()
+    grads = _parameter_grads(traced)
+    assert grads.keys() == expected_grads.keys()
+    for key, grad in expected_grads.items():
+        torch.testing.assert_close(grads[key], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("name", SMALLEST)
+def test_features_only_fx_matches_feature_getter(name):
+    torch.manual_seed(0)
+    fx = timm.create_model(name, img_size=SIZE, features_only=True, feature_cls="fx").eval()
+    torch.manual_seed(0)
+    getter = timm.create_model(name, img_size=SIZE, features_only=True).eval()
+    image = _image()
+    with torch.no_grad():
+        fx_features, features = fx(image), getter(image)
+    assert len(fx_features) == len(features) == len(fx.feature_info.channels())
+    for fx_feature, feature in zip(fx_features, features):
+        # the graph returns the stage outputs in the model's own channels-last layout
+        torch.testing.assert_close(fx_feature.permute(0, 3, 1, 2), feature)
+
+
+@pytest.mark.parametrize("name", SMALLEST)
+def test_image_that_is_not_a_batch_is_refused(name):
+    model = _create(name).eval()
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\].*got shape \(3, 64, 64\).*unsqueeze"):
+        model(torch.randn(3, SIZE, SIZE))
+    with pytest.raises(ValueError, match=r"in_chans = 3, got shape \(2, 1, 64, 64\)"):
+        model.forward_intermediates(torch.randn(2, 1, SIZE, SIZE))
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        model.forward_features(torch.randn(1, 2, 3, SIZE, SIZE))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_missing_pretrained_file_is_named(name, tmp_path):
+    missing = tmp_path / "absent.pth"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"pretrained_cfg_overlay['file']: no weights file at '{missing}'")):
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))

@@ -1,4 +1,37 @@
-"""Attention modules and shared blocks, each built on :mod:`visionzoo.kernels`."""
-from .neighborhood_attention import NeighborhoodAttention2d, fit_window
+"""Attention modules and the blocks that model families share, each built on :mod:`visionzoo.kernels`.
 
-__all__ = ["NeighborhoodAttention2d", "fit_window"]
+* :mod:`.neighborhood_attention` - NAT / DiNAT attention;
+* :mod:`.transformer_block` - pre-norm block around any channels-last attention module;
+* :mod:`.downsample` - NAT's conv downsampler, Swin's patch merging;
+* :mod:`.stage` - downsampler + blocks, with gradient checkpointing;
+* :mod:`.relative_position` - relative position bias indices (Swin's and NAT's conventions),
+  cropping and resizing tables;
+* :mod:`.model_base` - timm's model API (features, intermediates, pruning, head) for channels-last models.
+"""
+from .downsample import ConvDownsample, PatchMerging, create_downsample
+from .model_base import ChannelsLastModel, check_image
+from .neighborhood_attention import NeighborhoodAttention2d, fit_window
+from .relative_position import (
+    crop_rel_pos_table,
+    relative_position_index_key_minus_query,
+    relative_position_index_query_minus_key,
+    resize_rel_pos_table,
+)
+from .stage import Stage
+from .transformer_block import TransformerBlock
+
+__all__ = [
+    "ChannelsLastModel",
+    "ConvDownsample",
+    "NeighborhoodAttention2d",
+    "PatchMerging",
+    "Stage",
+    "TransformerBlock",
+    "check_image",
+    "create_downsample",
+    "crop_rel_pos_table",
+    "fit_window",
+    "relative_position_index_key_minus_query",
+    "relative_position_index_query_minus_key",
+    "resize_rel_pos_table",
+]

@@ -10,9 +10,11 @@ from typing import Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import to_2tuple, trunc_normal_
+from timm.layers import register_notrace_module, to_2tuple, trunc_normal_
 
 from visionzoo.kernels import na2d
+
+from .relative_position import crop_rel_pos_table
 
 __all__ = ["NeighborhoodAttention2d", "fit_window"]
 
@@ -31,13 +33,15 @@ def fit_window(
     return kernel, dilation
 
 
+@register_notrace_module  # fits its window to the input's shape: a leaf for torch.fx
 class NeighborhoodAttention2d(nn.Module):
     """2D (dilated) neighborhood attention with relative position bias, channels-last.
 
     ``x [B, H, W, C] -> qkv -> na2d(kernel_size, dilation, rpb) -> proj -> [B, H, W, C]``.
     Each query attends the ``kernel_size`` window of its dilation group, shifted inwards at borders
     (never zero padded), and the bias ``rpb [num_heads, 2*kh-1, 2*kw-1]`` is indexed by the
-    key-minus-query offset, exactly as NATTEN's legacy rpb.
+    key-minus-query offset, exactly as NATTEN's legacy rpb (see
+    :func:`visionzoo.layers.relative_position_index_key_minus_query`).
 
     Feature maps smaller than ``kernel_size * dilation``: NATTEN zero-pads them up to the window
     (so padded tokens take part in attention); here the window is fitted to the input instead (see
@@ -97,11 +101,7 @@ class NeighborhoodAttention2d(nn.Module):
             raise ValueError(f"NeighborhoodAttention2d expects [B, H, W, C], got shape {tuple(x.shape)}")
         batch, height, width, channels = x.shape
         kernel_size, dilation = fit_window((height, width), self.kernel_size, self.dilation)
-        rpb = self.rpb
-        if kernel_size != self.kernel_size:
-            # offsets -(k'-1)..(k'-1) sit at k-k' .. k+k'-2 of the full table
-            (kh, kw), (full_h, full_w) = kernel_size, self.kernel_size
-            rpb = rpb[:, full_h - kh : full_h + kh - 1, full_w - kw : full_w + kw - 1]
+        rpb = self.rpb if kernel_size == self.kernel_size else crop_rel_pos_table(self.rpb, kernel_size)
         qkv = self.qkv(x).reshape(batch, height, width, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(3)
         x = na2d(q, k, v, kernel_size, dilation=dilation, scale=self.scale, rpb=rpb)

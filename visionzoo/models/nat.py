@@ -29,32 +29,23 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import (
-    ClassifierHead,
-    DropPath,
-    LayerScale,
-    Mlp,
-    PatchEmbed,
-    calculate_drop_path_rates,
-    to_2tuple,
-    trunc_normal_,
-)
-from timm.models import (
-    build_model_with_cfg,
-    checkpoint_seq,
-    generate_default_cfgs,
-    register_model,
-    resolve_pretrained_cfg,
-)
-from timm.models._features import feature_take_indices
-from timm.models.swin_transformer import PatchMerging
+from timm.layers import ClassifierHead, PatchEmbed, calculate_drop_path_rates, to_2tuple
+from timm.models import generate_default_cfgs, register_model
 
-from visionzoo.layers import NeighborhoodAttention2d
+from visionzoo.layers import (
+    ChannelsLastModel,
+    NeighborhoodAttention2d,
+    Stage,
+    TransformerBlock,
+    create_downsample,
+)
+
+from .build import build_model, resolve_cfg
 
 __all__ = ["NAT", "NATIsotropic", "dinat_dilations"]
 
@@ -97,174 +88,34 @@ class ConvTokenizer(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
-class ConvDownsampler(nn.Module):
-    """NAT downsampler: 3x3 stride-2 conv without bias, then a norm.
+def _nat_block(
+    dim: int,
+    num_heads: int,
+    kernel_size: _int_or_tuple_2_t,
+    dilation: _int_or_tuple_2_t,
+    qkv_bias: bool,
+    attn_drop: float,
+    proj_drop: float,
+    **block_kwargs: Any,
+) -> TransformerBlock:
+    """Pre-norm block around (dilated) neighborhood attention, ``[B, H, W, dim]`` in and out.
 
-    ``[B, H, W, dim] -> [B, ceil(H/2), ceil(W/2), out_dim]``.
+    ``block_kwargs``: ``mlp_ratio``, ``layer_scale`` (NAT-S/B, DiNAT-B), ``drop_path``, ``act_layer``,
+    ``norm_layer`` of :class:`visionzoo.layers.TransformerBlock`.
     """
-
-    def __init__(self, dim: int, out_dim: int, norm_layer: Type[nn.Module] = nn.LayerNorm):
-        super().__init__()
-        self.reduction = nn.Conv2d(dim, out_dim, kernel_size=3, stride=2, padding=1, bias=False)
-        self.norm = norm_layer(out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
-
-
-class NATBlock(nn.Module):
-    """Pre-norm transformer block with (dilated) neighborhood attention, ``[B, H, W, C]`` in and out.
-
-    ``x + drop_path(ls1(attn(norm1(x))))`` then ``x + drop_path(ls2(mlp(norm2(x))))``; the layer
-    scales exist only when ``layer_scale`` is set (NAT-S/B, DiNAT-B).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        kernel_size: _int_or_tuple_2_t = 7,
-        dilation: _int_or_tuple_2_t = 1,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        layer_scale: Optional[float] = None,
-        proj_drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-        act_layer: Type[nn.Module] = nn.GELU,
-        norm_layer: Type[nn.Module] = nn.LayerNorm,
-    ):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = NeighborhoodAttention2d(
-            dim,
-            num_heads,
-            kernel_size=kernel_size,
-            dilation=dilation,
-            qkv_bias=qkv_bias,
-            attn_drop=attn_drop,
-            proj_drop=proj_drop,
-        )
-        self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x
+    attn = NeighborhoodAttention2d(
+        dim,
+        num_heads,
+        kernel_size=kernel_size,
+        dilation=dilation,
+        qkv_bias=qkv_bias,
+        attn_drop=attn_drop,
+        proj_drop=proj_drop,
+    )
+    return TransformerBlock(dim, attn, proj_drop=proj_drop, **block_kwargs)
 
 
-class NATStage(nn.Module):
-    """Optional downsampler followed by ``depth`` blocks, ``[B, H, W, dim] -> [B, H', W', out_dim]``.
-
-    ``downsample``: ``None`` (first stage; requires ``dim == out_dim``), ``'conv'`` (NAT / DiNAT,
-    3x3 stride-2 conv) or ``'merge'`` (DiNAT_s, Swin patch merging).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        out_dim: int,
-        depth: int,
-        num_heads: int,
-        kernel_size: _int_or_tuple_2_t,
-        dilations: Sequence[_int_or_tuple_2_t],
-        downsample: Optional[str] = None,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        layer_scale: Optional[float] = None,
-        proj_drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: Sequence[float] = (),
-        act_layer: Type[nn.Module] = nn.GELU,
-        norm_layer: Type[nn.Module] = nn.LayerNorm,
-    ):
-        super().__init__()
-        self.grad_checkpointing = False
-        if downsample is None:
-            if dim != out_dim:
-                raise ValueError(f"a stage without downsampler keeps its width, got dim {dim} -> out_dim {out_dim}")
-            self.downsample = nn.Identity()
-        elif downsample == "conv":
-            self.downsample = ConvDownsampler(dim, out_dim, norm_layer=norm_layer)
-        elif downsample == "merge":
-            self.downsample = PatchMerging(dim, out_dim, norm_layer=norm_layer)
-        else:
-            raise ValueError(f"downsample must be None, 'conv' or 'merge', got {downsample!r}")
-        self.blocks = nn.Sequential(*[
-            NATBlock(
-                out_dim,
-                num_heads,
-                kernel_size=kernel_size,
-                dilation=dilations[i],
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                layer_scale=layer_scale,
-                proj_drop=proj_drop,
-                attn_drop=attn_drop,
-                drop_path=drop_path[i] if drop_path else 0.0,
-                act_layer=act_layer,
-                norm_layer=norm_layer,
-            )
-            for i in range(depth)
-        ])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
-
-
-class _NeighborhoodTransformer(nn.Module):
-    """Weight init and the classifier-head API shared by :class:`NAT` and :class:`NATIsotropic`.
-
-    Subclasses set ``num_classes``, ``num_features``, ``head_hidden_size``, ``global_pool``,
-    ``norm`` and ``head`` (a :class:`timm.layers.ClassifierHead` on ``[B, H, W, C]``).
-    """
-
-    num_classes: int
-    num_features: int
-    head: ClassifierHead
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # as the official code: truncated-normal linears with zero bias; convs, norms, rpb and
-        # layer scales keep the initialisation of their own modules
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """Relative position bias tables (norms, biases and layer scales are 1D: excluded by timm)."""
-        return {name for name, _ in self.named_parameters() if name.endswith("attn.rpb")}
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features)
-        self.head_hidden_size = self.head.num_features
-        if global_pool is not None:
-            self.global_pool = global_pool
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """``[B, H, W, C]`` features -> ``[B, num_classes]`` logits (``[B, C]`` with ``pre_logits``)."""
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, in_chans, H, W]`` -> ``[B, num_classes]``."""
-        return self.forward_head(self.forward_features(x))
-
-
-class NAT(_NeighborhoodTransformer):
+class NAT(ChannelsLastModel):
     """Hierarchical NAT / DiNAT / DiNAT_s: 4 stages at strides 4, 8, 16, 32.
 
     NAT and DiNAT use the convolutional tokenizer and downsamplers (``stem_type='conv'``,
@@ -298,6 +149,8 @@ class NAT(_NeighborhoodTransformer):
         norm_layer: normalization layer (channels last).
         act_layer: MLP activation.
     """
+
+    no_weight_decay_patterns = ("*.attn.rpb",)
 
     def __init__(
         self,
@@ -358,23 +211,25 @@ class NAT(_NeighborhoodTransformer):
         stages = []
         self.feature_info = []
         for i in range(num_stages):
-            stages.append(NATStage(
-                dim=dims[max(i - 1, 0)],
-                out_dim=dims[i],
-                depth=depths[i],
-                num_heads=num_heads[i],
-                kernel_size=kernel_size,
-                dilations=dilations[i],
-                downsample=downsample_type if i > 0 else None,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                layer_scale=layer_scale,
-                proj_drop=proj_drop_rate,
-                attn_drop=attn_drop_rate,
-                drop_path=dpr[i],
-                act_layer=act_layer,
-                norm_layer=norm_layer,
-            ))
+            blocks = [
+                _nat_block(
+                    dims[i],
+                    num_heads[i],
+                    kernel_size=kernel_size,
+                    dilation=dilations[i][j],
+                    qkv_bias=qkv_bias,
+                    attn_drop=attn_drop_rate,
+                    proj_drop=proj_drop_rate,
+                    mlp_ratio=mlp_ratio,
+                    layer_scale=layer_scale,
+                    drop_path=dpr[i][j],
+                    act_layer=act_layer,
+                    norm_layer=norm_layer,
+                )
+                for j in range(depths[i])
+            ]
+            downsample = create_downsample(downsample_type, dims[i - 1], dims[i], norm_layer) if i > 0 else None
+            stages.append(Stage(blocks, downsample=downsample))
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
 
@@ -384,94 +239,13 @@ class NAT(_NeighborhoodTransformer):
         )
         self.apply(self._init_weights)
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r"^patch_embed",
-            blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ],
-        )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (before the next stage's downsampler) as ``[B, C_i, H/2**(i+2), W/2**(i+2)]``.
-
-        Args:
-            x: ``[B, in_chans, H, W]``.
-            indices: last ``n`` stages if int, all if None, else the listed stage indices.
-            norm: apply the final norm to the last stage's output (the only one it is sized for).
-            stop_early: stop after the last requested stage.
-            output_fmt: ``'NCHW'`` only.
-            intermediates_only: return only the intermediates.
-
-        Returns:
-            ``intermediates`` or ``(final features [B, H', W', C] as forward_features, intermediates)``.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        num_stages = len(self.stages)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
-
-        x = self.patch_embed(x)
-        last = 0
-        for last, stage in enumerate(stages):
-            x = stage(x)
-            if last in take_indices:
-                x_inter = self.norm(x) if norm and last == num_stages - 1 else x
-                intermediates.append(x_inter.permute(0, 3, 1, 2).contiguous())
-        if intermediates_only:
-            return intermediates
-        if last == num_stages - 1:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-        self,
-        indices: Union[int, List[int]] = 1,
-        prune_norm: bool = False,
-        prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages after the last of ``indices`` (and the norm / head); returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()  # sized for the last stage only
-        self.stages = self.stages[: max_index + 1]
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_head or prune_end:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, in_chans, H, W]`` -> normalized ``[B, ceil(H/32), ceil(W/32), num_features]``."""
-        x = self.patch_embed(x)
-        x = self.stages(x)
-        return self.norm(x)
-
-
-class NATIsotropic(_NeighborhoodTransformer):
+class NATIsotropic(ChannelsLastModel):
     """Isotropic NAT / DiNAT: 16x16 patch embedding and ``depth`` blocks at stride 16.
 
     Odd blocks use ``dilation`` (1: NAT-iso, 2: DiNAT-iso), even blocks NA; windows are fitted to
     the feature map at run time. Inputs of any size are padded to a multiple of ``patch_size``.
+    Every block is a feature level (``blocks.{i}``).
 
     Args:
         img_size: nominal input size (recorded only; any size runs).
@@ -482,6 +256,9 @@ class NATIsotropic(_NeighborhoodTransformer):
         mlp_ratio, qkv_bias, drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate,
         norm_layer, act_layer: as :class:`NAT`.
     """
+
+    isotropic = True
+    no_weight_decay_patterns = ("*.attn.rpb",)
 
     def __init__(
         self,
@@ -524,15 +301,15 @@ class NATIsotropic(_NeighborhoodTransformer):
         )
         dpr = calculate_drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(*[
-            NATBlock(
+            _nat_block(
                 embed_dim,
                 num_heads,
                 kernel_size=kernel_size,
                 dilation=dilation if i % 2 else 1,
-                mlp_ratio=mlp_ratio,
                 qkv_bias=qkv_bias,
-                proj_drop=proj_drop_rate,
                 attn_drop=attn_drop_rate,
+                proj_drop=proj_drop_rate,
+                mlp_ratio=mlp_ratio,
                 drop_path=dpr[i],
                 act_layer=act_layer,
                 norm_layer=norm_layer,
@@ -543,64 +320,6 @@ class NATIsotropic(_NeighborhoodTransformer):
         self.norm = norm_layer(embed_dim)
         self.head = ClassifierHead(embed_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC")
         self.apply(self._init_weights)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(stem=r"^patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Block outputs as ``[B, C, ceil(H/16), ceil(W/16)]``; arguments as :meth:`NAT.forward_intermediates`,
-        except that ``norm`` applies the final norm to every intermediate (all have its width)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[: max_index + 1]
-
-        x = self.patch_embed(x)
-        for i, block in enumerate(blocks):
-            x = block(x)
-            if i in take_indices:
-                intermediates.append((self.norm(x) if norm else x).permute(0, 3, 1, 2).contiguous())
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(
-        self,
-        indices: Union[int, List[int]] = 1,
-        prune_norm: bool = False,
-        prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the blocks after the last of ``indices`` (and the norm / head); returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[: max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, in_chans, H, W]`` -> normalized ``[B, ceil(H/16), ceil(W/16), embed_dim]``."""
-        x = self.patch_embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -626,14 +345,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
 def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> NAT:
     # DiNAT's dilations follow the resolution of the weights (e.g. 384 for `.in22k_ft_in1k_384`)
     # unless img_size is given
-    pretrained_cfg = resolve_pretrained_cfg(
-        variant,
-        pretrained_cfg=kwargs.get("pretrained_cfg"),
-        pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
-    )
-    kwargs.setdefault("img_size", tuple(pretrained_cfg.input_size[-2:]))
+    kwargs.setdefault("img_size", tuple(resolve_cfg(variant, pretrained, kwargs).input_size[-2:]))
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (1, 1, 1, 1))))))
-    return build_model_with_cfg(
+    return build_model(
         NAT,
         variant,
         pretrained,
@@ -645,7 +359,7 @@ def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> NAT:
 
 def _create_nat_isotropic(variant: str, pretrained: bool = False, **kwargs) -> NATIsotropic:
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
+    return build_model(
         NATIsotropic,
         variant,
         pretrained,

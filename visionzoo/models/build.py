@@ -1,0 +1,60 @@
+"""Building a registered variant: timm's ``build_model_with_cfg`` with checked pretrained sources."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Dict, Optional, Type
+
+import torch
+import torch.nn as nn
+from timm.models import PretrainedCfg, build_model_with_cfg, resolve_pretrained_cfg
+
+__all__ = ["build_model", "resolve_cfg"]
+
+
+def resolve_cfg(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> PretrainedCfg:
+    """The pretrained cfg ``variant`` is built with, from the ``pretrained_cfg`` / ``pretrained_cfg_overlay`` in ``kwargs``.
+
+    With ``pretrained=True`` a local weights file named by either argument must exist: timm would
+    fail later with an empty ``FileNotFoundError``.
+    """
+    cfg = resolve_pretrained_cfg(
+        variant,
+        pretrained_cfg=kwargs.get("pretrained_cfg"),
+        pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
+    )
+    if pretrained and cfg.file and not os.path.isfile(cfg.file):
+        overlay = kwargs.get("pretrained_cfg_overlay") or {}
+        argument = "pretrained_cfg_overlay['file']" if overlay.get("file") else "pretrained_cfg['file']"
+        raise FileNotFoundError(f"{argument}: no weights file at {cfg.file!r}")
+    return cfg
+
+
+def build_model(
+    model_cls: Type[nn.Module],
+    variant: str,
+    pretrained: bool,
+    pretrained_filter_fn: Optional[Callable[..., Dict[str, Any]]] = None,
+    feature_cfg: Optional[Dict[str, Any]] = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """``build_model_with_cfg`` after :func:`resolve_cfg` checked the pretrained source.
+
+    timm's factory arguments ``device`` and ``dtype`` (``timm.create_model(name, device='meta')``)
+    apply to every parameter and buffer the model creates, so model classes need not pass them
+    down to each layer.
+    """
+    resolve_cfg(variant, pretrained, kwargs)
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build_model_with_cfg(
+            model_cls,
+            variant,
+            pretrained,
+            pretrained_filter_fn=pretrained_filter_fn,
+            feature_cfg=feature_cfg,
+            **kwargs,
+        )
+    if dtype is not None:
+        model.to(dtype=dtype)
+    return model
