@@ -151,6 +151,7 @@ def test_variants_equal_reference(name, kwargs):
 )
 def test_r0_and_remove_restore_the_model_exactly(name, kwargs):
     model, image = _model(name, img_size=96, depth=3, **kwargs), _image(img_size=96)
+    model_class = type(model)
     with torch.no_grad():
         expected = model(image)
         assert torch.equal(apply_tome(model, 0)(image), expected)
@@ -158,6 +159,7 @@ def test_r0_and_remove_restore_the_model_exactly(name, kwargs):
         state = model.state_dict()
         remove_tome(model)
         assert torch.equal(model(image), expected)
+    assert type(model) is model_class
     assert all(type(block) is timm.models.vision_transformer.Block for block in model.blocks)
     assert not any(block.attn.k_norm._forward_hooks for block in model.blocks)
     assert not hasattr(model, "_tome_state") and not hasattr(model.blocks[0], "_tome_r")

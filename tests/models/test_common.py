@@ -6,6 +6,7 @@ resolution for the smallest variant of each family (``visionzoo_<family>_<size>`
 checks are those of timm's own ``tests/test_models.py`` (which ``test_timm_suite.py`` runs over
 every model at full size), here at low resolution and comparing gradients too.
 """
+import functools
 import math
 import re
 from collections import defaultdict
@@ -15,16 +16,25 @@ import torch
 import torch.nn as nn
 import timm
 from timm.models import get_notrace_functions, get_notrace_modules
+from timm.models.vision_transformer import VisionTransformer
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import visionzoo  # noqa: F401  (registers the models)
+from visionzoo.layers.token_merging import ToMeBlock
 
 MODELS = timm.list_models("visionzoo_*")
 _SIZE_RANK = {"m": 0, "t": 1, "s": 2, "b": 3, "l": 4}
 
 
+def _family_and_size(name):
+    """``visionzoo_<family>_<size>`` or ``visionzoo_<family>_<size>_<variant>`` (``visionzoo_vit_s_tome``)."""
+    parts = name.split("_")
+    at = max((i for i, part in enumerate(parts) if part in _SIZE_RANK or part.isdigit()), default=len(parts) - 1)
+    return "_".join(parts[:at] + parts[at + 1:]), parts[at]
+
+
 def _rank(name):
-    size = name.rsplit("_", 1)[1]
+    size = _family_and_size(name)[1]
     return (_SIZE_RANK.get(size, int(size) if size.isdigit() else 99), name)
 
 
@@ -36,7 +46,7 @@ def _smallest(names, group_of):
 
 
 # the smallest variant of each family (name without the size) and, of those, one per model file
-SMALLEST = _smallest(MODELS, lambda name: name.rsplit("_", 1)[0])
+SMALLEST = _smallest(MODELS, lambda name: _family_and_size(name)[0])
 COMPILE = _smallest(SMALLEST, lambda name: timm.models.model_entrypoint(name).__module__)
 SIZE = 64
 BATCH = 2
@@ -49,6 +59,19 @@ def _create(name, **kwargs):
 
 def _image(height=SIZE, width=SIZE):
     return torch.randn(BATCH, 3, height, width, generator=torch.Generator().manual_seed(1))
+
+
+@functools.lru_cache(maxsize=None)
+def _merges_tokens(name):
+    """Token-merging models (ToMe): after merging, the tokens of a ViT no longer form a map."""
+    with torch.device("meta"):
+        return any(isinstance(module, ToMeBlock) for module in timm.create_model(name).modules())
+
+
+# the checks below that expect [B, C, H, W] feature maps, or any input size, do not apply to them:
+# they are timm's VisionTransformer (fixed img_size, timm's own input errors) whose features are
+# token sets [B, N, C]; tests/models/test_tome.py checks those
+MERGED_TOKENS = "merges tokens: timm's ViT with token-set features (checked in tests/models/test_tome.py)"
 
 
 def _feature_info(model):
@@ -74,11 +97,17 @@ def test_build_and_pretrained_cfg(name):
     info = _feature_info(model)
     assert info[-1]["num_chs"] == model.num_features
     assert [f["reduction"] for f in info] == sorted(f["reduction"] for f in info)
-    assert tuple(cfg["pool_size"]) == tuple(s // info[-1]["reduction"] for s in cfg["input_size"][1:])
+    if _merges_tokens(name):
+        assert cfg["pool_size"] is None  # no final map
+    else:
+        assert tuple(cfg["pool_size"]) == tuple(s // info[-1]["reduction"] for s in cfg["input_size"][1:])
     for key in ("mean", "std", "crop_pct", "interpolation", "license"):
         assert cfg.get(key) is not None, key
     parameters = dict(model.named_parameters())
-    assert model.no_weight_decay() <= parameters.keys()
+    no_weight_decay = model.no_weight_decay()
+    if isinstance(model, VisionTransformer):  # timm's ViT names its optional tokens whether it has them or not
+        no_weight_decay -= {"dist_token", "reg_token"}
+    assert no_weight_decay <= parameters.keys()
     for coarse in (False, True):
         matcher = model.group_matcher(coarse=coarse)
         groups = timm.models.group_parameters(model, matcher)
@@ -116,6 +145,8 @@ def test_num_classes_and_reset_classifier(name):
 
 @pytest.mark.parametrize("name", SMALLEST)
 def test_features_only_matches_feature_info(name):
+    if _merges_tokens(name):
+        pytest.skip(MERGED_TOKENS)
     model = _create(name, features_only=True).eval()
     with torch.no_grad():
         features = model(_image())
@@ -127,6 +158,8 @@ def test_features_only_matches_feature_info(name):
 
 @pytest.mark.parametrize("name", SMALLEST)
 def test_forward_intermediates(name):
+    if _merges_tokens(name):
+        pytest.skip(MERGED_TOKENS)
     model = _create(name).eval()
     image = _image()
     info = _feature_info(model)
@@ -161,6 +194,8 @@ def test_grad_checkpointing_gives_same_output_and_gradients(name):
 @pytest.mark.parametrize("height, width", [(96, 128), (100, 76), (33, 47)])
 @pytest.mark.parametrize("name", SMALLEST)
 def test_other_input_sizes(name, height, width):
+    if _merges_tokens(name):
+        pytest.skip(MERGED_TOKENS)
     model = _create(name).eval()
     image = _image(height, width)
     with torch.no_grad():
@@ -236,6 +271,8 @@ def test_fx_traced_model_matches_eager_forward_and_backward(name):
 
 @pytest.mark.parametrize("name", SMALLEST)
 def test_features_only_fx_matches_feature_getter(name):
+    if _merges_tokens(name):
+        pytest.skip(MERGED_TOKENS)
     torch.manual_seed(0)
     fx = timm.create_model(name, img_size=SIZE, features_only=True, feature_cls="fx").eval()
     torch.manual_seed(0)
@@ -251,6 +288,8 @@ def test_features_only_fx_matches_feature_getter(name):
 
 @pytest.mark.parametrize("name", SMALLEST)
 def test_image_that_is_not_a_batch_is_refused(name):
+    if _merges_tokens(name):
+        pytest.skip(MERGED_TOKENS)
     model = _create(name).eval()
     with pytest.raises(ValueError, match=r"\[B, C, H, W\].*got shape \(3, 64, 64\).*unsqueeze"):
         model(torch.randn(3, SIZE, SIZE))

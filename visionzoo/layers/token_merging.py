@@ -214,6 +214,32 @@ class ToMeBlock(Block):
 register_notrace_module(ToMeBlock)
 
 
+class _ToMeModel:
+    """Mixed into the class of a patched ViT: intermediates of merged tokens are not maps."""
+
+    _tome_state: ToMeState
+
+    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+        output_fmt = args[4] if len(args) > 4 else kwargs.get("output_fmt", "NCHW")
+        if output_fmt == "NCHW" and any(self._tome_state.r):
+            raise ValueError(
+                "forward_intermediates: with token merging the tokens no longer form an H x W grid; "
+                "use output_fmt='NLC' ([B, N, C] with N the tokens left after each block)"
+            )
+        return super().forward_intermediates(x, *args, **kwargs)
+
+
+_TOME_MODEL_CLASSES: dict = {}
+
+
+def _tome_model_class(cls: type) -> type:
+    if issubclass(cls, _ToMeModel):
+        return cls
+    if cls not in _TOME_MODEL_CLASSES:
+        _TOME_MODEL_CLASSES[cls] = type(f"ToMe{cls.__name__}", (_ToMeModel, cls), {"__module__": __name__})
+    return _TOME_MODEL_CLASSES[cls]
+
+
 def _tome_blocks(model: nn.Module) -> List[Block]:
     blocks = [module for module in model.modules() if isinstance(module, Block)]
     if not blocks:
@@ -277,6 +303,8 @@ def apply_tome(model: nn.Module, r: Schedule, *, trace_source: bool = False, pro
         block._tome_state, block._tome_index, block._tome_r, block._tome_keys = state, index, block_r, None
         block.attn.k_norm.register_forward_hook(block._tome_keep_keys)
     owner._tome_state = state
+    if hasattr(owner, "forward_intermediates"):
+        owner.__class__ = _tome_model_class(type(owner))
     return model
 
 
@@ -293,6 +321,8 @@ def remove_tome(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if hasattr(module, "_tome_state"):
             del module._tome_state
+        if isinstance(module, _ToMeModel):
+            module.__class__ = type(module).__bases__[1]
     return model
 
 

@@ -8,16 +8,17 @@ ViT-S/B and DeiT, 8 for ViT-L): no new parameters, so timm's plain checkpoints l
 
 After merging, the tokens no longer form a grid: ``forward_intermediates(output_fmt='NLC')`` and
 ``features_only=True`` give ``[B, N_i, C]`` token sets (N_i the tokens left after block i, prefix
-tokens split off as in timm's ViT); the NCHW maps of timm's ViT only exist with ``tome_r=0``.
+tokens split off as in timm's ViT); asking for timm's NCHW maps is an error unless ``tome_r=0``.
 """
 from __future__ import annotations
 
 from typing import Any, Dict
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 
 from ..layers.token_merging import Schedule, apply_tome, parse_r
+from .build import build_model
 
 __all__ = []  # models are reached through timm.create_model
 
@@ -26,7 +27,7 @@ def _create_tome_vit(variant: str, pretrained: bool, default_r: Schedule, **kwar
     # the schedule over the full depth: features_only keeps only the blocks up to its last output
     schedule = parse_r(kwargs["depth"], kwargs.pop("tome_r", default_r))
     out_indices = kwargs.pop("out_indices", 3)
-    model = build_model_with_cfg(
+    model = build_model(
         VisionTransformer,
         variant,
         pretrained,
