@@ -23,7 +23,17 @@ import torch
 import torch.nn as nn
 
 from visionzoo import apply_tome, remove_tome
-from visionzoo.layers.token_merging import ToMeBlock, parse_r, patch_token_ids
+from visionzoo.layers.token_merging import (
+    Merge2dConfig,
+    ToMeBlock,
+    _pool_2d,
+    apply_merge2d,
+    bipartite_soft_matching_2d,
+    merge2d_preset,
+    parse_r,
+    patch_token_ids,
+    remove_merge2d,
+)
 
 
 def _reference_match(keys, r, class_token, distill_token):
@@ -251,3 +261,84 @@ def test_unsupported_models_are_refused():
     model = apply_tome(_model(img_size=64, depth=2), 4)
     with pytest.raises(ValueError, match="attn_mask and is_causal"):
         model.blocks[0](torch.randn(1, 17, 384), attn_mask=torch.zeros(17, 17))
+
+
+# 2D merging (Segformer++) --------------------------------------------------------------------
+
+
+def test_merge2d_ratio_0_and_remove_restore_the_model_exactly():
+    model, image = _model(img_size=96, depth=3, init_values=0.1), _image(img_size=96)
+    with torch.no_grad():
+        expected = model(image)
+        assert torch.equal(apply_merge2d(model, Merge2dConfig(q_ratio=0.0, kv_ratio=0.0))(image), expected)
+        assert not torch.equal(apply_merge2d(model, "fast")(image), expected)
+        assert torch.equal(remove_merge2d(model)(image), expected)
+    assert all(type(block) is timm.models.vision_transformer.Block for block in model.blocks)
+    assert not model.patch_embed._forward_hooks
+
+
+@pytest.mark.parametrize("grid, cell, ratio, tokens_left", [((8, 8), (2, 2), 0.5, 32), ((8, 8), (2, 2), 0.9, 16), ((7, 5), (2, 2), 0.9, 6), ((8, 8), (4, 4), 0.8, 13)])
+def test_merge2d_groups_are_cell_destinations_with_mean_values(grid, cell, ratio, tokens_left):
+    tokens = grid[0] * grid[1]
+    x = torch.randn(2, tokens, 8, generator=torch.Generator().manual_seed(0))
+    merge, unmerge = bipartite_soft_matching_2d(x, grid, cell, ratio)
+    merged = merge(x)
+    # r = int(N * ratio), capped at the tokens outside the cells' top-left corners
+    assert merged.shape == (2, tokens_left, 8)
+    assert tokens - tokens_left == min(int(tokens * ratio), tokens - (grid[0] // cell[0]) * (grid[1] // cell[1]))
+    group = unmerge(torch.arange(tokens_left, dtype=x.dtype)[None, :, None].expand(2, -1, 1))[..., 0].long()
+    torch.testing.assert_close(merge(unmerge(merged)), merged)
+    rows, cols = torch.arange(tokens) // grid[1], torch.arange(tokens) % grid[1]
+    is_dst = (rows % cell[0] == 0) & (cols % cell[1] == 0) & (rows < grid[0] // cell[0] * cell[0]) & (cols < grid[1] // cell[1] * cell[1])
+    for b in range(2):
+        for g in range(tokens_left):
+            members = (group[b] == g).nonzero()[:, 0]
+            torch.testing.assert_close(merged[b, g], x[b, members].mean(0))
+            if len(members) > 1:  # a merged token: sources averaged into one cell destination
+                assert int(is_dst[members].sum()) == 1
+        destination_groups = group[b, is_dst].tolist()
+        assert len(set(destination_groups)) == len(destination_groups)  # destinations are never merged together
+
+
+def test_merge2d_presets_keep_the_full_map():
+    assert merge2d_preset("hq", 4) == [Merge2dConfig(kv_ratio=0.6, kv_cell=(2, 2))] * 2 + [Merge2dConfig(q_ratio=0.8, q_cell=(4, 4))] * 2
+    assert merge2d_preset("fast", 2) == [Merge2dConfig(q_ratio=0.9, q_cell=(4, 4), kv_ratio=0.9, kv_cell=(4, 4))] * 2
+    assert merge2d_preset("2x2", 1) == [Merge2dConfig(q_pool=True, q_cell=(2, 2))]
+    model = _model(img_size=64, depth=4, dynamic_img_size=True)
+    image = _image(img_size=64)
+    with torch.no_grad():
+        expected = model.forward_intermediates(torch.cat([image, image], -1), intermediates_only=True)
+        for preset in ("hq", "fast", "2x2"):
+            features = apply_merge2d(model, preset).forward_intermediates(torch.cat([image, image], -1), intermediates_only=True)
+            assert [f.shape for f in features] == [(2, 384, 4, 8)] * 4  # a 64 x 128 input: 4 x 8 patches
+            assert not torch.allclose(features[-1], expected[-1])
+
+
+def test_merge2d_query_pooling_is_cell_average_and_nearest_upsampling():
+    merge, unmerge = _pool_2d((5, 4), (2, 2))
+    x = torch.randn(1, 20, 3)
+    pooled = merge(x)
+    assert pooled.shape == (1, 6, 3)
+    grid = x.reshape(5, 4, 3)
+    torch.testing.assert_close(pooled[0, 0], grid[:2, :2].reshape(-1, 3).mean(0))
+    torch.testing.assert_close(pooled[0, 5], grid[4:, 2:].reshape(-1, 3).mean(0))  # the partial last row
+    up = unmerge(pooled).reshape(5, 4, 3)
+    torch.testing.assert_close(up[1, 1], pooled[0, 0])
+    torch.testing.assert_close(up[4, 3], pooled[0, 5])
+
+
+def test_merge2d_refuses_bad_settings():
+    model = _model(img_size=64, depth=2)
+    with pytest.raises(ValueError, match="preset must be 'hq', 'fast' or '2x2'"):
+        apply_merge2d(model, "turbo")
+    with pytest.raises(ValueError, match="q_ratio must lie in"):
+        Merge2dConfig(q_ratio=1.0)
+    with pytest.raises(ValueError, match="one Merge2dConfig per block"):
+        apply_merge2d(model, [Merge2dConfig()])
+    apply_tome(model, 2)
+    with pytest.raises(TypeError, match=r"undo the other merging first: remove_tome\(model\)"):
+        apply_merge2d(model, "hq")
+    remove_tome(model)
+    apply_merge2d(model, "hq")
+    with pytest.raises(TypeError, match=r"remove_merge2d\(model\)"):
+        apply_tome(model, 2)

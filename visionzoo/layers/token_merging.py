@@ -12,6 +12,11 @@ before. No parameters are added: plain ViT / DeiT checkpoints load unchanged.
 Per-forward state (token sizes, source map) is kept in one slot per block, written by the block
 before it and read by the block itself, so a block recomputed under gradient checkpointing sees
 the same input sizes as in the forward.
+
+:func:`apply_merge2d` is the dense-prediction variant (Segformer++): inside each block's attention,
+queries and/or keys/values of the patch grid are merged (one destination per 2D cell, cosine
+similarity, mean) or queries pooled, and the attention output is unmerged to every token, so the
+MLP and the features keep the full map. :func:`remove_merge2d` undoes it.
 """
 from __future__ import annotations
 
@@ -21,17 +26,24 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import Attention, register_notrace_module
 from timm.models.vision_transformer import Block
 
 __all__ = [
+    "Merge2dBlock",
+    "Merge2dConfig",
     "ToMeBlock",
+    "apply_merge2d",
     "apply_tome",
     "bipartite_soft_matching",
+    "bipartite_soft_matching_2d",
+    "merge2d_preset",
     "merge_source",
     "merge_wavg",
     "parse_r",
     "patch_token_ids",
+    "remove_merge2d",
     "remove_tome",
 ]
 
@@ -240,22 +252,25 @@ def _tome_model_class(cls: type) -> type:
     return _TOME_MODEL_CLASSES[cls]
 
 
-def _tome_blocks(model: nn.Module) -> List[Block]:
+def _global_attention_blocks(model: nn.Module, caller: str, own: type) -> List[Block]:
+    """The timm ``Block`` s of ``model`` (plain, or already patched by ``caller`` as ``own``)."""
     blocks = [module for module in model.modules() if isinstance(module, Block)]
     if not blocks:
         others = getattr(model, "blocks", None)
         found = f"; its blocks are {type(others[0]).__name__}" if isinstance(others, nn.Sequential) and len(others) else ""
         raise TypeError(
-            f"apply_tome: {type(model).__name__} has no global-attention transformer block "
+            f"{caller}: {type(model).__name__} has no global-attention transformer block "
             f"(timm.models.vision_transformer.Block){found}; token merging needs one"
         )
     for name, module in model.named_modules():
         if isinstance(module, Block):
-            if type(module) not in (Block, ToMeBlock):
-                raise TypeError(f"apply_tome: block {name!r} is a {type(module).__name__}; only timm's Block is supported")
+            if type(module) not in (Block, own):
+                patched = {ToMeBlock: "remove_tome", Merge2dBlock: "remove_merge2d"}.get(type(module))
+                hint = f" (undo the other merging first: {patched}(model))" if patched else "; only timm's Block is supported"
+                raise TypeError(f"{caller}: block {name!r} is a {type(module).__name__}{hint}")
             if type(module.attn) is not Attention:
                 raise TypeError(
-                    f"apply_tome: {name}.attn is a {type(module.attn).__name__}; only timm's global Attention is supported"
+                    f"{caller}: {name}.attn is a {type(module.attn).__name__}; only timm's global Attention is supported"
                 )
     return blocks
 
@@ -277,7 +292,7 @@ def apply_tome(model: nn.Module, r: Schedule, *, trace_source: bool = False, pro
     shared state (schedule, token sizes, source map) is ``model._tome_state`` (on the ViT inside a
     ``features_only`` wrapper).
     """
-    blocks = _tome_blocks(model)
+    blocks = _global_attention_blocks(model, "apply_tome", ToMeBlock)
     schedule = parse_r(len(blocks), r)
     # the module embedding the tokens: the model itself, or the ViT inside a features_only wrapper
     owner = next((module for module in model.modules() if hasattr(module, "cls_token")), model)
@@ -347,3 +362,231 @@ def patch_token_ids(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
         return ids.reshape(1, *grid).expand(image.shape[0], *grid).clone()
     ids = source[:, :, state.num_prefix_tokens:].argmax(dim=1)
     return ids.reshape(image.shape[0], *grid)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2D merging for dense prediction (Segformer++): queries and/or keys/values merged inside the
+# attention of a block, one destination token per 2D cell, the output unmerged to the full map.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Merge2dConfig:
+    """What one block merges; ratios are the fraction of the patch tokens removed (0: none).
+
+    ``q_ratio`` / ``q_cell``: queries merged (cells ``(sy, sx)``), the attention output unmerged
+    back to every token. ``kv_ratio`` / ``kv_cell``: keys and values merged. ``q_pool``: queries
+    average-pooled over ``q_cell`` instead (every cell one query), the output upsampled by nearest.
+    """
+
+    q_ratio: float = 0.0
+    q_cell: Tuple[int, int] = (4, 4)
+    kv_ratio: float = 0.0
+    kv_cell: Tuple[int, int] = (2, 2)
+    q_pool: bool = False
+
+    def __post_init__(self):
+        for name in ("q_ratio", "kv_ratio"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"Merge2dConfig.{name} must lie in [0, 1), got {getattr(self, name)}")
+        for name in ("q_cell", "kv_cell"):
+            cell = getattr(self, name)
+            if len(cell) != 2 or min(cell) < 1:
+                raise ValueError(f"Merge2dConfig.{name} must be two cell sizes >= 1, got {cell}")
+
+
+def merge2d_preset(name: str, num_blocks: int) -> List[Merge2dConfig]:
+    """Segformer++'s presets on ``num_blocks`` blocks of one isotropic model.
+
+    ``hq``: keys/values merged 60% in 2x2 cells in the first half of the blocks (MiT's stages 1-2,
+    at high resolution), queries 80% in 4x4 cells in the second half; ``fast``: queries and
+    keys/values 90% in 4x4 cells everywhere; ``2x2``: queries average-pooled in 2x2 cells everywhere.
+    """
+    if name == "hq":
+        first = Merge2dConfig(kv_ratio=0.6, kv_cell=(2, 2))
+        second = Merge2dConfig(q_ratio=0.8, q_cell=(4, 4))
+        return [first if i < num_blocks // 2 else second for i in range(num_blocks)]
+    if name == "fast":
+        return [Merge2dConfig(q_ratio=0.9, q_cell=(4, 4), kv_ratio=0.9, kv_cell=(4, 4))] * num_blocks
+    if name == "2x2":
+        return [Merge2dConfig(q_pool=True, q_cell=(2, 2))] * num_blocks
+    raise ValueError(f"merge2d preset must be 'hq', 'fast' or '2x2', got {name!r}")
+
+
+Unmerge = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _cell_split(grid: Tuple[int, int], cell: Tuple[int, int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Positions (raster order in ``grid``) of the destinations (top-left of each whole cell) and of the rest."""
+    height, width = grid
+    rows = torch.arange(height, device=device)[:, None]
+    cols = torch.arange(width, device=device)[None, :]
+    cell_h, cell_w = cell
+    is_dst = (rows % cell_h == 0) & (cols % cell_w == 0) & (rows < height // cell_h * cell_h) & (cols < width // cell_w * cell_w)
+    positions = torch.arange(height * width, device=device)
+    return positions[is_dst.flatten()], positions[~is_dst.flatten()]
+
+
+def bipartite_soft_matching_2d(
+    metric: torch.Tensor, grid: Tuple[int, int], cell: Tuple[int, int], ratio: float
+) -> Tuple[Callable[[torch.Tensor], torch.Tensor], Unmerge]:
+    """(merge, unmerge) of ``metric`` ``[B, H*W, C]`` tokens on ``grid``: mean merge into one token per cell.
+
+    ``r = int(H*W * ratio)`` source tokens (those not at a cell's top-left), capped at their
+    number, are averaged into their most cosine-similar destination. ``merge`` maps
+    ``[B, H*W, C'] -> [B, H*W - r, C']``; ``unmerge`` maps back, each merged token's value
+    copied to all the positions it holds.
+    """
+    batch, tokens, _ = metric.shape
+    dst_pos, src_pos = _cell_split(grid, cell, metric.device)
+    r = min(int(tokens * ratio), src_pos.numel())
+    if r <= 0:
+        return _identity, _identity
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        scores = metric[:, src_pos] @ metric[:, dst_pos].transpose(-1, -2)
+        best_score, best_match = scores.max(dim=-1)
+        order = best_score.argsort(dim=-1, descending=True)[..., None]
+        kept, merged = order[:, r:], order[:, :r]
+        target = best_match[..., None].gather(dim=1, index=merged)
+
+    def merge(x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[-1]
+        src, dst = x[:, src_pos], x[:, dst_pos]
+        unmerged = src.gather(dim=1, index=kept.expand(batch, tokens - dst_pos.numel() - r, channels))
+        sources = src.gather(dim=1, index=merged.expand(batch, r, channels))
+        dst = dst.scatter_reduce(1, target.expand(batch, r, channels), sources, reduce="mean")
+        return torch.cat([unmerged, dst], dim=1)
+
+    def unmerge(x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[-1]
+        unmerged, dst = x[:, : kept.shape[1]], x[:, kept.shape[1]:]
+        out = x.new_empty(batch, tokens, channels)
+        out[:, dst_pos] = dst
+        src_positions = src_pos[None, :, None].expand(batch, -1, 1)
+        out.scatter_(1, src_positions.gather(1, kept).expand(-1, -1, channels), unmerged)
+        out.scatter_(1, src_positions.gather(1, merged).expand(-1, -1, channels), dst.gather(1, target.expand(-1, -1, channels)))
+        return out
+
+    return merge, unmerge
+
+
+def _pool_2d(grid: Tuple[int, int], cell: Tuple[int, int]) -> Tuple[Callable[[torch.Tensor], torch.Tensor], Unmerge]:
+    """(average pool over ``cell``, nearest upsample back to ``grid``) on ``[B, H*W, C]`` tokens."""
+    height, width = grid
+
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        image = x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
+        return F.avg_pool2d(image, cell, ceil_mode=True).flatten(2).transpose(1, 2)
+
+    def upsample(x: torch.Tensor) -> torch.Tensor:
+        pooled = (-(-height // cell[0]), -(-width // cell[1]))
+        image = x.transpose(1, 2).reshape(x.shape[0], -1, *pooled)
+        image = image.repeat_interleave(cell[0], dim=2).repeat_interleave(cell[1], dim=3)[:, :, :height, :width]
+        return image.flatten(2).transpose(1, 2)
+
+    return pool, upsample
+
+
+def _attention(attn: Attention, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """timm ``Attention`` with queries from ``queries`` ``[B, Nq, C]`` and keys/values from ``context`` ``[B, Nk, C]``."""
+    batch, num_queries, _ = queries.shape
+    weight_q, weight_kv = attn.qkv.weight.split([attn.attn_dim, 2 * attn.attn_dim])
+    bias_q, bias_kv = attn.qkv.bias.split([attn.attn_dim, 2 * attn.attn_dim]) if attn.qkv.bias is not None else (None, None)
+    q = F.linear(queries, weight_q, bias_q).reshape(batch, num_queries, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k, v = F.linear(context, weight_kv, bias_kv).reshape(batch, -1, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    out = attn.norm(out.transpose(1, 2).reshape(batch, num_queries, attn.attn_dim))
+    if attn.gate is not None:
+        out = out * attn.gate(queries).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
+@dataclass(eq=False)
+class Merge2dState:
+    """The patch grid of the current forward, recorded from the patch embedding's output."""
+
+    num_prefix_tokens: int
+    grid: Tuple[int, int]
+
+    def record_grid(self, module: nn.Module, args, out: torch.Tensor) -> None:
+        if out.ndim == 4:  # dynamic_img_size: [B, H, W, C]
+            self.grid = (out.shape[1], out.shape[2])
+
+
+class Merge2dBlock(Block):
+    """timm's ``Block`` with 2D merging inside its attention (:class:`Merge2dConfig`); ``[B, N, C] -> [B, N, C]``."""
+
+    _merge2d_state: Merge2dState
+    _merge2d: Merge2dConfig
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("2D token merging: attn_mask and is_causal are not supported")
+        state, config = self._merge2d_state, self._merge2d
+        normed = self.norm1(x)
+        prefix, patches = normed[:, :state.num_prefix_tokens], normed[:, state.num_prefix_tokens:]
+        if patches.shape[1] != state.grid[0] * state.grid[1]:
+            raise ValueError(f"2D token merging: {patches.shape[1]} patch tokens do not fill the {state.grid} patch grid")
+        if config.q_pool:
+            merge_q, unmerge_q = _pool_2d(state.grid, config.q_cell)
+        else:
+            merge_q, unmerge_q = bipartite_soft_matching_2d(patches, state.grid, config.q_cell, config.q_ratio)
+        merge_kv, _ = bipartite_soft_matching_2d(patches, state.grid, config.kv_cell, config.kv_ratio)
+        if merge_q is _identity and merge_kv is _identity:
+            attended = self.attn(normed)
+        else:
+            queries = torch.cat([prefix, merge_q(patches)], dim=1)
+            context = torch.cat([prefix, merge_kv(patches)], dim=1)
+            attended = _attention(self.attn, queries, context)
+            count = state.num_prefix_tokens
+            attended = torch.cat([attended[:, :count], unmerge_q(attended[:, count:])], dim=1)
+        x = x + self.drop_path1(self.ls1(attended))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+register_notrace_module(Merge2dBlock)
+
+
+def apply_merge2d(model: nn.Module, merging: Union[str, Merge2dConfig, List[Merge2dConfig]]) -> nn.Module:
+    """Patch ``model``'s timm ``Block`` s in place with Segformer++'s 2D merging; returns ``model``.
+
+    ``merging``: a preset name (:func:`merge2d_preset`: ``hq``, ``fast``, ``2x2``), one
+    :class:`Merge2dConfig` for every block, or one per block. The token count of every block's
+    output is unchanged (the MLP runs at full resolution), so features stay maps. No parameters
+    are added; :func:`remove_merge2d` undoes it. Prefix (class) tokens take part in the attention
+    unmerged.
+    """
+    blocks = _global_attention_blocks(model, "apply_merge2d", Merge2dBlock)
+    if isinstance(merging, str):
+        configs = merge2d_preset(merging, len(blocks))
+    elif isinstance(merging, Merge2dConfig):
+        configs = [merging] * len(blocks)
+    else:
+        configs = list(merging)
+        if len(configs) != len(blocks) or not all(isinstance(c, Merge2dConfig) for c in configs):
+            raise ValueError(f"apply_merge2d: give one Merge2dConfig per block ({len(blocks)}), got {merging!r}")
+    owner = next((module for module in model.modules() if hasattr(module, "patch_embed")), None)
+    if owner is None:
+        raise TypeError(f"apply_merge2d: {type(model).__name__} has no patch_embed to take the patch grid from")
+    remove_merge2d(model)
+    state = Merge2dState(num_prefix_tokens=getattr(owner, "num_prefix_tokens", 0), grid=tuple(owner.patch_embed.grid_size))
+    owner.patch_embed.register_forward_hook(state.record_grid)
+    for block, config in zip(blocks, configs):
+        block.__class__ = Merge2dBlock
+        block._merge2d_state, block._merge2d = state, config
+    return model
+
+
+def remove_merge2d(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_merge2d` in place (a no-op on an unpatched model); returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, Merge2dBlock):
+            module.__class__ = Block
+            del module._merge2d_state, module._merge2d
+        hooks = module._forward_hooks
+        for key in [key for key, hook in hooks.items() if getattr(hook, "__func__", None) is Merge2dState.record_grid]:
+            del hooks[key]
+    return model
