@@ -187,7 +187,7 @@ def main(argv=None) -> list:
         print_table(rows, args.r[0])  # so far, in case a long run is stopped
         sys.stdout.flush()
     if args.plot:
-        plot(rows, args.plot, f"ToMe on CPU ({torch.get_num_threads()} threads), {source}")
+        plot(rows, args.plot, f"ToMe on CPU ({torch.get_num_threads()} threads)\n{source}")
     return rows
 
 
