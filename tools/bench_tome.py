@@ -59,7 +59,9 @@ def _in_batches(model, images: torch.Tensor, batch_size: int, fn) -> torch.Tenso
 
 def _fit_probe(model, images: torch.Tensor, labels: torch.Tensor, num_classes: int, batch_size: int) -> None:
     """Replace the classifier with a linear probe fitted on the unmerged model's pooled features."""
-    features = _in_batches(model, images, batch_size, lambda m, x: m.forward_head(m.forward_features(x), pre_logits=True))
+    features = _in_batches(
+        model, images, batch_size, lambda m, x: m.forward_head(m.forward_features(x), pre_logits=True)
+    )
     mean, std = features.mean(0), features.std(0) + 1e-6
     probe = torch.nn.Linear(features.shape[1], num_classes)
     optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=200, line_search_fn="strong_wolfe")
@@ -140,7 +142,8 @@ def plot(rows, path: Path, title: str) -> None:
         mine = [row for row in rows if row["model"] == name]
         ax.plot([row["speedup"] for row in mine], [100 * row["agreement"] for row in mine], marker="o", label=name)
         for row in mine:
-            ax.annotate(f"r={row['r']}", (row["speedup"], 100 * row["agreement"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(f"r={row['r']}", (row["speedup"], 100 * row["agreement"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("throughput relative to the unmerged model")
     ax.set_ylabel("top-1 agreement with the unmerged model (%)")
     ax.set_title(title, fontsize=9)
@@ -155,13 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "deit_small_patch16_224"],
                         help="timm ViT / DeiT names (plain; merging is applied here)")
-    parser.add_argument("--r", nargs="+", type=int, default=[0, 4, 8, 13, 16], help="tokens merged per block; the first is the reference")
+    parser.add_argument("--r", nargs="+", type=int, default=[0, 4, 8, 13, 16],
+                        help="tokens merged per block; the first is the reference")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median taken)")
     parser.add_argument("--eval-images", type=int, default=128)
     parser.add_argument("--probe-images", type=int, default=256)
-    parser.add_argument("--pretrained", action="store_true", help="timm's ImageNet weights instead of a probe on a random backbone")
-    parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST idx files (default: the Debian package's)")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="timm's ImageNet weights instead of a probe on a random backbone")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder of the Fashion-MNIST idx files (default: the Debian package's)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of speed vs agreement")
@@ -175,12 +181,16 @@ def main(argv=None) -> list:
         parser.error(f"--r: the first value is the reference and must be 0, got {args.r[0]}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    dataset_train = create_dataset("builtin/fashion-mnist", root=args.data_dir, split="train", max_samples=args.probe_images)
-    dataset_test = create_dataset("builtin/fashion-mnist", root=args.data_dir, split="test", max_samples=args.eval_images)
+    dataset_train = create_dataset("builtin/fashion-mnist", args.data_dir, split="train", max_samples=args.probe_images)
+    dataset_test = create_dataset("builtin/fashion-mnist", args.data_dir, split="test", max_samples=args.eval_images)
     machine = machine_description(torch.device("cpu"))
     print(f"machine: {machine}")
-    source = "timm ImageNet weights" if args.pretrained else f"random backbone + linear probe on {args.probe_images} Fashion-MNIST train images"
-    print(f"weights: {source}; agreement on {args.eval_images} Fashion-MNIST test images; batch {args.batch_size}, {args.rounds} rounds")
+    if args.pretrained:
+        source = "timm ImageNet weights"
+    else:
+        source = f"random backbone + linear probe on {args.probe_images} Fashion-MNIST train images"
+    print(f"weights: {source}; agreement on {args.eval_images} Fashion-MNIST test images; "
+          f"batch {args.batch_size}, {args.rounds} rounds")
     rows = []
     for name in args.models:
         rows += measure(name, args, dataset_train, dataset_test)

@@ -255,7 +255,8 @@ def test_unsupported_models_are_refused():
     with pytest.raises(TypeError, match="ResNet has no global-attention transformer block"):
         apply_tome(timm.create_model("resnet10t"), 4)
     with pytest.raises(TypeError, match="its blocks are ResPostBlock"):
-        apply_tome(timm.create_model("vit_small_patch16_224", img_size=64, depth=2, block_fn=timm.models.vision_transformer.ResPostBlock), 4)
+        post_norm = timm.models.vision_transformer.ResPostBlock
+        apply_tome(timm.create_model("vit_small_patch16_224", img_size=64, depth=2, block_fn=post_norm), 4)
     with pytest.raises(TypeError, match="register tokens"):
         apply_tome(timm.create_model("vit_small_patch16_224", img_size=64, depth=2, reg_tokens=4), 4)
     model = apply_tome(_model(img_size=64, depth=2), 4)
@@ -277,7 +278,10 @@ def test_merge2d_ratio_0_and_remove_restore_the_model_exactly():
     assert not model.patch_embed._forward_hooks
 
 
-@pytest.mark.parametrize("grid, cell, ratio, tokens_left", [((8, 8), (2, 2), 0.5, 32), ((8, 8), (2, 2), 0.9, 16), ((7, 5), (2, 2), 0.9, 6), ((8, 8), (4, 4), 0.8, 13)])
+@pytest.mark.parametrize(
+    "grid, cell, ratio, tokens_left",
+    [((8, 8), (2, 2), 0.5, 32), ((8, 8), (2, 2), 0.9, 16), ((7, 5), (2, 2), 0.9, 6), ((8, 8), (4, 4), 0.8, 13)],
+)
 def test_merge2d_groups_are_cell_destinations_with_mean_values(grid, cell, ratio, tokens_left):
     tokens = grid[0] * grid[1]
     x = torch.randn(2, tokens, 8, generator=torch.Generator().manual_seed(0))
@@ -289,7 +293,8 @@ def test_merge2d_groups_are_cell_destinations_with_mean_values(grid, cell, ratio
     group = unmerge(torch.arange(tokens_left, dtype=x.dtype)[None, :, None].expand(2, -1, 1))[..., 0].long()
     torch.testing.assert_close(merge(unmerge(merged)), merged)
     rows, cols = torch.arange(tokens) // grid[1], torch.arange(tokens) % grid[1]
-    is_dst = (rows % cell[0] == 0) & (cols % cell[1] == 0) & (rows < grid[0] // cell[0] * cell[0]) & (cols < grid[1] // cell[1] * cell[1])
+    in_whole_cell = (rows < grid[0] // cell[0] * cell[0]) & (cols < grid[1] // cell[1] * cell[1])
+    is_dst = (rows % cell[0] == 0) & (cols % cell[1] == 0) & in_whole_cell
     for b in range(2):
         for g in range(tokens_left):
             members = (group[b] == g).nonzero()[:, 0]
@@ -301,15 +306,17 @@ def test_merge2d_groups_are_cell_destinations_with_mean_values(grid, cell, ratio
 
 
 def test_merge2d_presets_keep_the_full_map():
-    assert merge2d_preset("hq", 4) == [Merge2dConfig(kv_ratio=0.6, kv_cell=(2, 2))] * 2 + [Merge2dConfig(q_ratio=0.8, q_cell=(4, 4))] * 2
+    hq_first, hq_second = Merge2dConfig(kv_ratio=0.6, kv_cell=(2, 2)), Merge2dConfig(q_ratio=0.8, q_cell=(4, 4))
+    assert merge2d_preset("hq", 4) == [hq_first] * 2 + [hq_second] * 2
     assert merge2d_preset("fast", 2) == [Merge2dConfig(q_ratio=0.9, q_cell=(4, 4), kv_ratio=0.9, kv_cell=(4, 4))] * 2
     assert merge2d_preset("2x2", 1) == [Merge2dConfig(q_pool=True, q_cell=(2, 2))]
     model = _model(img_size=64, depth=4, dynamic_img_size=True)
     image = _image(img_size=64)
+    wide = torch.cat([image, image], -1)
     with torch.no_grad():
-        expected = model.forward_intermediates(torch.cat([image, image], -1), intermediates_only=True)
+        expected = model.forward_intermediates(wide, intermediates_only=True)
         for preset in ("hq", "fast", "2x2"):
-            features = apply_merge2d(model, preset).forward_intermediates(torch.cat([image, image], -1), intermediates_only=True)
+            features = apply_merge2d(model, preset).forward_intermediates(wide, intermediates_only=True)
             assert [f.shape for f in features] == [(2, 384, 4, 8)] * 4  # a 64 x 128 input: 4 x 8 patches
             assert not torch.allclose(features[-1], expected[-1])
 

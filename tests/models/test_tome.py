@@ -39,23 +39,31 @@ def test_variants_are_timms_vit_with_the_papers_r(name, plain, r):
         reference = timm.create_model(plain)
     assert isinstance(model, VisionTransformer) and all(isinstance(block, ToMeBlock) for block in model.blocks)
     assert [block._tome_r for block in model.blocks] == [r] * len(reference.blocks)
-    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    shapes = {key: value.shape for key, value in reference.state_dict().items()}
+    assert {key: value.shape for key, value in model.state_dict().items()} == shapes
     cfg, timm_cfg = model.pretrained_cfg, reference.pretrained_cfg
     assert cfg["hf_hub_id"] == timm_cfg["hf_hub_id"] == f"timm/{plain}"
     for key in ("mean", "std", "crop_pct", "interpolation", "input_size", "num_classes", "license"):
         assert cfg[key] == timm_cfg[key], key
 
 
-@pytest.mark.parametrize("name, plain", [("visionzoo_vit_s_tome", "vit_small_patch16_224"), ("visionzoo_deit_t_tome", "deit_tiny_patch16_224")])
+@pytest.mark.parametrize(
+    "name, plain",
+    [("visionzoo_vit_s_tome", "vit_small_patch16_224"), ("visionzoo_deit_t_tome", "deit_tiny_patch16_224")],
+)
 def test_timms_plain_checkpoint_loads_unchanged(name, plain, tmp_path):
     torch.manual_seed(0)
     reference = timm.create_model(plain, img_size=SIZE, depth=DEPTH).eval()
     path = tmp_path / "plain.pth"
     torch.save(reference.state_dict(), path)
+    overlay = dict(file=str(path))
     loaded = {
-        r: timm.create_model(name, img_size=SIZE, depth=DEPTH, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), tome_r=r).eval()
+        r: timm.create_model(
+            name, img_size=SIZE, depth=DEPTH, pretrained=True, pretrained_cfg_overlay=overlay, tome_r=r
+        )
         for r in (0, 13)
     }
+    loaded = {r: model.eval() for r, model in loaded.items()}
     image = _image()
     with torch.no_grad():
         assert torch.equal(loaded[0](image), reference(image))
@@ -83,7 +91,9 @@ def test_intermediates_are_token_sets_with_merged_counts():
         with pytest.raises(ValueError, match="no longer form an H x W grid; use output_fmt='NLC'"):
             model.forward_intermediates(image)
         torch.manual_seed(0)
-        features = timm.create_model("visionzoo_vit_s_tome", img_size=SIZE, depth=DEPTH, features_only=True, out_indices=(0, 1)).eval()
+        features = timm.create_model(
+            "visionzoo_vit_s_tome", img_size=SIZE, depth=DEPTH, features_only=True, out_indices=(0, 1)
+        ).eval()
         assert len(features.model.blocks) == 2  # pruned after the last output
         for feature, expected in zip(features(image), intermediates[:2]):
             torch.testing.assert_close(feature, expected)
@@ -93,10 +103,13 @@ def test_intermediates_are_token_sets_with_merged_counts():
 
 
 def test_other_input_sizes_with_dynamic_img_size():
-    model = timm.create_model("visionzoo_deit_t_tome", img_size=SIZE, depth=DEPTH, dynamic_img_size=True, dynamic_img_pad=True).eval()
+    model = timm.create_model(
+        "visionzoo_deit_t_tome", img_size=SIZE, depth=DEPTH, dynamic_img_size=True, dynamic_img_pad=True
+    ).eval()
     for height, width in ((128, 96), (100, 76)):
+        image = _image(height, width)
         with torch.no_grad():
-            assert model(_image(height, width)).shape == (2, 1000)
-            tokens = model.forward_intermediates(_image(height, width), indices=[0], output_fmt="NLC", intermediates_only=True)
+            assert model(image).shape == (2, 1000)
+            tokens = model.forward_intermediates(image, indices=[0], output_fmt="NLC", intermediates_only=True)
         patches = -(-height // 16) * -(-width // 16)
         assert tokens[0].shape == (2, _token_counts(patches + 1, [13])[0] - 1, 192)

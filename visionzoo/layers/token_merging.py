@@ -198,7 +198,9 @@ class ToMeBlock(Block):
         is_causal: bool = False,
     ) -> torch.Tensor:
         if attn_mask is not None or is_causal:
-            raise ValueError("token merging changes the token count inside the block: attn_mask and is_causal are not supported")
+            raise ValueError(
+                "token merging changes the token count inside the block: attn_mask and is_causal are not supported"
+            )
         state, index = self._tome_state, self._tome_index
         size, source = state.size[index], state.source[index]
         if state.prop_attn and size is not None:
@@ -257,7 +259,8 @@ def _global_attention_blocks(model: nn.Module, caller: str, own: type) -> List[B
     blocks = [module for module in model.modules() if isinstance(module, Block)]
     if not blocks:
         others = getattr(model, "blocks", None)
-        found = f"; its blocks are {type(others[0]).__name__}" if isinstance(others, nn.Sequential) and len(others) else ""
+        has_blocks = isinstance(others, nn.Sequential) and len(others) > 0
+        found = f"; its blocks are {type(others[0]).__name__}" if has_blocks else ""
         raise TypeError(
             f"{caller}: {type(model).__name__} has no global-attention transformer block "
             f"(timm.models.vision_transformer.Block){found}; token merging needs one"
@@ -266,11 +269,11 @@ def _global_attention_blocks(model: nn.Module, caller: str, own: type) -> List[B
         if isinstance(module, Block):
             if type(module) not in (Block, own):
                 patched = {ToMeBlock: "remove_tome", Merge2dBlock: "remove_merge2d"}.get(type(module))
-                hint = f" (undo the other merging first: {patched}(model))" if patched else "; only timm's Block is supported"
+                hint = f" (undo the other merging first: {patched}(model))" if patched else "; only timm's Block works"
                 raise TypeError(f"{caller}: block {name!r} is a {type(module).__name__}{hint}")
             if type(module.attn) is not Attention:
                 raise TypeError(
-                    f"{caller}: {name}.attn is a {type(module.attn).__name__}; only timm's global Attention is supported"
+                    f"{caller}: {name}.attn is a {type(module.attn).__name__}; only timm's global Attention works"
                 )
     return blocks
 
@@ -297,7 +300,9 @@ def apply_tome(model: nn.Module, r: Schedule, *, trace_source: bool = False, pro
     # the module embedding the tokens: the model itself, or the ViT inside a features_only wrapper
     owner = next((module for module in model.modules() if hasattr(module, "cls_token")), model)
     if getattr(owner, "reg_token", None) is not None:
-        raise TypeError("apply_tome: models with register tokens are not supported (only class / distillation tokens are protected)")
+        raise TypeError(
+            "apply_tome: models with register tokens are not supported (only class / distillation tokens are protected)"
+        )
     class_token = getattr(owner, "cls_token", None) is not None
     distill_token = getattr(owner, "dist_token", None) is not None
     if distill_token and not class_token:
@@ -328,8 +333,9 @@ def remove_tome(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, ToMeBlock):
             hooks = module.attn.k_norm._forward_hooks
-            for key in [key for key, hook in hooks.items() if getattr(hook, "__func__", None) is ToMeBlock._tome_keep_keys]:
-                del hooks[key]
+            for key, hook in list(hooks.items()):
+                if getattr(hook, "__func__", None) is ToMeBlock._tome_keep_keys:
+                    del hooks[key]
             for attribute in ("_tome_state", "_tome_index", "_tome_r", "_tome_keys"):
                 delattr(module, attribute)
             module.__class__ = Block
@@ -416,13 +422,16 @@ def merge2d_preset(name: str, num_blocks: int) -> List[Merge2dConfig]:
 Unmerge = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _cell_split(grid: Tuple[int, int], cell: Tuple[int, int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+def _cell_split(
+    grid: Tuple[int, int], cell: Tuple[int, int], device: torch.device
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Positions (raster order in ``grid``) of the destinations (top-left of each whole cell) and of the rest."""
     height, width = grid
     rows = torch.arange(height, device=device)[:, None]
     cols = torch.arange(width, device=device)[None, :]
     cell_h, cell_w = cell
-    is_dst = (rows % cell_h == 0) & (cols % cell_w == 0) & (rows < height // cell_h * cell_h) & (cols < width // cell_w * cell_w)
+    in_whole_cell = (rows < height // cell_h * cell_h) & (cols < width // cell_w * cell_w)
+    is_dst = (rows % cell_h == 0) & (cols % cell_w == 0) & in_whole_cell
     positions = torch.arange(height * width, device=device)
     return positions[is_dst.flatten()], positions[~is_dst.flatten()]
 
@@ -465,7 +474,8 @@ def bipartite_soft_matching_2d(
         out[:, dst_pos] = dst
         src_positions = src_pos[None, :, None].expand(batch, -1, 1)
         out.scatter_(1, src_positions.gather(1, kept).expand(-1, -1, channels), unmerged)
-        out.scatter_(1, src_positions.gather(1, merged).expand(-1, -1, channels), dst.gather(1, target.expand(-1, -1, channels)))
+        merged_values = dst.gather(1, target.expand(-1, -1, channels))
+        out.scatter_(1, src_positions.gather(1, merged).expand(-1, -1, channels), merged_values)
         return out
 
     return merge, unmerge
@@ -489,12 +499,14 @@ def _pool_2d(grid: Tuple[int, int], cell: Tuple[int, int]) -> Tuple[Callable[[to
 
 
 def _attention(attn: Attention, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """timm ``Attention`` with queries from ``queries`` ``[B, Nq, C]`` and keys/values from ``context`` ``[B, Nk, C]``."""
+    """timm ``Attention`` with queries from ``queries`` ``[B, Nq, C]``, keys/values from ``context`` ``[B, Nk, C]``."""
     batch, num_queries, _ = queries.shape
     weight_q, weight_kv = attn.qkv.weight.split([attn.attn_dim, 2 * attn.attn_dim])
-    bias_q, bias_kv = attn.qkv.bias.split([attn.attn_dim, 2 * attn.attn_dim]) if attn.qkv.bias is not None else (None, None)
+    bias = attn.qkv.bias
+    bias_q, bias_kv = bias.split([attn.attn_dim, 2 * attn.attn_dim]) if bias is not None else (None, None)
     q = F.linear(queries, weight_q, bias_q).reshape(batch, num_queries, attn.num_heads, attn.head_dim).transpose(1, 2)
-    k, v = F.linear(context, weight_kv, bias_kv).reshape(batch, -1, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    kv = F.linear(context, weight_kv, bias_kv).reshape(batch, -1, 2, attn.num_heads, attn.head_dim)
+    k, v = kv.permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(q), attn.k_norm(k)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     out = attn.norm(out.transpose(1, 2).reshape(batch, num_queries, attn.attn_dim))
@@ -521,14 +533,21 @@ class Merge2dBlock(Block):
     _merge2d_state: Merge2dState
     _merge2d: Merge2dConfig
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("2D token merging: attn_mask and is_causal are not supported")
         state, config = self._merge2d_state, self._merge2d
         normed = self.norm1(x)
         prefix, patches = normed[:, :state.num_prefix_tokens], normed[:, state.num_prefix_tokens:]
         if patches.shape[1] != state.grid[0] * state.grid[1]:
-            raise ValueError(f"2D token merging: {patches.shape[1]} patch tokens do not fill the {state.grid} patch grid")
+            raise ValueError(
+                f"2D token merging: {patches.shape[1]} patch tokens do not fill the {state.grid} patch grid"
+            )
         if config.q_pool:
             merge_q, unmerge_q = _pool_2d(state.grid, config.q_cell)
         else:
@@ -572,7 +591,9 @@ def apply_merge2d(model: nn.Module, merging: Union[str, Merge2dConfig, List[Merg
     if owner is None:
         raise TypeError(f"apply_merge2d: {type(model).__name__} has no patch_embed to take the patch grid from")
     remove_merge2d(model)
-    state = Merge2dState(num_prefix_tokens=getattr(owner, "num_prefix_tokens", 0), grid=tuple(owner.patch_embed.grid_size))
+    state = Merge2dState(
+        num_prefix_tokens=getattr(owner, "num_prefix_tokens", 0), grid=tuple(owner.patch_embed.grid_size)
+    )
     owner.patch_embed.register_forward_hook(state.record_grid)
     for block, config in zip(blocks, configs):
         block.__class__ = Merge2dBlock
