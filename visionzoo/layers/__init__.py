@@ -1,6 +1,7 @@
 """Attention modules and the blocks that model families share, each built on :mod:`visionzoo.kernels`.
 
 * :mod:`.neighborhood_attention` - NAT / DiNAT attention;
+* :mod:`.agent_attention` - agent attention (Agent-Swin / PVT / DeiT);
 * :mod:`.transformer_block` - pre-norm block around any channels-last attention module;
 * :mod:`.downsample` - NAT's conv downsampler, Swin's patch merging;
 * :mod:`.stage` - downsampler + blocks, with gradient checkpointing;
@@ -8,6 +9,7 @@
   cropping and resizing tables;
 * :mod:`.model_base` - timm's model API (features, intermediates, pruning, head) for channels-last models.
 """
+from .agent_attention import AgentAttention, agent_position_biases
 from .downsample import ConvDownsample, PatchMerging, create_downsample
 from .model_base import ChannelsLastModel, check_image
 from .neighborhood_attention import NeighborhoodAttention2d, fit_window
@@ -21,12 +23,14 @@ from .stage import Stage
 from .transformer_block import TransformerBlock
 
 __all__ = [
+    "AgentAttention",
     "ChannelsLastModel",
     "ConvDownsample",
     "NeighborhoodAttention2d",
     "PatchMerging",
     "Stage",
     "TransformerBlock",
+    "agent_position_biases",
     "check_image",
     "create_downsample",
     "crop_rel_pos_table",
