@@ -23,21 +23,25 @@ def _linear_resize(table, size):
     return F.interpolate(table.reshape(1, -1, table.shape[-1]), size=size, mode="linear").reshape(*lead, size)
 
 
-def _reference(module, x, cls_token=None):
-    """V_A = softmax(A K^T s + B1) V, O = softmax(Q A^T s + B2) V_A + dwc(V), then proj; written out."""
+def reference_agent_attention(params, x, heads, cls_token=None):
+    """V_A = softmax(A K^T s + B1) V, O = softmax(Q A^T s + B2) V_A + dwc(V), then proj; written out.
+
+    ``params``: the official parameter names (``q.weight``, ``kv.weight`` or ``qkv.weight``, ``an_bias``, ...).
+    Returns ``(out [B, H, W, C], class-token out [B, P, C])``.
+    """
     batch, height, width, dim = x.shape
-    heads, agents = module.num_heads, module.agent_num
+    agents = params["an_bias"].shape[1]
     head_dim, side = dim // heads, math.isqrt(agents)
     tokens = x.reshape(batch, height * width, dim)
     if cls_token is not None:
         tokens = torch.cat([cls_token, tokens], 1)
     prefix = tokens.shape[1] - height * width
-    if module.split_qkv:
-        q = tokens @ module.q.weight.T + module.q.bias
-        kv = tokens @ module.kv.weight.T + module.kv.bias
+    if "q.weight" in params:
+        q = tokens @ params["q.weight"].T + params["q.bias"]
+        kv = tokens @ params["kv.weight"].T + params["kv.bias"]
         k, v = kv[..., :dim], kv[..., dim:]
     else:
-        qkv = tokens @ module.qkv.weight.T + module.qkv.bias
+        qkv = tokens @ params["qkv.weight"].T + params["qkv.bias"]
         q, k, v = qkv[..., :dim], qkv[..., dim:2 * dim], qkv[..., 2 * dim:]
     grid = q[:, prefix:].reshape(batch, height, width, dim)
     # agents: mean of the queries over each adaptive-pool cell, cell (r, c) spanning rows
@@ -54,12 +58,12 @@ def _reference(module, x, cls_token=None):
         return t.reshape(batch, -1, heads, head_dim).permute(0, 2, 1, 3)
 
     q, k, v, agent = split(q), split(k), split(v), split(agent)
-    an = F.interpolate(module.an_bias, size=(height, width), mode="bilinear")  # [h, n, H, W]
-    na = F.interpolate(module.na_bias, size=(height, width), mode="bilinear")
-    ah = _linear_resize(module.ah_bias[0, :, :, :, 0], height)  # [h, n, H]
-    aw = _linear_resize(module.aw_bias[0, :, :, 0, :], width)  # [h, n, W]
-    ha = _linear_resize(module.ha_bias[0, :, :, 0, :].transpose(1, 2), height)  # [h, n, H]
-    wa = _linear_resize(module.wa_bias[0, :, 0, :, :].transpose(1, 2), width)  # [h, n, W]
+    an = F.interpolate(params["an_bias"], size=(height, width), mode="bilinear")  # [h, n, H, W]
+    na = F.interpolate(params["na_bias"], size=(height, width), mode="bilinear")
+    ah = _linear_resize(params["ah_bias"][0, :, :, :, 0], height)  # [h, n, H]
+    aw = _linear_resize(params["aw_bias"][0, :, :, 0, :], width)  # [h, n, W]
+    ha = _linear_resize(params["ha_bias"][0, :, :, 0, :].transpose(1, 2), height)  # [h, n, H]
+    wa = _linear_resize(params["wa_bias"][0, :, 0, :, :].transpose(1, 2), width)  # [h, n, W]
     b1 = torch.empty(heads, agents, prefix + height * width, dtype=x.dtype)
     b2 = torch.empty(heads, prefix + height * width, agents, dtype=x.dtype)
     for i in range(height):
@@ -67,16 +71,16 @@ def _reference(module, x, cls_token=None):
             b1[:, :, prefix + i * width + j] = an[:, :, i, j] + ah[:, :, i] + aw[:, :, j]
             b2[:, prefix + i * width + j, :] = na[:, :, i, j] + ha[:, :, i] + wa[:, :, j]
     if prefix:
-        b1[:, :, 0] = module.ac_bias[0, :, :, 0]
-        b2[:, 0, :] = module.ca_bias[0, :, 0, :]
+        b1[:, :, 0] = params["ac_bias"][0, :, :, 0]
+        b2[:, 0, :] = params["ca_bias"][0, :, 0, :]
     scale = head_dim**-0.5
     agent_v = torch.softmax(agent @ k.transpose(-1, -2) * scale + b1, dim=-1) @ v
     out = torch.softmax(q @ agent.transpose(-1, -2) * scale + b2, dim=-1) @ agent_v
     out = out.permute(0, 2, 1, 3).reshape(batch, -1, dim)
     v_map = v[:, :, prefix:].permute(0, 1, 3, 2).reshape(batch, dim, height, width)
-    local = F.conv2d(v_map, module.dwc.weight, module.dwc.bias, padding=1, groups=dim)
+    local = F.conv2d(v_map, params["dwc.weight"], params["dwc.bias"], padding=1, groups=dim)
     out[:, prefix:] = out[:, prefix:] + local.flatten(2).transpose(1, 2)
-    out = out @ module.proj.weight.T + module.proj.bias
+    out = out @ params["proj.weight"].T + params["proj.bias"]
     return out[:, prefix:].reshape(batch, height, width, dim), out[:, :prefix]
 
 
@@ -99,7 +103,7 @@ def test_matches_reference(height, width, window, agent_num, split_qkv, class_to
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, height, width, dim, generator=generator, dtype=torch.float64)
     cls = torch.randn(2, 1, dim, generator=generator, dtype=torch.float64) if class_token else None
-    expected, expected_cls = _reference(module, x, cls)
+    expected, expected_cls = reference_agent_attention(dict(module.named_parameters()), x, heads, cls)
     with torch.no_grad():
         out = module(x, cls)
     if class_token:
@@ -114,7 +118,7 @@ def test_gradients_match_reference():
     cls = torch.randn(2, 1, 8, dtype=torch.float64, requires_grad=True)
     out, out_cls = module(x, cls)
     grads = torch.autograd.grad((out.sin().sum() + out_cls.cos().sum()), [x, cls, *module.parameters()])
-    ref, ref_cls = _reference(module, x, cls)
+    ref, ref_cls = reference_agent_attention(dict(module.named_parameters()), x, 2, cls)
     ref_grads = torch.autograd.grad((ref.sin().sum() + ref_cls.cos().sum()), [x, cls, *module.parameters()])
     for grad, ref_grad in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-10)
