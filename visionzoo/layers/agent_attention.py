@@ -158,7 +158,8 @@ class AgentAttention(nn.Module):
 
     def _project(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.split_qkv:
-            return (self.q(tokens), *self.kv(tokens).chunk(2, dim=-1))
+            k, v = self.kv(tokens).chunk(2, dim=-1)
+            return self.q(tokens), k, v
         q, k, v = self.qkv(tokens).chunk(3, dim=-1)
         return q, k, v
 
