@@ -37,8 +37,10 @@ def official_state_dict(seed=0):
             shapes.update({
                 block + "attn.dwc.weight": (DIM, 1, 3, 3), block + "attn.dwc.bias": (DIM,),
                 block + "attn.an_bias": (HEADS, AGENTS, 7, 7), block + "attn.na_bias": (HEADS, AGENTS, 7, 7),
-                block + "attn.ah_bias": (1, HEADS, AGENTS, GRID, 1), block + "attn.aw_bias": (1, HEADS, AGENTS, 1, GRID),
-                block + "attn.ha_bias": (1, HEADS, GRID, 1, AGENTS), block + "attn.wa_bias": (1, HEADS, 1, GRID, AGENTS),
+                block + "attn.ah_bias": (1, HEADS, AGENTS, GRID, 1),
+                block + "attn.aw_bias": (1, HEADS, AGENTS, 1, GRID),
+                block + "attn.ha_bias": (1, HEADS, GRID, 1, AGENTS),
+                block + "attn.wa_bias": (1, HEADS, 1, GRID, AGENTS),
                 block + "attn.ac_bias": (1, HEADS, AGENTS, 1), block + "attn.ca_bias": (1, HEADS, 1, AGENTS),
             })
     return {key: torch.randn(shape, generator=generator) * 0.2 for key, shape in shapes.items()}
@@ -55,7 +57,8 @@ def _softmax_attention(sd, prefix, x):
 
 def official_forward(sd, image):
     """The official forward: patches + class token + position embedding, blocks, norm, class-token head."""
-    x = F.conv2d(image, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=16).flatten(2).transpose(1, 2)
+    x = F.conv2d(image, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=16)
+    x = x.flatten(2).transpose(1, 2)
     x = torch.cat([sd["cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + sd["pos_embed"]
     for i in range(DEPTH):
         p = f"blocks.{i}."

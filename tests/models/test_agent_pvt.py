@@ -33,8 +33,10 @@ def official_state_dict(seed=0):
                 block + "attn.proj.weight": (dim, dim), block + "attn.proj.bias": (dim,),
                 block + "attn.dwc.weight": (dim, 1, 3, 3), block + "attn.dwc.bias": (dim,),
                 block + "attn.an_bias": (heads, agents, 7, 7), block + "attn.na_bias": (heads, agents, 7, 7),
-                block + "attn.ah_bias": (1, heads, agents, grid, 1), block + "attn.aw_bias": (1, heads, agents, 1, grid),
-                block + "attn.ha_bias": (1, heads, grid, 1, agents), block + "attn.wa_bias": (1, heads, 1, grid, agents),
+                block + "attn.ah_bias": (1, heads, agents, grid, 1),
+                block + "attn.aw_bias": (1, heads, agents, 1, grid),
+                block + "attn.ha_bias": (1, heads, grid, 1, agents),
+                block + "attn.wa_bias": (1, heads, 1, grid, agents),
                 block + "norm2.weight": (dim,), block + "norm2.bias": (dim,),
                 block + "mlp.fc1.weight": (dim * mlp, dim), block + "mlp.fc1.bias": (dim * mlp,),
                 block + "mlp.fc2.weight": (dim, dim * mlp), block + "mlp.fc2.bias": (dim,),
@@ -72,7 +74,8 @@ def test_official_checkpoint_loads_strictly_and_matches_official_forward(tmp_pat
     path = tmp_path / "agent_pvt.pth"
     torch.save({"model": sd}, path)
     model = timm.create_model(
-        "visionzoo_agent_pvt_t", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=CLASSES), **OVERRIDES
+        "visionzoo_agent_pvt_t", pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path), num_classes=CLASSES), **OVERRIDES,
     ).eval()
     image = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -17,13 +17,11 @@ resolution it was built for).
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     Attention,
@@ -33,7 +31,7 @@ from timm.layers import (
     PatchEmbed,
     calculate_drop_path_rates,
     get_device_dtype,
-    register_notrace_function,
+    resample_abs_pos_embed,
     trunc_normal_,
 )
 from timm.models import generate_default_cfgs, register_model
@@ -45,16 +43,6 @@ from visionzoo.layers.model_base import feature_take_indices
 from .build import build_model, resolve_cfg
 
 __all__ = ["AgentDeiT"]
-
-
-@register_notrace_function  # reads the feature size: a leaf for torch.fx
-def resize_grid_pos_embed(pos_embed: torch.Tensor, grid_size: Tuple[int, int], height: int, width: int) -> torch.Tensor:
-    """``pos_embed [1, gh*gw, C]`` as a ``[1, height, width, C]`` map, resized bilinearly if the size differs."""
-    grid = pos_embed.reshape(1, grid_size[0], grid_size[1], -1)
-    if (height, width) == tuple(grid_size):
-        return grid
-    grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(height, width), mode="bilinear")
-    return grid.permute(0, 2, 3, 1)
 
 
 class AgentDeiTBlock(nn.Module):
@@ -227,9 +215,13 @@ class AgentDeiT(ChannelsLastModel):
 
     def _embed_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x = self._embed(x)
-        grid = resize_grid_pos_embed(self.pos_embed[:, 1:], self.grid_size, x.shape[1], x.shape[2])
+        height, width = x.shape[1:3]
+        grid = resample_abs_pos_embed(
+            self.pos_embed[:, 1:], [height, width], self.grid_size, num_prefix_tokens=0,
+            interpolation="bilinear", antialias=False,
+        )
         cls_token = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        return x + grid, cls_token
+        return x + grid.reshape(1, height, width, -1), cls_token
 
     @staticmethod
     def _tokens(x: torch.Tensor, cls_token: torch.Tensor) -> torch.Tensor:
@@ -244,6 +236,11 @@ class AgentDeiT(ChannelsLastModel):
             else:
                 x, cls_token = block(x, cls_token)
         return self.norm(self._tokens(x, cls_token))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in_chans, H, W]`` -> ``[B, num_classes]``."""
+        # defined here, not inherited, so that torch.fx treats this module's helpers as leaves
+        return self.forward_head(self.forward_features(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens ``[B, 1 + N, C]`` -> ``[B, num_classes]`` logits (``[B, C]`` with ``pre_logits``)."""
@@ -293,9 +290,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
         if key in ("head.weight", "head.bias"):
             key = "head.fc." + key.split(".")[1]
         elif key == "pos_embed" and value.shape != model.pos_embed.shape:
-            side = math.isqrt(value.shape[1] - 1)
-            grid = resize_grid_pos_embed(value[:, 1:], (side, side), *model.grid_size).flatten(1, 2)
-            value = torch.cat([value[:, :1], grid], dim=1)
+            value = resample_abs_pos_embed(
+                value, list(model.grid_size), num_prefix_tokens=1, interpolation="bilinear", antialias=False
+            )
         out[key] = value
     return out
 

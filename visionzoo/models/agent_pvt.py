@@ -22,7 +22,6 @@ runs only at the resolution it was built for).
 """
 from __future__ import annotations
 
-import math
 import re
 from functools import partial
 from typing import Any, Dict, Sequence, Tuple, Type
@@ -31,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, calculate_drop_path_rates, register_notrace_function, to_2tuple, trunc_normal_
+from timm.layers import ClassifierHead, calculate_drop_path_rates, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
 from visionzoo.layers import AgentAttention, ChannelsLastModel, Stage, TransformerBlock
@@ -39,16 +38,6 @@ from visionzoo.layers import AgentAttention, ChannelsLastModel, Stage, Transform
 from .build import build_model, resolve_cfg
 
 __all__ = ["AgentPVT"]
-
-
-@register_notrace_function  # reads the feature size: a leaf for torch.fx
-def resize_pos_embed(pos_embed: torch.Tensor, grid_size: Tuple[int, int], height: int, width: int) -> torch.Tensor:
-    """``pos_embed [1, gh*gw, C]`` as a ``[1, height, width, C]`` map, resized bilinearly if the size differs."""
-    grid = pos_embed.reshape(1, grid_size[0], grid_size[1], -1)
-    if (height, width) == tuple(grid_size):
-        return grid
-    grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(height, width), mode="bilinear")
-    return grid.permute(0, 2, 3, 1)
 
 
 class PositionalPatchEmbed(nn.Module):
@@ -78,7 +67,12 @@ class PositionalPatchEmbed(nn.Module):
         pad_h, pad_w = (-x.shape[2]) % self.patch_size, (-x.shape[3]) % self.patch_size
         x = F.pad(x, (0, pad_w, 0, pad_h))
         x = self.norm(self.proj(x).permute(0, 2, 3, 1))
-        return x + resize_pos_embed(self.pos_embed, self.grid_size, x.shape[1], x.shape[2])
+        height, width = x.shape[1:3]
+        pos_embed = resample_abs_pos_embed(
+            self.pos_embed, [height, width], self.grid_size,
+            num_prefix_tokens=0, interpolation="bilinear", antialias=False,
+        )
+        return x + pos_embed.reshape(1, height, width, -1)
 
 
 class AgentPVT(ChannelsLastModel):
@@ -206,8 +200,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
     for name, module in model.named_modules():
         key = f"{name}.pos_embed"
         if isinstance(module, PositionalPatchEmbed) and key in out and out[key].shape != module.pos_embed.shape:
-            side = math.isqrt(out[key].shape[1])
-            out[key] = resize_pos_embed(out[key], (side, side), *module.grid_size).flatten(1, 2)
+            out[key] = resample_abs_pos_embed(
+                out[key], list(module.grid_size), num_prefix_tokens=0, interpolation="bilinear", antialias=False
+            )
     return out
 
 
