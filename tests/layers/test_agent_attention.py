@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from visionzoo.layers import AgentAttention
+from visionzoo.layers import AgentAttention, resize_agent_biases
 
 
 def _randomize(module, seed=0):
@@ -147,3 +147,15 @@ def test_bad_arguments_are_named():
         module(torch.randn(1, 7, 7, 12), torch.randn(1, 1, 12))
     with pytest.raises(ValueError, match="cls_token must be given exactly when"):
         AgentAttention(12, 3, 9, 7, class_token=True)(torch.randn(1, 7, 7, 12))
+
+
+def test_resize_agent_biases_to_another_resolution():
+    source = _randomize(AgentAttention(12, 3, 9, (6, 6)))
+    target = AgentAttention(12, 3, 9, (9, 5))
+    state = dict(source.state_dict(), extra=torch.ones(2))
+    resized = resize_agent_biases(state, target)
+    assert resized["an_bias"] is state["an_bias"] and resized["extra"] is state["extra"]
+    torch.testing.assert_close(resized["ah_bias"][0, :, :, :, 0], _linear_resize(state["ah_bias"][0, :, :, :, 0], 9))
+    torch.testing.assert_close(resized["wa_bias"][0, :, 0].transpose(1, 2),
+                               _linear_resize(state["wa_bias"][0, :, 0].transpose(1, 2), 5))
+    target.load_state_dict({k: v for k, v in resized.items() if k != "extra"})  # strict: every shape fits

@@ -92,14 +92,19 @@ def test_official_checkpoint_loads_strictly_and_matches_official_forward(tmp_pat
     assert sum(v.numel() for v in sd.values()) == sum(p.numel() for p in model.parameters())
 
 
-def test_checkpoint_of_another_resolution_gets_position_embedding_resized():
-    from visionzoo.models.agent_deit import checkpoint_filter_fn
-
-    model = timm.create_model("visionzoo_agent_deit_b", **dict(OVERRIDES, img_size=128))
+def test_checkpoint_of_another_resolution_loads_with_resized_embedding_and_biases(tmp_path):
     sd = official_state_dict()
-    converted = checkpoint_filter_fn({"model": sd}, model)
-    assert converted["pos_embed"].shape == model.pos_embed.shape == (1, 1 + 8 * 8, DIM)
-    assert torch.equal(converted["pos_embed"][:, 0], sd["pos_embed"][:, 0])  # the class token's is kept
+    path = tmp_path / "agent_deit.pth"
+    torch.save({"model": sd}, path)
+    model = timm.create_model(
+        "visionzoo_agent_deit_b", pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path), num_classes=CLASSES), **dict(OVERRIDES, img_size=128),
+    ).eval()
+    assert model.pos_embed.shape == (1, 1 + 8 * 8, DIM)
+    assert torch.equal(model.pos_embed[:, 0], sd["pos_embed"][:, 0])  # the class token's is kept
+    assert model.blocks[0].attn.wa_bias.shape == (1, HEADS, 1, 8, AGENTS)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 128, 128)).shape == (1, CLASSES)
 
 
 def test_param_counts_equal_the_official_models():

@@ -85,13 +85,18 @@ def test_official_checkpoint_loads_strictly_and_matches_official_forward(tmp_pat
     assert sum(v.numel() for v in sd.values()) == sum(p.numel() for p in model.parameters())
 
 
-def test_checkpoint_of_another_resolution_gets_position_embeddings_resized():
-    from visionzoo.models.agent_pvt import checkpoint_filter_fn
-
-    model = timm.create_model("visionzoo_agent_pvt_t", **dict(OVERRIDES, img_size=160))
-    converted = checkpoint_filter_fn({"model": official_state_dict()}, model)
-    assert converted["patch_embed.pos_embed"].shape == model.patch_embed.pos_embed.shape == (1, 40 * 40, DIMS[0])
-    assert converted["stages.3.downsample.pos_embed"].shape == (1, 5 * 5, DIMS[3])
+def test_checkpoint_of_another_resolution_loads_with_resized_embeddings_and_biases(tmp_path):
+    path = tmp_path / "agent_pvt.pth"
+    torch.save({"model": official_state_dict()}, path)
+    model = timm.create_model(
+        "visionzoo_agent_pvt_t", pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path), num_classes=CLASSES), **dict(OVERRIDES, img_size=160),
+    ).eval()
+    assert model.patch_embed.pos_embed.shape == (1, 40 * 40, DIMS[0])
+    assert model.stages[3].downsample.pos_embed.shape == (1, 5 * 5, DIMS[3])
+    assert model.stages[0].blocks[0].attn.ah_bias.shape == (1, HEADS[0], AGENTS[0], 40, 1)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 160, 160)).shape == (1, CLASSES)
 
 
 def test_param_counts_equal_the_official_models():

@@ -9,7 +9,7 @@
   cropping and resizing tables;
 * :mod:`.model_base` - timm's model API (features, intermediates, pruning, head) for channels-last models.
 """
-from .agent_attention import AgentAttention, agent_position_biases
+from .agent_attention import AgentAttention, agent_position_biases, resize_agent_biases
 from .downsample import ConvDownsample, PatchMerging, create_downsample
 from .model_base import ChannelsLastModel, check_image
 from .neighborhood_attention import NeighborhoodAttention2d, fit_window
@@ -37,5 +37,6 @@ __all__ = [
     "fit_window",
     "relative_position_index_key_minus_query",
     "relative_position_index_query_minus_key",
+    "resize_agent_biases",
     "resize_rel_pos_table",
 ]

@@ -14,14 +14,14 @@ in the number of tokens ``N``.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_function, to_2tuple, trunc_normal_
 
-__all__ = ["AgentAttention", "agent_position_biases"]
+__all__ = ["AgentAttention", "agent_position_biases", "resize_agent_biases"]
 
 
 def _resize_axis(bias: torch.Tensor, size: int, dim: int) -> torch.Tensor:
@@ -32,6 +32,23 @@ def _resize_axis(bias: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     lead = moved.shape[:-1]
     resized = F.interpolate(moved.reshape(1, -1, 1, moved.shape[-1]), size=(1, size), mode="bilinear")
     return resized.reshape(*lead, size).movedim(-1, dim)
+
+
+def resize_agent_biases(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``state_dict`` with the per-row / per-column agent biases (``ah/aw/ha/wa_bias``) of another
+    resolution resized bilinearly to the shapes of ``model``'s parameters of the same name."""
+    params = dict(model.named_parameters())
+    out = dict(state_dict)
+    for key, value in state_dict.items():
+        target = params.get(key)
+        if key.rsplit(".", 1)[-1] in _ROW_COLUMN_BIASES and target is not None and value.shape != target.shape:
+            for dim in range(value.dim()):
+                value = _resize_axis(value, target.shape[dim], dim)
+            out[key] = value
+    return out
+
+
+_ROW_COLUMN_BIASES = ("ah_bias", "aw_bias", "ha_bias", "wa_bias")
 
 
 @register_notrace_function  # reads the feature size: a leaf for torch.fx

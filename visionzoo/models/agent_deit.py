@@ -37,7 +37,7 @@ from timm.layers import (
 from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
-from visionzoo.layers import AgentAttention, ChannelsLastModel
+from visionzoo.layers import AgentAttention, ChannelsLastModel, resize_agent_biases
 from visionzoo.layers.model_base import feature_take_indices
 
 from .build import build_model, resolve_cfg
@@ -282,7 +282,8 @@ class AgentDeiT(ChannelsLastModel):
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Convert an official Agent-DeiT checkpoint (``{'model': state_dict}`` or plain) to this layout.
 
-    A position embedding of another (square) resolution is resized to the model's grid.
+    The position embedding and per-row / per-column agent biases of another (square) resolution
+    are resized to the model's.
     """
     state_dict = state_dict.get("model", state_dict)
     out = {}
@@ -294,7 +295,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
                 value, list(model.grid_size), num_prefix_tokens=1, interpolation="bilinear", antialias=False
             )
         out[key] = value
-    return out
+    return resize_agent_biases(out, model)
 
 
 def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentDeiT:

@@ -33,7 +33,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, calculate_drop_path_rates, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
-from visionzoo.layers import AgentAttention, ChannelsLastModel, Stage, TransformerBlock
+from visionzoo.layers import AgentAttention, ChannelsLastModel, Stage, TransformerBlock, resize_agent_biases
 
 from .build import build_model, resolve_cfg
 
@@ -183,8 +183,8 @@ class AgentPVT(ChannelsLastModel):
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Convert an official Agent-PVT checkpoint (``{'model': state_dict}`` or plain) to this layout.
 
-    Position embeddings of another (square) resolution are resized to the model's grids; keys
-    already in this layout pass through unchanged.
+    Position embeddings and per-row / per-column agent biases of another (square) resolution are
+    resized to the model's; keys already in this layout pass through unchanged.
     """
     state_dict = state_dict.get("model", state_dict)
     out = {}
@@ -203,7 +203,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
             out[key] = resample_abs_pos_embed(
                 out[key], list(module.grid_size), num_prefix_tokens=0, interpolation="bilinear", antialias=False
             )
-    return out
+    return resize_agent_biases(out, model)
 
 
 def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> AgentPVT:
