@@ -37,7 +37,7 @@ from timm.layers import (
 from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
-from visionzoo.layers import AgentAttention, ChannelsLastModel, resize_agent_biases
+from visionzoo.layers import AgentAttention, ChannelsLastModel, check_image, resize_agent_biases
 from visionzoo.layers.model_base import feature_take_indices
 
 from .build import build_model, resolve_cfg
@@ -214,7 +214,7 @@ class AgentDeiT(ChannelsLastModel):
         self.head.reset(num_classes, in_features=self.num_features, **get_device_dtype(self))
 
     def _embed_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        x = self._embed(x)
+        x = self.patch_embed(check_image(x, self.in_chans))
         height, width = x.shape[1:3]
         grid = resample_abs_pos_embed(
             self.pos_embed[:, 1:], [height, width], self.grid_size, num_prefix_tokens=0,
@@ -239,7 +239,8 @@ class AgentDeiT(ChannelsLastModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in_chans, H, W]`` -> ``[B, num_classes]``."""
-        # defined here, not inherited, so that torch.fx treats this module's helpers as leaves
+        # defined here, not inherited: torch.fx treats the helpers named in this file (check_image,
+        # resample_abs_pos_embed) as leaves only when the traced forward is in this file
         return self.forward_head(self.forward_features(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
