@@ -2,6 +2,7 @@
 
 * :mod:`.neighborhood_attention` - NAT / DiNAT attention;
 * :mod:`.window_attention` - Swin's (shifted) window attention;
+* :mod:`.agent_attention` - agent attention (Agent-Swin / PVT / DeiT);
 * :mod:`.transformer_block` - pre-norm block around any channels-last attention module;
 * :mod:`.downsample` - NAT's conv downsampler, Swin's patch merging;
 * :mod:`.stage` - downsampler + blocks, with gradient checkpointing;
@@ -9,6 +10,7 @@
   cropping and resizing tables;
 * :mod:`.model_base` - timm's model API (features, intermediates, pruning, head) for channels-last models.
 """
+from .agent_attention import AgentAttention, agent_position_biases, resize_agent_biases
 from .downsample import ConvDownsample, PatchMerging, create_downsample
 from .model_base import ChannelsLastModel, check_image
 from .neighborhood_attention import NeighborhoodAttention2d, fit_window
@@ -23,6 +25,7 @@ from .transformer_block import TransformerBlock
 from .window_attention import WindowAttention, fit_window_shift
 
 __all__ = [
+    "AgentAttention",
     "ChannelsLastModel",
     "ConvDownsample",
     "NeighborhoodAttention2d",
@@ -30,6 +33,7 @@ __all__ = [
     "Stage",
     "TransformerBlock",
     "WindowAttention",
+    "agent_position_biases",
     "check_image",
     "create_downsample",
     "crop_rel_pos_table",
@@ -37,5 +41,6 @@ __all__ = [
     "fit_window_shift",
     "relative_position_index_key_minus_query",
     "relative_position_index_query_minus_key",
+    "resize_agent_biases",
     "resize_rel_pos_table",
 ]
