@@ -25,6 +25,10 @@ Layout: timm's (``stages.{i}.downsample`` starts stage ``i``, ``head.fc``); ``ch
 loads official Microsoft checkpoints (downsample at the end of stage ``i``) and timm's Swin state dicts.
 Inputs of any size run (except BR): maps are padded to a multiple of the window as timm does (see
 :class:`visionzoo.layers.WindowAttention`), so logits equal timm's Swin given the same weights.
+
+Dense prediction (the declaration at the end, mm types ``Swin`` and ``SwinFree``) uses the official
+detection / segmentation window layout (``pad_before_shift``), and ``checkpoint_filter_fn`` reads
+mmdet's / mmseg's Swin checkpoints too.
 """
 from __future__ import annotations
 
