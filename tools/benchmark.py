@@ -4,6 +4,7 @@
     python tools/benchmark.py                                  # every visionzoo_* model, defaults
     python tools/benchmark.py --models 'visionzoo_nat_*' --img-size 64 128 224 --dtype float32 bfloat16
     python tools/benchmark.py --models visionzoo_nat_m --img-size 224 --batch-size 8 --update-cards
+    python tools/benchmark.py --compare swin_tiny_patch4_window7_224 visionzoo_swin_t --img-size 224 --same-weights
 
 Per (model, resolution, dtype) it measures, in one process and one run:
   * params; GMACs of one forward pass (multiply-accumulates, the papers' "FLOPs"; ``gflops`` in the
@@ -18,6 +19,13 @@ Per (model, resolution, dtype) it measures, in one process and one run:
     which also counts allocator slack.
 bfloat16 / float16 run under ``torch.autocast`` (weights stay float32).
 
+``--compare A B`` instead runs two models in turns in one process (A, B, A, B, ... for ``--rounds``
+rounds of ``--iters`` timed calls each, after ``--warmup`` untimed ones) and prints each one's
+images/s (batch size over the median call time) and the ratio B / A, for inference and training:
+on a shared machine only rates measured side by side compare. ``--same-weights`` first loads A's
+state dict into B through the ``checkpoint_filter_fn`` of B's model file and prints the largest
+logit difference relative to A's largest logit, so the two runs are of equal models.
+
 Writes ``benchmark.csv``, ``throughput_vs_flops.png`` and ``throughput_vs_resolution.png`` to
 ``--output`` and prints a table. ``--update-cards`` replaces the text between
 ``<!-- measured:begin -->`` and ``<!-- measured:end -->`` in ``model_cards/<model>.md``.
@@ -29,6 +37,7 @@ import csv
 import ctypes
 import fnmatch
 import gc
+import json
 import os
 import platform
 import shlex
@@ -218,8 +227,132 @@ def measure(name, img_size, batch_size, dtype, device, args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# side by side
+# ----------------------------------------------------------------------------------------------
+def _filter_fn_of(model: torch.nn.Module):
+    """The ``checkpoint_filter_fn`` of the file defining ``model``'s class (timm's and ours)."""
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        raise SystemExit(f"--same-weights: {type(model).__module__} has no checkpoint_filter_fn "
+                         f"to load another model's weights into {type(model).__name__}")
+    return filter_fn
+
+
+@torch.no_grad()
+def copy_weights(source: torch.nn.Module, target: torch.nn.Module, img_size: int, device) -> float:
+    """Load ``source``'s weights into ``target`` (strictly, through ``target``'s checkpoint filter);
+    returns max |logits_target - logits_source| / max |logits_source| on one random batch."""
+    state_dict = {k: v.detach().clone() for k, v in source.state_dict().items()}
+    target.load_state_dict(_filter_fn_of(target)(state_dict, target), strict=True)
+    source.eval()
+    target.eval()
+    x = torch.randn(2, 3, img_size, img_size, device=device, generator=torch.Generator(device).manual_seed(0))
+    expected, got = source(x).float(), target(x).float()
+    if expected.shape != got.shape:
+        raise SystemExit(f"--same-weights: logits of shape {tuple(expected.shape)} and {tuple(got.shape)}")
+    return ((got - expected).abs().max() / expected.abs().max()).item()
+
+
+def _interleaved(steps, device, warmup, iters, rounds):
+    """Seconds per call of each of ``steps``, run in turns: ``rounds`` x (``iters`` calls of each)."""
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    _sync(device)
+    times = [[] for _ in steps]
+    for _ in range(rounds):
+        for step, measured in zip(steps, times):
+            measured += _timed(step, device, 0, iters)
+    return times
+
+
+def compare(args, device) -> dict:
+    """Images/s of ``args.compare`` = (A, B) measured in turns, and B / A; prints a table."""
+    img_size, batch_size = args.img_size[0], args.batch_size
+    try:
+        model_kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}: {e}")
+    if args.num_classes:
+        model_kwargs["num_classes"] = args.num_classes
+    models = []
+    for name in args.compare:
+        torch.manual_seed(0)
+        models.append(create_classifier(name, img_size=img_size, **model_kwargs).to(device))
+    result = dict(models=list(args.compare), img_size=img_size, batch_size=batch_size,
+                  machine=machine_description(device))
+    if args.same_weights:
+        result["max_rel_logit_diff"] = copy_weights(models[0], models[1], img_size, device)
+    amp_dtype = None if args.dtype[0] == "float32" else getattr(torch, args.dtype[0])
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    timing = dict(warmup=args.warmup, iters=args.iters, rounds=args.rounds)
+
+    def infer(model):
+        def step():
+            with torch.no_grad(), autocast():
+                model(x)
+        return step
+
+    for model in models:
+        model.eval()
+    times = _interleaved([infer(m) for m in models], device, **timing)
+    result["infer_img_s"] = [batch_size / statistics.median(t) for t in times]
+
+    if not args.no_train:
+        def train(model):
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+            target = torch.randint(0, getattr(model, "num_classes", None) or 1000, (batch_size,), device=device)
+
+            def step():
+                with autocast():
+                    loss = torch.nn.functional.cross_entropy(model(x), target)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            return step
+
+        for model in models:
+            model.train()
+        times = _interleaved([train(m) for m in models], device, **timing)
+        result["train_img_s"] = [batch_size / statistics.median(t) for t in times]
+
+    print_comparison(result, args)
+    return result
+
+
+def print_comparison(result: dict, args) -> None:
+    a, b = result["models"]
+    print(f"machine: {result['machine']}")
+    print(f"compare: A = {a}, B = {b}; {result['img_size']}x{result['img_size']}, batch {result['batch_size']}, "
+          f"{args.dtype[0]}; {args.rounds} rounds of {args.iters} calls each in turns (medians)")
+    if "max_rel_logit_diff" in result:
+        print(f"same weights: max relative logit difference {result['max_rel_logit_diff']:.2e}")
+    header = ["", "A img/s", "B img/s", "B / A"]
+    body = [[what, f"{rates[0]:.2f}", f"{rates[1]:.2f}", f"{rates[1] / rates[0]:.3f}"]
+            for what, rates in (("inference", result["infer_img_s"]), ("training", result.get("train_img_s")))
+            if rates is not None]
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+    for line in [header] + body:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
+
+
+# ----------------------------------------------------------------------------------------------
 # reports
 # ----------------------------------------------------------------------------------------------
+def _native_isa() -> str:
+    """The instruction set the CPU kernels were built for, or why they are not available."""
+    try:
+        from visionzoo.kernels import native
+
+        return native.isa()
+    except Exception as e:  # no compiler, failed build: the header still describes the machine
+        return f"unavailable ({type(e).__name__}: {e})".replace("\n", " ")[:120]
+
+
 def machine_description(device: torch.device) -> str:
     cpu = platform.processor() or ""
     try:
@@ -229,6 +362,7 @@ def machine_description(device: torch.device) -> str:
         pass
     text = (f"{platform.platform()}, {os.cpu_count()} CPUs ({cpu or 'unknown CPU'}), {torch.get_num_threads()} "
             f"torch threads, Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}")
+    text += f", native kernels {_native_isa()}"
     if device.type == "cuda":
         text += f", GPU {torch.cuda.get_device_name(device)}"
     backend, resolved = get_backend(), resolve_backend(None, device)
@@ -345,6 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["visionzoo_*"], help="model names or glob patterns")
     parser.add_argument("--exclude", nargs="*", default=[], help="glob patterns to leave out")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
+                        help="measure two models in turns and print B / A (first --img-size and --dtype)")
+    parser.add_argument("--same-weights", action="store_true",
+                        help="with --compare: load A's weights into B and print the logit difference")
+    parser.add_argument("--rounds", type=int, default=5, help="with --compare: rounds of turns")
+    parser.add_argument("--model-kwargs", default="{}",
+                        help="with --compare: JSON keyword arguments for both models, e.g. '{\"depths\": [2, 2, 2, 2]}'")
     parser.add_argument("--img-size", type=int, nargs="+", default=[224], help="input resolutions")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
@@ -378,6 +519,12 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.same_weights and not args.compare:
+        raise SystemExit("--same-weights needs --compare A B")
+    if args.compare:
+        if args.rounds < 1 or args.iters < 1:
+            raise SystemExit(f"--rounds and --iters must be >= 1, got {args.rounds} and {args.iters}")
+        return compare(args, device)
     names = resolve_models(args.models, args.exclude)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ optim_wrapper = dict(
     optimizer=dict(type='AdamW', lr=0.00006, betas=(0.9, 0.999), weight_decay=0.01),
     paramwise_cfg=dict(custom_keys={
         'rpb': dict(decay_mult=0.),
+        'relative_position_bias_table': dict(decay_mult=0.),
         'norm': dict(decay_mult=0.),
     }))
 param_scheduler = [

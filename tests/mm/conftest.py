@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 TOOLS = ROOT / "tools"
 # the smallest variant of each hierarchical family
-SMALLEST = {"nat": "visionzoo_nat_m", "dinat": "visionzoo_dinat_m", "dinats": "visionzoo_dinats_t"}
+SMALLEST = {"nat": "visionzoo_nat_m", "dinat": "visionzoo_dinat_m", "dinats": "visionzoo_dinats_t",
+            "swin": "visionzoo_swin_t"}
 IMAGE_SIZE = 64
 
 

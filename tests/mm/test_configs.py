@@ -5,6 +5,7 @@ import pytest
 pytest.importorskip("mmdet")
 pytest.importorskip("mmseg")
 
+import timm  # noqa: E402
 import torch  # noqa: E402
 from mmdet.registry import MODELS as DET_MODELS  # noqa: E402
 from mmdet.registry import TRANSFORMS as DET_TRANSFORMS  # noqa: E402
@@ -31,7 +32,11 @@ def test_configs_are_those_of_the_declarations():
     assert GENERATOR.main(["--check"]) == 0
     assert set(SEG_CONFIGS) | set(DET_CONFIGS) == set(GENERATOR.expected_configs())
     # every hierarchical model of the families, mini variants included
-    assert len(SEG_CONFIGS) == len(DECLARED) == 13 and len(DET_CONFIGS) == 2 * 13
+    # every size with an official dense config and ImageNet weights: NAT, DiNAT, DiNAT_s (mini
+    # variants included, 13) and Swin (UperNet 6, Mask R-CNN 2); Swin-Free has neither
+    seg = {spec.model_name for _, _, spec in DECLARED.values() if "seg" in spec.drop_path_rate}
+    det = {spec.model_name for _, _, spec in DECLARED.values() if "det" in spec.drop_path_rate}
+    assert len(SEG_CONFIGS) == len(seg) == 13 + 6 and len(DET_CONFIGS) == 2 * len(det) == 2 * (13 + 2)
 
 
 def model_name(path, task):
@@ -64,11 +69,20 @@ def check_backbone(cfg, backbone, name, task):
     assert backbone.model_name == name and backbone.out_indices == (0, 1, 2, 3)
     assert cfg.model.backbone.drop_path_rate == spec.drop_path_rate[task]
     assert cfg.model.backbone.init_cfg.type == "Pretrained"
-    assert cfg.model.backbone.init_cfg.checkpoint.startswith("https://shi-labs.com/projects/")
+    assert cfg.model.backbone.init_cfg.checkpoint == timm.models.get_pretrained_cfg(
+        f"{name}.{spec.pretrained_tag}").url
+    assert cfg.model.backbone.init_cfg.checkpoint.startswith(
+        ("https://shi-labs.com/projects/", "https://github.com/SwinTransformer/storage/releases/"))
     if family.task_kwargs is not None:
-        assert block_dilations(backbone) == dense_kwargs(name, task)["dilations"]
+        expected = dense_kwargs(name, task)
+        if "dilations" in expected:
+            assert block_dilations(backbone) == expected["dilations"]
+        else:  # Swin: the official dense window layout in every block
+            assert expected == {"pad_before_shift": True}
+            assert all(block.attn.pad_before_shift for stage in backbone.model.stages for block in stage.blocks)
     assert dict(cfg.optim_wrapper.paramwise_cfg.custom_keys) == {
-        "rpb": dict(decay_mult=0.0), "norm": dict(decay_mult=0.0)}
+        "rpb": dict(decay_mult=0.0), "relative_position_bias_table": dict(decay_mult=0.0),
+        "norm": dict(decay_mult=0.0)}
     assert dict(type="WeightsOnlyCheckpointHook") in cfg.custom_hooks
 
 

@@ -102,6 +102,38 @@ def test_neighborhood_attention_flops_are_counted():
     assert benchmark.count_flops(MODEL, 224, {}) / 2e9 == pytest.approx(2.69, abs=0.02)
 
 
+# a small Swin both timm and visionzoo build: 64x64 gives maps 16, 8, 4, 2, so stages 0 and 1 shift
+# and pad their windows of 7, stages 2 and 3 take the map as the window
+TINY_SWIN = json.dumps(dict(embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], num_classes=10))
+
+
+def test_benchmark_compare_prints_rates_their_ratio_and_equal_logits():
+    result = run_tool("benchmark", "--compare", "swin_tiny_patch4_window7_224", "visionzoo_swin_t",
+                      "--img-size", "64", "--batch-size", "2", "--warmup", "1", "--iters", "1", "--rounds", "2",
+                      "--same-weights", "--model-kwargs", TINY_SWIN, "--device", "cpu")
+    lines = result.stdout.splitlines()
+    machine = next(line for line in lines if line.startswith("machine: "))
+    assert "torch threads" in machine and f"torch {torch.__version__}" in machine and "native kernels " in machine
+    assert any(line.startswith("compare: A = swin_tiny_patch4_window7_224, B = visionzoo_swin_t; 64x64, batch 2")
+               for line in lines)
+    # equal models: timm's Swin given its own weights through visionzoo's checkpoint filter
+    diff = next(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("same weights: "))
+    assert diff < 1e-4
+    header = next(i for i, line in enumerate(lines) if line.split() == ["A", "img/s", "B", "img/s", "B", "/", "A"])
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[header + 1:header + 3]}
+    assert set(rows) == {"inference", "training"}
+    for a, b, ratio in rows.values():
+        assert a > 0 and b > 0
+        assert ratio == pytest.approx(b / a, rel=2e-2, abs=2e-3)
+
+
+def test_benchmark_compare_refuses_bad_arguments():
+    result = run_tool("benchmark", "--compare", "a", "b", "--model-kwargs", "{depths", check=False)
+    assert result.returncode != 0 and "--model-kwargs must be a JSON object" in result.stderr
+    result = run_tool("benchmark", "--same-weights", check=False)
+    assert result.returncode != 0 and "--same-weights needs --compare" in result.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # quick start in miniature
 # ----------------------------------------------------------------------------------------------

@@ -75,6 +75,12 @@ class WindowAttention(nn.Module):
     so outputs equal timm's at every size its Swin is built for. Padded tokens take part as keys, as
     in timm and the official detection backbone.
 
+    ``pad_before_shift=True`` is the official detection / segmentation layout (Swin's detection
+    code, mmdet's and mmseg's ``SwinTransformer``): the window and shift are kept at every map size,
+    the map is zero padded at the end to a multiple of the window and the grid is shifted on the
+    padded map (their roll after padding: partial windows ``[0, shift)`` and the last
+    ``window - shift`` padded positions).
+
     Args:
         dim: channels ``C``; must be divisible by ``num_heads``.
         num_heads: attention heads.
@@ -84,6 +90,7 @@ class WindowAttention(nn.Module):
         qkv_bias: bias in the qkv projection.
         attn_drop: must be 0: the softmax happens inside the op.
         proj_drop: dropout after the output projection.
+        pad_before_shift: the official dense layout above instead of timm's.
     """
 
     def __init__(
@@ -95,6 +102,7 @@ class WindowAttention(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        pad_before_shift: bool = False,
     ):
         super().__init__()
         if dim % num_heads:
@@ -109,6 +117,7 @@ class WindowAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.window_size = to_2tuple(window_size)
         self.shift_size = to_2tuple(shift_size)
+        self.pad_before_shift = pad_before_shift
         if min(self.window_size) < 1:
             raise ValueError(f"window_size must be >= 1, got {self.window_size}")
         if not all(0 <= s < w for s, w in zip(self.shift_size, self.window_size)):
@@ -122,7 +131,8 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, window_size={self.window_size}, shift_size={self.shift_size}"
+        text = f"num_heads={self.num_heads}, window_size={self.window_size}, shift_size={self.shift_size}"
+        return text + (", pad_before_shift=True" if self.pad_before_shift else "")
 
     def rpb(self) -> torch.Tensor:
         """The bias table in the op's layout, ``[num_heads, 2h-1, 2w-1]`` indexed by key minus query:
@@ -135,12 +145,18 @@ class WindowAttention(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"WindowAttention expects [B, H, W, C], got shape {tuple(x.shape)}")
         batch, height, width, channels = x.shape
-        window, shift = fit_window_shift((height, width), self.window_size, self.shift_size)
+        if self.pad_before_shift:
+            window, shift = self.window_size, self.shift_size
+        else:
+            window, shift = fit_window_shift((height, width), self.window_size, self.shift_size)
         rpb = self.rpb()
         if window != self.window_size:
             rpb = crop_rel_pos_table(rpb, window)
+        # padding before the shift is plain zero padding at the end (the layout of no shift)
+        layout_shift = (0, 0) if self.pad_before_shift else shift
         layouts = [
-            _padded_layout(size, w, s) if size % w else None for size, w, s in zip((height, width), window, shift)
+            _padded_layout(size, w, s) if size % w else None
+            for size, w, s in zip((height, width), window, layout_shift)
         ]
         for dim, layout in enumerate(layouts, start=1):
             if layout is not None:

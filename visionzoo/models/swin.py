@@ -25,6 +25,10 @@ Layout: timm's (``stages.{i}.downsample`` starts stage ``i``, ``head.fc``); ``ch
 loads official Microsoft checkpoints (downsample at the end of stage ``i``) and timm's Swin state dicts.
 Inputs of any size run (except BR): maps are padded to a multiple of the window as timm does (see
 :class:`visionzoo.layers.WindowAttention`), so logits equal timm's Swin given the same weights.
+
+Dense prediction (the declaration at the end, mm types ``Swin`` and ``SwinFree``) uses the official
+detection / segmentation window layout (``pad_before_shift``), and ``checkpoint_filter_fn`` reads
+mmdet's / mmseg's Swin checkpoints too.
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ from visionzoo.layers import (
 )
 
 from .build import build_model
+from .dense import DenseArch, DenseFamily, register_dense_family
 
 __all__ = ["FixedSizePatchEmbed", "SwinTransformer", "TokenBatchNorm", "stage_window_sizes"]
 
@@ -151,6 +156,11 @@ class SwinTransformer(ChannelsLastModel):
         attn_drop_rate: must be 0 (the softmax is inside the op).
         drop_path_rate: stochastic depth, increasing linearly over blocks up to this value.
         act_layer: MLP activation.
+        pad_before_shift: the official detection / segmentation layout (mmdet / mmseg Swin): every
+            stage keeps its window and shift whatever the map size, and maps are padded before the
+            grid is shifted (see :class:`visionzoo.layers.WindowAttention`); the dense
+            declaration at the end of this file sets it. ``False``: timm's / the classification
+            code's (windows fitted to ``img_size`` and to small maps, padding after the shift).
     """
 
     no_weight_decay_patterns = ("*.relative_position_bias_table",)
@@ -175,6 +185,7 @@ class SwinTransformer(ChannelsLastModel):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
         act_layer: type = nn.GELU,
+        pad_before_shift: bool = False,
     ):
         super().__init__()
         num_stages = len(depths)
@@ -212,9 +223,12 @@ class SwinTransformer(ChannelsLastModel):
         stages = []
         self.feature_info = []
         for i in range(num_stages):
-            # Swin's rule: a map not larger than the window is the window, unshifted
-            window = tuple(min(w, s) for w, s in zip(windows[i], sizes[i]))
-            shift = tuple(w // 2 if s > w else 0 for w, s in zip(window, sizes[i])) if shifted else (0, 0)
+            if pad_before_shift:
+                window = windows[i]
+                shift = tuple(w // 2 for w in window) if shifted else (0, 0)
+            else:  # Swin's rule: a map not larger than the window is the window, unshifted
+                window = tuple(min(w, s) for w, s in zip(windows[i], sizes[i]))
+                shift = tuple(w // 2 if s > w else 0 for w, s in zip(window, sizes[i])) if shifted else (0, 0)
             blocks = [
                 TransformerBlock(
                     dims[i],
@@ -226,6 +240,7 @@ class SwinTransformer(ChannelsLastModel):
                         qkv_bias=qkv_bias,
                         attn_drop=attn_drop_rate,
                         proj_drop=proj_drop_rate,
+                        pad_before_shift=pad_before_shift,
                     ),
                     mlp_ratio=mlp_ratio,
                     proj_drop=proj_drop_rate,
@@ -259,12 +274,43 @@ def _has(model: nn.Module, key: str) -> bool:
     return True
 
 
+# mmdet / mmseg Swin key -> this layout; ``stages.{i}.downsample`` moves to stage i + 1 separately
+_MM_RENAMES = (
+    (r"^patch_embed\.projection\.", "patch_embed.proj."),
+    (r"\.attn\.w_msa\.", ".attn."),
+    (r"\.ffn\.layers\.0\.0\.", ".mlp.fc1."),
+    (r"\.ffn\.layers\.1\.", ".mlp.fc2."),
+)
+# nn.Unfold's kernel offsets (dy, dx) = (0, 0), (0, 1), (1, 0), (1, 1) in the concatenation order
+_UNFOLD_TO_CONCAT = [0, 2, 1, 3]
+
+
+def _from_mm(key: str, value: torch.Tensor) -> Tuple[str, torch.Tensor]:
+    """One mmdet / mmseg Swin backbone entry in this layout (see :func:`checkpoint_filter_fn`)."""
+    for pattern, replacement in _MM_RENAMES:
+        key = re.sub(pattern, replacement, key)
+    match = re.match(r"^stages\.(\d+)\.downsample\.(.*)$", key)
+    if match is None:
+        return key, value
+    if match[2] == "reduction.weight":  # [out, C * 4] with inputs c * 4 + k
+        out_dim, in_dim = value.shape
+        value = value.reshape(out_dim, in_dim // 4, 4)[:, :, _UNFOLD_TO_CONCAT].transpose(1, 2).reshape(out_dim, in_dim)
+    elif match[2] in ("norm.weight", "norm.bias"):
+        value = value.reshape(-1, 4)[:, _UNFOLD_TO_CONCAT].t().reshape(-1)
+    return f"stages.{int(match[1]) + 1}.downsample.{match[2]}", value
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: SwinTransformer) -> Dict[str, torch.Tensor]:
     """Convert an official Microsoft / DL4AGX or a timm Swin checkpoint to this module layout.
 
     * official (``{'model': sd}``, ``layers.{i}.downsample`` ending stage ``i``, ``head``): the
       downsampler moves to ``stages.{i+1}``, ``head`` -> ``head.fc``;
     * timm (``layers.{i}.downsample`` starting stage ``i``, ``head.fc``): ``layers`` -> ``stages``;
+    * mmdet / mmseg (the backbone of their dense checkpoints, ``backbone.`` stripped:
+      ``patch_embed.projection``, ``stages.{i}.blocks.{j}.attn.w_msa``, ``ffn.layers.0.0`` /
+      ``ffn.layers.1``, ``stages.{i}.downsample`` ending stage ``i``): renamed, and the patch
+      merging weights reordered from their ``nn.Unfold`` channel order (``c * 4 + 2 * dy + dx``) to
+      the concatenation order ``(dy, dx) = (0, 0), (1, 0), (0, 1), (1, 1)`` major;
     * the ``relative_position_index`` / ``attn_mask`` buffers and the modules of Swin-Free-BR's
       patch merging that its forward never uses (``expansion``, ``norm``) are dropped;
     * bias tables of another window are resized to the model's (bicubic, as timm does).
@@ -275,10 +321,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: SwinTransformer) -> 
     state_dict = state_dict.get("state_dict", state_dict)
     # the official code ends stage 0 with a downsampler, timm (and this layout) never has one there
     official = "layers.0.downsample.reduction.weight" in state_dict
+    mm = "patch_embed.projection.weight" in state_dict
     out = {}
     for key, value in state_dict.items():
         if re.search(r"(relative_position_index|attn_mask)$|\.downsample\.expansion\.", key):
             continue
+        if mm:
+            key, value = _from_mm(key, value)
         if official:
             key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"stages.{int(m[1]) + 1}.downsample.", key)
             key = re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", key)
@@ -473,3 +522,46 @@ def visionzoo_swin_free_br_b_dr12(pretrained: bool = False, **kwargs) -> SwinTra
     """Swin-Free-BR-B-DR12: Swin-Free-BR-B with 12 blocks in stage 3 (224 inputs only)."""
     model_args = dict(_B_DR12, **_BR, drop_path_rate=0.5)
     return _create_swin("visionzoo_swin_free_br_b_dr12", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+# ----------------------------------------------------------------------------------------------
+# dense prediction: what visionzoo.mm registers (mmdet / mmseg backbones) and configs/ are written from
+# ----------------------------------------------------------------------------------------------
+def _dense_windows(model: SwinTransformer, task: str) -> Dict[str, Any]:
+    """``task_kwargs``: the official dense layout (windows kept at every size, padding before the
+    shift) for detection and segmentation alike, so mmdet / mmseg Swin checkpoints give their features."""
+    return {"pad_before_shift": True}
+
+
+# Drop path rates of the official dense configs (Swin paper; mmdet's and mmseg's swin configs):
+# Mask R-CNN 1x / 3x COCO 0.2 (Swin-T, Swin-S), UperNet 160k ADE20K 0.3 (every size). Swin-B and -L
+# have no official Mask R-CNN config, so no generated COCO config; Swin-L starts from ImageNet-22K.
+register_dense_family(DenseFamily(
+    name="swin",
+    type_names=("Swin",),
+    archs={
+        "tiny": DenseArch("visionzoo_swin_t", "ms_in1k", dict(det=0.2, seg=0.3)),
+        "small": DenseArch("visionzoo_swin_s", "ms_in1k", dict(det=0.2, seg=0.3)),
+        "base": DenseArch("visionzoo_swin_b", "ms_in1k", dict(seg=0.3)),
+        "base_384": DenseArch("visionzoo_swin_b_384", "ms_in1k", dict(seg=0.3)),
+        "large": DenseArch("visionzoo_swin_l", "ms_in22k", dict(seg=0.3)),
+        "large_384": DenseArch("visionzoo_swin_l_384", "ms_in22k", dict(seg=0.3)),
+    },
+    task_kwargs=_dense_windows,
+    checkpoint_filter=checkpoint_filter_fn,
+))
+# Swin-Free: no released weights and no official dense configs, so a backbone without generated
+# configs; its windows stay those of 224 (7, 14, 14, 7), padded on smaller maps.
+# Swin-Free-BR is not declared: its token-axis BatchNorm fixes the input size.
+register_dense_family(DenseFamily(
+    name="swin_free",
+    type_names=("SwinFree",),
+    archs={
+        "tiny": DenseArch("visionzoo_swin_free_t"),
+        "small": DenseArch("visionzoo_swin_free_s"),
+        "base": DenseArch("visionzoo_swin_free_b"),
+        "base_dr12": DenseArch("visionzoo_swin_free_b_dr12"),
+    },
+    task_kwargs=_dense_windows,
+    checkpoint_filter=checkpoint_filter_fn,
+))

@@ -1,0 +1,12 @@
+# Swin tiny (visionzoo_swin_t.ms_in1k): UperNet, ADE20K 512x512 crops, 160k iterations.
+# Written by tools/make_mm_configs.py from the family's dense declaration: edit that, not this file.
+_base_ = '../_base_/upernet_visionzoo_512x512_160k_ade20k.py'
+model = dict(
+    backbone=dict(
+        type='Swin',
+        arch='tiny',
+        dense_schedule='seg',
+        drop_path_rate=0.3,
+        init_cfg=dict(type='Pretrained', checkpoint='https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_tiny_patch4_window7_224.pth')),
+    decode_head=dict(in_channels=[96, 192, 384, 768]),
+    auxiliary_head=dict(in_channels=384))
