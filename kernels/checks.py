@@ -16,12 +16,20 @@ BoolOrTuple = Union[bool, Sequence[bool]]
 
 @dataclass(frozen=True)
 class NeighborhoodParams:
-    """Per-dimension parameters of one generalized neighborhood attention call."""
+    """Per-dimension parameters of one generalized neighborhood attention call.
+
+    ``shift`` (default: zeros) offsets the window grid of blocked attention (see
+    :func:`~visionzoo.kernels.indexing.window_bounds`)."""
 
     kernel_size: Tuple[int, ...]
     stride: Tuple[int, ...]
     dilation: Tuple[int, ...]
     is_causal: Tuple[bool, ...]
+    shift: Tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not self.shift:
+            object.__setattr__(self, "shift", (0,) * len(self.kernel_size))
 
     @property
     def num_dims(self) -> int:
@@ -56,12 +64,14 @@ def make_params(
     stride: IntOrTuple = 1,
     dilation: IntOrTuple = 1,
     is_causal: BoolOrTuple = False,
+    shift: IntOrTuple = 0,
 ) -> NeighborhoodParams:
     """Normalise int/bool or per-dimension arguments into a :class:`NeighborhoodParams`."""
     kernel_size = _as_tuple("kernel_size", kernel_size, num_dims, int)
     stride = _as_tuple("stride", stride, num_dims, int)
     dilation = _as_tuple("dilation", dilation, num_dims, int)
     is_causal = _as_tuple("is_causal", is_causal, num_dims, bool)
+    shift = _as_tuple("shift", shift, num_dims, int)
     for dim in range(num_dims):
         if kernel_size[dim] < 1:
             raise ValueError(f"kernel_size must be >= 1 in every dimension, got {kernel_size}")
@@ -74,7 +84,18 @@ def make_params(
                 f"stride must not exceed kernel_size: stride {stride} > kernel_size {kernel_size} "
                 f"in dimension {dim}"
             )
-    return NeighborhoodParams(kernel_size, stride, dilation, is_causal)
+        if not 0 <= shift[dim] < kernel_size[dim]:
+            raise ValueError(
+                f"shift must satisfy 0 <= shift < kernel_size (the window) in every dimension: shift {shift}, "
+                f"kernel_size {kernel_size} in dimension {dim}"
+            )
+        if shift[dim] and (stride[dim] != kernel_size[dim] or dilation[dim] != 1 or is_causal[dim]):
+            raise ValueError(
+                f"shift offsets the grid of blocked windows: it needs stride == kernel_size, dilation 1 and no "
+                f"causal masking where it is nonzero; got shift {shift}, kernel_size {kernel_size}, stride {stride}, "
+                f"dilation {dilation}, is_causal {is_causal} in dimension {dim}"
+            )
+    return NeighborhoodParams(kernel_size, stride, dilation, is_causal, shift)
 
 
 def check_neighborhood_inputs(
@@ -128,9 +149,11 @@ def check_neighborhood_inputs(
                 f"{op_name}: rpb must have shape [heads, 2*kernel_size-1 per dim] = {list(expected)}, "
                 f"got {list(rpb.shape)}"
             )
-        if any(stride != 1 for stride in params.stride):
+        if any(stride not in (1, kernel) for stride, kernel in zip(params.stride, params.kernel_size)):
             raise ValueError(
-                f"{op_name}: rpb (relative position bias) is only defined for stride 1, got stride {params.stride}"
+                f"{op_name}: rpb (relative position bias) is defined for stride 1 (neighborhoods) or stride == "
+                f"kernel_size (blocked windows) in each dimension, got stride {params.stride}, kernel_size "
+                f"{params.kernel_size}"
             )
         if rpb.device != query.device:
             raise ValueError(f"{op_name}: rpb must be on the same device as query")

@@ -94,13 +94,13 @@ def triton_interpreting() -> bool:
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it on the (static) geometry instead of tracing it
-def _disjoint_blocks(spatial, kernel_size, stride, dilation, is_causal) -> Optional[Tuple[int, ...]]:
-    return disjoint_blocks(spatial, NeighborhoodParams(kernel_size, stride, dilation, is_causal))
+def _disjoint_blocks(spatial, kernel_size, stride, dilation, is_causal, shift) -> Optional[Tuple[int, ...]]:
+    return disjoint_blocks(spatial, NeighborhoodParams(kernel_size, stride, dilation, is_causal, shift))
 
 
 def _blocks(spatial, params) -> bool:
     return params is not None and spatial is not None and _disjoint_blocks(
-        tuple(spatial), params.kernel_size, params.stride, params.dilation, params.is_causal
+        tuple(spatial), params.kernel_size, params.stride, params.dilation, params.is_causal, params.shift
     ) is not None
 
 

@@ -1,7 +1,7 @@
 """Public functional surface: ``na1d``, ``na2d``, ``na3d`` and ``block_sparse_attention``.
 
 All take heads-last tensors (``[B, *spatial, heads, head_dim]``), accept an int/bool or a
-per-dimension tuple for ``kernel_size``, ``stride``, ``dilation`` and ``is_causal``, and pick a
+per-dimension tuple for ``kernel_size``, ``stride``, ``dilation``, ``is_causal`` and ``shift``, and pick a
 backend through :mod:`visionzoo.kernels.dispatch` unless ``backend=`` forces one.
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ def neighborhood_attention(
     scale: Optional[float] = None,
     rpb: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
+    shift: IntOrTuple = 0,
 ) -> torch.Tensor:
     """Generalized neighborhood attention over ``query.dim() - 3`` spatial dimensions.
 
@@ -44,10 +45,15 @@ def neighborhood_attention(
         dilation: dilation per dimension (DiNA).
         is_causal: causal masking per dimension.
         scale: logit scale, default ``head_dim ** -0.5``.
-        rpb: optional relative position bias ``[heads, 2*k0-1, 2*k1-1, ...]`` (stride 1 only).
+        rpb: optional relative position bias ``[heads, 2*k0-1, 2*k1-1, ...]``, indexed by key minus
+            query (``k - 1`` for offset 0); stride 1 or ``stride == kernel_size`` in each dimension.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"torch"`` or ``"triton"`` (the old names
             ``"native"``, ``"blocked"``, ``"tiled"`` still work; see :mod:`visionzoo.kernels.dispatch`);
             ``None`` uses the thread default set by :func:`visionzoo.kernels.use_backend`.
+        shift: offset of the window grid of blocked attention, ``0 <= shift < kernel_size`` per
+            dimension, nonzero only where ``stride == kernel_size``, dilation 1, not causal: the
+            windows are the cells ``[0, shift)``, ``[shift, shift + k)``, ..., partial at both borders
+            (Swin's shifted windows, see :mod:`visionzoo.kernels.indexing`).
 
     Returns:
         ``[B, *spatial, heads, head_dim]``, same dtype as ``query``.
@@ -59,11 +65,12 @@ def neighborhood_attention(
             f"neighborhood_attention: query must have 1-3 spatial dims ([B, *spatial, heads, head_dim]), got {shape}"
         )
     return _neighborhood(f"na{num_dims}d", num_dims, query, key, value, kernel_size, stride, dilation, is_causal,
-                         scale, rpb, backend)
+                         scale, rpb, backend, shift)
 
 
-def _neighborhood(op_name, num_dims, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, backend):
-    params = make_params(num_dims, kernel_size, stride, dilation, is_causal)
+def _neighborhood(op_name, num_dims, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, backend,
+                  shift):
+    params = make_params(num_dims, kernel_size, stride, dilation, is_causal, shift)
     check_neighborhood_inputs(op_name, query, key, value, params, rpb)
     scale = float(query.shape[-1] ** -0.5 if scale is None else scale)
     name = resolve_backend(backend, query.device, tuple(query.shape[1:-2]), params)
@@ -82,22 +89,29 @@ def _neighborhood(op_name, num_dims, query, key, value, kernel_size, stride, dil
         list(params.is_causal),
         scale,
         name,
+        list(params.shift),
     )
 
 
-def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None, backend=None):
+def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None, backend=None,
+         shift=0):
     """1D neighborhood attention on ``[B, L, heads, head_dim]``; see :func:`neighborhood_attention`."""
-    return _neighborhood("na1d", 1, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, backend)
+    return _neighborhood("na1d", 1, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, backend,
+                         shift)
 
 
-def na2d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None, backend=None):
+def na2d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None, backend=None,
+         shift=0):
     """2D neighborhood attention on ``[B, H, W, heads, head_dim]``; see :func:`neighborhood_attention`."""
-    return _neighborhood("na2d", 2, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, backend)
+    return _neighborhood("na2d", 2, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, backend,
+                         shift)
 
 
-def na3d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None, backend=None):
+def na3d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None, backend=None,
+         shift=0):
     """3D neighborhood attention on ``[B, T, H, W, heads, head_dim]``; see :func:`neighborhood_attention`."""
-    return _neighborhood("na3d", 3, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, backend)
+    return _neighborhood("na3d", 3, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, backend,
+                         shift)
 
 
 def block_sparse_attention(

@@ -7,7 +7,13 @@ Per dimension, with window (kernel) ``w``, dilation ``d``, stride ``s`` and a ca
 * non-causal: the window of the stride-group leader ``l = min(i // s * s + s // 2, L_g - 1)``
   is ``[start, start + w)`` with its centre clamped to ``[left, L_g - 1 - right]`` (windows shift
   at borders, they are never zero padded);
-* causal: ``l = min(i // s * s + s - 1, L_g - 1)``, ``start = max(l - w + 1, 0)``, ``end = i + 1``.
+* causal: ``l = min(i // s * s + s - 1, L_g - 1)``, ``start = max(l - w + 1, 0)``, ``end = i + 1``;
+* shifted blocked windows (``shift = o > 0``, only with ``s == w``, ``d == 1``, non-causal): the
+  window grid starts ``o`` tokens in, so the windows are the cells ``[0, o)``, ``[o, o + w)``, ...,
+  the last one ending at ``L``: cells at the borders are partial. Query ``i`` is in cell
+  ``c = (i + w - o) // w`` and attends ``[max(0, (c - 1) * w + o), min(L, c * w + o))``. This is
+  Swin's shifted window attention without the cyclic roll (its -100 mask keeps tokens of different
+  cells apart).
 
 The n-D mask is the AND of the per-dimension masks. Every backend builds on these functions.
 """
@@ -22,18 +28,23 @@ from .checks import NeighborhoodParams
 
 
 def window_bounds(
-    length: int, kernel_size: int, stride: int = 1, dilation: int = 1, is_causal: bool = False
+    length: int, kernel_size: int, stride: int = 1, dilation: int = 1, is_causal: bool = False, shift: int = 0
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-position ``(group, coord, start, end)`` for one dimension of length ``length``.
 
     ``start``/``end`` are in group coordinates: position ``x`` attends the keys
     ``group[x] + dilation * j`` for ``j`` in ``[start[x], end[x])``. All are int64 ``[length]``.
+    ``shift > 0``: the shifted blocked windows of the module docstring.
     """
     position = torch.arange(length)
     group = position % dilation
     coord = position // dilation
     group_length = length // dilation + (group < length % dilation).long()
-    if is_causal:
+    if shift:
+        cell = (coord + kernel_size - shift) // kernel_size
+        start = ((cell - 1) * kernel_size + shift).clamp(min=0)
+        end = (cell * kernel_size + shift).clamp(max=length)
+    elif is_causal:
         leader = torch.minimum(coord // stride * stride + stride - 1, group_length - 1)
         start = (leader - kernel_size + 1).clamp(min=0)
         end = coord + 1
@@ -48,9 +59,10 @@ def window_bounds(
     return group, coord, start, end
 
 
-def mask_1d(length: int, kernel_size: int, stride: int = 1, dilation: int = 1, is_causal: bool = False) -> torch.Tensor:
+def mask_1d(length: int, kernel_size: int, stride: int = 1, dilation: int = 1, is_causal: bool = False,
+            shift: int = 0) -> torch.Tensor:
     """Boolean ``[length (query), length (key)]`` neighborhood mask of one dimension."""
-    group, coord, start, end = window_bounds(length, kernel_size, stride, dilation, is_causal)
+    group, coord, start, end = window_bounds(length, kernel_size, stride, dilation, is_causal, shift)
     same_group = group[:, None] == group[None, :]
     key_coord = coord[None, :]
     return same_group & (key_coord >= start[:, None]) & (key_coord < end[:, None])
@@ -71,6 +83,7 @@ def pad_to_3d(spatial: Sequence[int], params: NeighborhoodParams) -> Tuple[Tuple
         (1,) * pad + tuple(params.stride),
         (1,) * pad + tuple(params.dilation),
         (False,) * pad + tuple(params.is_causal),
+        (0,) * pad + tuple(params.shift),
     )
 
 
@@ -89,8 +102,8 @@ def disjoint_blocks(spatial: Tuple[int, ...], params: NeighborhoodParams) -> Opt
     blocks = []
     for dim, length in enumerate(spatial):
         kernel, dilation = params.kernel_size[dim], params.dilation[dim]
-        if params.is_causal[dim] or length % (kernel * dilation):
-            return None
+        if params.is_causal[dim] or params.shift[dim] or length % (kernel * dilation):
+            return None  # shifted windows: partial cells at the borders
         _, coord, start, _ = window_bounds(length, kernel, params.stride[dim], dilation, False)
         if not torch.equal(start, coord // kernel * kernel):
             return None
@@ -103,7 +116,8 @@ def neighborhood_mask(spatial: Sequence[int], params: NeighborhoodParams) -> tor
     mask = torch.ones(1, 1, dtype=torch.bool)
     for dim, length in enumerate(spatial):
         mask_dim = mask_1d(
-            length, params.kernel_size[dim], params.stride[dim], params.dilation[dim], params.is_causal[dim]
+            length, params.kernel_size[dim], params.stride[dim], params.dilation[dim], params.is_causal[dim],
+            params.shift[dim],
         )
         mask = (mask[:, None, :, None] & mask_dim[None, :, None, :]).reshape(mask.shape[0] * length, -1)
     return mask
@@ -114,13 +128,14 @@ def window_keys(spatial: Tuple[int, ...], params: NeighborhoodParams
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The keys of every query's window: ``(keys, valid, rel)``, each ``[N, K]`` over row-major flat
     positions (``N = prod(spatial)``, ``K = prod(kernel_size)``): the flat key positions, whether
-    the slot is part of the window (causal windows near the start hold fewer keys; their other
-    slots repeat the last key), and the flat index into ``rpb.reshape(heads, -1)``."""
+    the slot is part of the window (causal windows near the start and shifted cells at the borders
+    hold fewer keys; their other slots repeat the last key), and the flat index into
+    ``rpb.reshape(heads, -1)``."""
     keys = valid = rel = None
     for dim, length in enumerate(spatial):
         kernel = params.kernel_size[dim]
         group, coord, start, end = window_bounds(length, kernel, params.stride[dim], params.dilation[dim],
-                                                 params.is_causal[dim])
+                                                 params.is_causal[dim], params.shift[dim])
         key_coord = start[:, None] + torch.arange(kernel)
         valid_dim = key_coord < end[:, None]
         key_coord = torch.minimum(key_coord, end[:, None] - 1)
@@ -155,7 +170,8 @@ def attention_density(spatial: Sequence[int], params: NeighborhoodParams) -> flo
     density = 1.0
     for dim, length in enumerate(spatial):
         mask_dim = mask_1d(
-            length, params.kernel_size[dim], params.stride[dim], params.dilation[dim], params.is_causal[dim]
+            length, params.kernel_size[dim], params.stride[dim], params.dilation[dim], params.is_causal[dim],
+            params.shift[dim],
         )
         density *= mask_dim.float().mean().item()
     return density

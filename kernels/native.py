@@ -52,7 +52,8 @@ def _tables(spatial: Tuple[int, ...], params: NeighborhoodParams) -> Tuple[torch
     rpb_extent = [2 * k - 1 for k in params.kernel_size]
     for i in range(3):
         kernel, dilation = params.kernel_size[i], params.dilation[i]
-        group, coord, start, end = window_bounds(spatial[i], kernel, params.stride[i], dilation, params.is_causal[i])
+        group, coord, start, end = window_bounds(spatial[i], kernel, params.stride[i], dilation, params.is_causal[i],
+                                                 params.shift[i])
         first.append(group + dilation * start)
         count.append(end - start)
         rfirst.append(relative_offset(coord, start, kernel))

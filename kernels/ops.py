@@ -61,8 +61,8 @@ def _block_sparse_module(backend: str):
     return _import(_BLOCK_SPARSE[backend])
 
 
-def _params(kernel_size, stride, dilation, is_causal) -> NeighborhoodParams:
-    return NeighborhoodParams(tuple(kernel_size), tuple(stride), tuple(dilation), tuple(is_causal))
+def _params(kernel_size, stride, dilation, is_causal, shift=None) -> NeighborhoodParams:
+    return NeighborhoodParams(tuple(kernel_size), tuple(stride), tuple(dilation), tuple(is_causal), tuple(shift or ()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,18 +81,20 @@ def na_forward(
     scale: float,
     backend: str,
     save_probabilities: bool = False,
+    shift: Optional[List[int]] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns ``(out [B, *spatial, H, D], lse [B, *spatial, H], saved)``; lse dtype per
     :func:`~visionzoo.kernels.reference.compute_dtype`. ``saved`` is what a backend keeps for its
     backward besides the lse when ``save_probabilities`` (the blocked and native paths: the attention
-    probabilities, see :mod:`.blocked`), else empty."""
+    probabilities, see :mod:`.blocked`), else empty. ``shift``: the window grid's offset per dimension
+    (None: zeros), see :func:`~visionzoo.kernels.indexing.window_bounds`."""
     return _na_forward_impl(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend,
-                            save_probabilities)
+                            save_probabilities, shift)
 
 
 def _na_forward_impl(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend,
-                     save_probabilities):
-    params = _params(kernel_size, stride, dilation, is_causal)
+                     save_probabilities, shift):
+    params = _params(kernel_size, stride, dilation, is_causal, shift)
     forward, _, saves, _ = _neighborhood_functions(backend)
     if query.numel() == 0:
         dtype = compute_dtype(query.dtype)
@@ -103,18 +105,18 @@ def _na_forward_impl(query, key, value, rpb, kernel_size, stride, dilation, is_c
     return out, lse, query.new_empty(0, dtype=compute_dtype(query.dtype))
 
 
-def _saved_numel(query, kernel_size, stride, dilation, is_causal, backend, save_probabilities):
+def _saved_numel(query, kernel_size, stride, dilation, is_causal, backend, save_probabilities, shift):
     _, _, saves, module = _neighborhood_functions(backend)
     if not (save_probabilities and saves):
         return 0
-    return module.probabilities_numel(query.shape, _params(kernel_size, stride, dilation, is_causal))
+    return module.probabilities_numel(query.shape, _params(kernel_size, stride, dilation, is_causal, shift))
 
 
 @na_forward.register_fake
 def _na_forward_fake(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend,
-                     save_probabilities=False):
+                     save_probabilities=False, shift=None):
     dtype = compute_dtype(query.dtype)
-    saved = _saved_numel(query, kernel_size, stride, dilation, is_causal, backend, save_probabilities)
+    saved = _saved_numel(query, kernel_size, stride, dilation, is_causal, backend, save_probabilities, shift)
     return torch.empty_like(query), query.new_empty(query.shape[:-1], dtype=dtype), query.new_empty(saved, dtype=dtype)
 
 
@@ -134,20 +136,21 @@ def na_backward(
     is_causal: List[bool],
     scale: float,
     backend: str,
+    shift: Optional[List[int]] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(d_query, d_key, d_value, d_rpb)``; ``d_rpb`` is empty when ``rpb`` is None. ``saved``
     is the forward's third output."""
     d_query, d_key, d_value, d_rpb = _na_backward_impl(grad_out, query, key, value, out, lse, saved, rpb, kernel_size,
-                                                       stride, dilation, is_causal, scale, backend)
+                                                       stride, dilation, is_causal, scale, backend, shift)
     if d_rpb is None:
         d_rpb = query.new_empty(0)
     return d_query, d_key, d_value, d_rpb
 
 
 def _na_backward_impl(grad_out, query, key, value, out, lse, saved, rpb, kernel_size, stride, dilation, is_causal,
-                      scale, backend):
+                      scale, backend, shift):
     """``(d_query, d_key, d_value, d_rpb or None)``."""
-    params = _params(kernel_size, stride, dilation, is_causal)
+    params = _params(kernel_size, stride, dilation, is_causal, shift)
     _, backward, saves, _ = _neighborhood_functions(backend)
     if query.numel() == 0:
         return (torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value),
@@ -159,16 +162,16 @@ def _na_backward_impl(grad_out, query, key, value, out, lse, saved, rpb, kernel_
 
 @na_backward.register_fake
 def _na_backward_fake(grad_out, query, key, value, out, lse, saved, rpb, kernel_size, stride, dilation, is_causal, scale,
-                      backend):
+                      backend, shift=None):
     d_rpb = torch.empty_like(rpb) if rpb is not None else query.new_empty(0)
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), d_rpb
 
 
 def _na_setup_context(ctx, inputs, output):
-    query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend, *_ = inputs
+    query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend, _, shift = inputs
     out, lse, saved = output
     ctx.save_for_backward(query, key, value, out, lse, saved, rpb)
-    ctx.config = (kernel_size, stride, dilation, is_causal, scale, backend)
+    ctx.config = (kernel_size, stride, dilation, is_causal, scale, backend, shift)
     # lse and saved carry no gradient: never fill zeros of their size for the backward
     ctx.mark_non_differentiable(lse, saved)
     ctx.set_materialize_grads(False)
@@ -176,23 +179,24 @@ def _na_setup_context(ctx, inputs, output):
 
 def _na_autograd(ctx, grad_out, grad_lse, grad_saved):
     if grad_out is None:  # the output took no part in the loss
-        return (None,) * 11
+        return (None,) * 12
     query, key, value, out, lse, saved, rpb = ctx.saved_tensors
     d_query, d_key, d_value, d_rpb = na_backward(
         grad_out.contiguous(), query, key, value, out, lse, saved, rpb, *ctx.config
     )
-    return d_query, d_key, d_value, (d_rpb if rpb is not None else None), None, None, None, None, None, None, None
+    return (d_query, d_key, d_value, (d_rpb if rpb is not None else None)) + (None,) * 8
 
 
 na_forward.register_autograd(_na_autograd, setup_context=_na_setup_context)
 
 
 def neighborhood(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale: float,
-                 backend: str) -> Tensor:
+                 backend: str, shift: Optional[List[int]] = None) -> Tensor:
     """The attention output of the ``visionzoo::na_forward`` op, with its autograd; implementations
     that can keep the attention probabilities do when a backward may follow."""
     backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, rpb))
-    return na_forward(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend, backward)[0]
+    return na_forward(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend, backward,
+                      shift)[0]
 
 
 # ----------------------------------------------------------------------------------------------

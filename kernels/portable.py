@@ -61,16 +61,16 @@ class TilePlan:
         return self.k_index.shape[1]
 
 
-def _plan_1d(length: int, kernel: int, stride: int, dilation: int, causal: bool, q_tile: int):
+def _plan_1d(length: int, kernel: int, stride: int, dilation: int, causal: bool, shift: int, q_tile: int):
     """Per-dimension tiling: ``(q_pos [T, tq], q_ok, k_pos [T, tk], k_ok, allowed [T, tq, tk], rel)``."""
-    group, coord, start, end = window_bounds(length, kernel, stride, dilation, causal)
+    group, coord, start, end = window_bounds(length, kernel, stride, dilation, causal, shift)
     tiles = []
     for g in range(dilation):
         members = torch.nonzero(group == g).flatten()  # positions of group g, ordered by coord
         group_length = members.numel()
         for first in range(0, group_length, q_tile):
             tiles.append((g, members, first, min(first + q_tile, group_length)))
-    kv_tile = max(tile_shapes.halo_spans(length, kernel, stride, dilation, causal, q_tile))
+    kv_tile = max(tile_shapes.halo_spans(length, kernel, stride, dilation, causal, q_tile, shift))
     q_pos, q_ok, k_pos, k_ok, allowed, rel = [], [], [], [], [], []
     for g, members, first, last in tiles:
         group_length = members.numel()
@@ -115,7 +115,8 @@ def tile_plan(spatial: Tuple[int, ...], params: NeighborhoodParams, q_tile: Tupl
     for dim, length in enumerate(spatial):
         kernel = params.kernel_size[dim]
         q_pos, q_ok, k_pos, k_ok, ok, rel_dim = _plan_1d(
-            length, kernel, params.stride[dim], params.dilation[dim], params.is_causal[dim], min(q_tile[dim], length)
+            length, kernel, params.stride[dim], params.dilation[dim], params.is_causal[dim], params.shift[dim],
+            min(q_tile[dim], length),
         )
         valid_rows = ok.sum(-1)[q_ok]
         keys_per_query *= valid_rows.float().mean().item()

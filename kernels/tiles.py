@@ -37,13 +37,18 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def inverse_window(
-    first: int, last: int, group_length: int, kernel_size: int, stride: int, is_causal: bool
+    first: int, last: int, group_length: int, kernel_size: int, stride: int, is_causal: bool, shift: int = 0
 ) -> Tuple[int, int]:
     """Queries (inclusive range, group coordinates) whose windows contain a key in ``[first, last]``.
 
     Closed form of the inverse neighborhood along one dimension; the Triton backward kernel uses
     the same expressions. ``0 <= first <= last < group_length`` and ``kernel_size <= group_length``.
     """
+    if shift:
+        # shifted blocked windows are cells: the queries of the cells of first and last
+        lo = max(0, (first + kernel_size - shift) // kernel_size * kernel_size - kernel_size + shift)
+        hi = min(group_length, (last + kernel_size - shift) // kernel_size * kernel_size + shift) - 1
+        return lo, hi
     if is_causal:
         # query i sees keys [max(leader - w + 1, 0), i]: i >= first, and the leader of i's stride
         # group must satisfy leader - w + 1 <= last.
@@ -69,21 +74,21 @@ def inverse_window(
 
 @functools.lru_cache(maxsize=1024)
 def _group_windows(
-    length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool
+    length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool, shift: int = 0
 ) -> List[Tuple[List[int], List[int]]]:
     """Per dilation group: (window starts, window ends) per query, in group coordinates."""
-    _, _, start, end = window_bounds(length, kernel_size, stride, dilation, is_causal)
+    _, _, start, end = window_bounds(length, kernel_size, stride, dilation, is_causal, shift)
     return [(start[group::dilation].tolist(), end[group::dilation].tolist()) for group in range(dilation)]
 
 
 @functools.lru_cache(maxsize=4096)
 def halo_spans(length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool,
-               q_tile: int) -> Tuple[int, ...]:
+               q_tile: int, shift: int = 0) -> Tuple[int, ...]:
     """Along one dimension: the keys spanned by the windows of each query tile (``q_tile``
     consecutive queries of a dilation group, the last tile of a group possibly shorter), over all
     dilation groups in order."""
     spans = []
-    for starts, ends in _group_windows(length, kernel_size, stride, dilation, is_causal):
+    for starts, ends in _group_windows(length, kernel_size, stride, dilation, is_causal, shift):
         for first in range(0, len(starts), q_tile):
             last = min(first + q_tile, len(starts)) - 1
             spans.append(ends[last] - starts[first])
@@ -92,17 +97,19 @@ def halo_spans(length: int, kernel_size: int, stride: int, dilation: int, is_cau
 
 @functools.lru_cache(maxsize=4096)
 def _dim_visits(
-    length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool, q_tile: int, kv_tile: int
+    length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool, q_tile: int, kv_tile: int,
+    shift: int = 0,
 ) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """Along one dimension: KV tiles visited by each (non-empty) query tile, and query tiles
     visited by each key/value tile in the backward pass, over all dilation groups."""
-    kv_per_q = [_cdiv(span, kv_tile) for span in halo_spans(length, kernel_size, stride, dilation, is_causal, q_tile)]
+    spans = halo_spans(length, kernel_size, stride, dilation, is_causal, q_tile, shift)
+    kv_per_q = [_cdiv(span, kv_tile) for span in spans]
     q_per_kv = []
-    for starts, _ in _group_windows(length, kernel_size, stride, dilation, is_causal):
+    for starts, _ in _group_windows(length, kernel_size, stride, dilation, is_causal, shift):
         group_length = len(starts)
         for first in range(0, group_length, kv_tile):
             last = min(first + kv_tile, group_length) - 1
-            lo, hi = inverse_window(first, last, group_length, kernel_size, stride, is_causal)
+            lo, hi = inverse_window(first, last, group_length, kernel_size, stride, is_causal, shift)
             q_per_kv.append(_cdiv(hi - lo + 1, q_tile))
     return tuple(kv_per_q), tuple(q_per_kv)
 
@@ -127,7 +134,7 @@ def _work(spatial, params, q_tile, kv_tile, backward: bool) -> int:
     total = 1
     for dim, length in enumerate(spatial):
         visits = _dim_visits(length, params.kernel_size[dim], params.stride[dim], params.dilation[dim],
-                             params.is_causal[dim], q_tile[dim], kv_tile[dim])
+                             params.is_causal[dim], q_tile[dim], kv_tile[dim], params.shift[dim])
         total *= sum(visits[1] if backward else visits[0])
     return total
 
@@ -140,10 +147,10 @@ def cpu_window_tile(spatial: Tuple[int, ...], params: NeighborhoodParams, lanes:
     two, never more than twice a dimension's group length."""
     spatial, params = pad_to_3d(spatial, params)
     options = []
-    for length, kernel, stride, dilation, causal in zip(spatial, params.kernel_size, params.stride, params.dilation,
-                                                        params.is_causal):
+    for length, kernel, stride, dilation, causal, shift in zip(spatial, params.kernel_size, params.stride,
+                                                               params.dilation, params.is_causal, params.shift):
         sizes = [1 << i for i in range(lanes.bit_length()) if (1 << i) <= lanes]
-        spans = {t: halo_spans(length, kernel, stride, dilation, causal, t)
+        spans = {t: halo_spans(length, kernel, stride, dilation, causal, t, shift)
                  for t in sizes if t == 1 or t // 2 < _cdiv(length, dilation)}
         options.append({t: (sum(s), len(s)) for t, s in spans.items()})
     best = None
@@ -221,7 +228,7 @@ def tiling_analysis(
     num_q_tiles = num_kv_tiles = 1
     for dim, length in enumerate(spatial):
         kv_per_q, q_per_kv = _dim_visits(length, params.kernel_size[dim], params.stride[dim], params.dilation[dim],
-                                         params.is_causal[dim], q_tile[dim], kv_tile[dim])
+                                         params.is_causal[dim], q_tile[dim], kv_tile[dim], params.shift[dim])
         kv_max, kv_sum, num_q_tiles = kv_max * max(kv_per_q), kv_sum * sum(kv_per_q), num_q_tiles * len(kv_per_q)
         q_max, q_sum, num_kv_tiles = q_max * max(q_per_kv), q_sum * sum(q_per_kv), num_kv_tiles * len(q_per_kv)
     tokens = math.prod(spatial)

@@ -43,9 +43,14 @@ from .triton_block_sparse import (
 # index math (per dimension, in group coordinates; see kernels/indexing.py)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _window(i, group_length, KS: tl.constexpr, ST: tl.constexpr, CAUSAL: tl.constexpr):
+def _window(i, group_length, KS: tl.constexpr, ST: tl.constexpr, CAUSAL: tl.constexpr, SH: tl.constexpr):
     """Keys ``[start, end)`` attended by query coordinate ``i`` (scalar or tensor)."""
-    if CAUSAL:
+    if SH > 0:
+        # shifted blocked windows: the cell of i in the grid that starts SH tokens in
+        cell = (i + KS - SH) // KS
+        start = tl.maximum(cell * KS - KS + SH, 0)
+        end = tl.minimum(cell * KS + SH, group_length)
+    elif CAUSAL:
         leader = tl.minimum(i // ST * ST + ST - 1, group_length - 1)
         start = tl.maximum(leader - KS + 1, 0)
         end = i + 1
@@ -58,9 +63,14 @@ def _window(i, group_length, KS: tl.constexpr, ST: tl.constexpr, CAUSAL: tl.cons
 
 
 @triton.jit
-def _inverse_window(first, last, group_length, KS: tl.constexpr, ST: tl.constexpr, CAUSAL: tl.constexpr):
+def _inverse_window(first, last, group_length, KS: tl.constexpr, ST: tl.constexpr, CAUSAL: tl.constexpr,
+                    SH: tl.constexpr):
     """Queries ``[lo, hi]`` (inclusive) whose windows contain a key in ``[first, last]``."""
-    if CAUSAL:
+    if SH > 0:
+        # cells: the queries of the cells of first and last
+        lo = tl.maximum((first + KS - SH) // KS * KS - KS + SH, 0)
+        hi = tl.minimum((last + KS - SH) // KS * KS + SH, group_length) - 1
+    elif CAUSAL:
         lo = first
         hi = tl.minimum((last + KS - ST) // ST * ST + ST - 1, group_length - 1)
         hi = tl.where(last + KS - 1 >= group_length - 1, group_length - 1, hi)
@@ -75,20 +85,20 @@ def _inverse_window(first, last, group_length, KS: tl.constexpr, ST: tl.constexp
 
 @triton.jit
 def _kv_span(first, group_length, QT: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, CAUSAL: tl.constexpr,
-             KT: tl.constexpr):
+             KT: tl.constexpr, SH: tl.constexpr):
     """First key and number of KV tiles covering the windows of queries ``[first, first + QT)``."""
     last = tl.minimum(first + QT, group_length) - 1
-    lo, _ = _window(first, group_length, KS, ST, CAUSAL)
-    _, hi = _window(last, group_length, KS, ST, CAUSAL)
+    lo, _ = _window(first, group_length, KS, ST, CAUSAL, SH)
+    _, hi = _window(last, group_length, KS, ST, CAUSAL, SH)
     return lo, tl.cdiv(hi - lo, KT)
 
 
 @triton.jit
 def _q_span(first, group_length, KT: tl.constexpr, KS: tl.constexpr, ST: tl.constexpr, CAUSAL: tl.constexpr,
-            QT: tl.constexpr):
+            QT: tl.constexpr, SH: tl.constexpr):
     """First query and number of query tiles whose windows meet keys ``[first, first + KT)``."""
     last = tl.minimum(first + KT, group_length) - 1
-    lo, hi = _inverse_window(first, last, group_length, KS, ST, CAUSAL)
+    lo, hi = _inverse_window(first, last, group_length, KS, ST, CAUSAL, SH)
     return lo, tl.cdiv(hi - lo + 1, QT)
 
 
@@ -170,7 +180,8 @@ def _na_fwd_kernel(
     L0, L1, L2, heads, head_dim, qk_scale,
     KS0: tl.constexpr, KS1: tl.constexpr, KS2: tl.constexpr, ST0: tl.constexpr, ST1: tl.constexpr,
     ST2: tl.constexpr, DIL0: tl.constexpr, DIL1: tl.constexpr, DIL2: tl.constexpr, CAUSAL0: tl.constexpr,
-    CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
+    CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr,
+    QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
     KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -180,18 +191,18 @@ def _na_fwd_kernel(
                                                  DIL0, DIL1, DIL2, QT0, QT1, QT2)
     i0, i1, i2 = _tile_coords(a0, a1, a2, QT0, QT1, QT2)
     row_valid = (i0 < n0) & (i1 < n1) & (i2 < n2)
-    s0, e0 = _window(i0, n0, KS0, ST0, CAUSAL0)
-    s1, e1 = _window(i1, n1, KS1, ST1, CAUSAL1)
-    s2, e2 = _window(i2, n2, KS2, ST2, CAUSAL2)
+    s0, e0 = _window(i0, n0, KS0, ST0, CAUSAL0, SH0)
+    s1, e1 = _window(i1, n1, KS1, ST1, CAUSAL1, SH1)
+    s2, e2 = _window(i2, n2, KS2, ST2, CAUSAL2, SH2)
     dim = tl.arange(0, BLOCK_D)
     dim_valid = dim < head_dim
     q_tok = _token(b, g0 + DIL0 * i0, g1 + DIL1 * i1, g2 + DIL2 * i2, h, L0, L1, L2, heads)
     q_mask = row_valid[:, None] & dim_valid[None, :]
     q = tl.load(Q + q_tok[:, None] * head_dim + dim[None, :], mask=q_mask, other=0.0)
 
-    lo0, nk0 = _kv_span(a0, n0, QT0, KS0, ST0, CAUSAL0, KT0)
-    lo1, nk1 = _kv_span(a1, n1, QT1, KS1, ST1, CAUSAL1, KT1)
-    lo2, nk2 = _kv_span(a2, n2, QT2, KS2, ST2, CAUSAL2, KT2)
+    lo0, nk0 = _kv_span(a0, n0, QT0, KS0, ST0, CAUSAL0, KT0, SH0)
+    lo1, nk1 = _kv_span(a1, n1, QT1, KS1, ST1, CAUSAL1, KT1, SH1)
+    lo2, nk2 = _kv_span(a2, n2, QT2, KS2, ST2, CAUSAL2, KT2, SH2)
     num_kv = tl.where((a0 < n0) & (a1 < n1) & (a2 < n2), nk0 * nk1 * nk2, 0)
 
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
@@ -221,7 +232,8 @@ def _na_dq_kernel(
     L0, L1, L2, heads, head_dim, scale, qk_scale,
     KS0: tl.constexpr, KS1: tl.constexpr, KS2: tl.constexpr, ST0: tl.constexpr, ST1: tl.constexpr,
     ST2: tl.constexpr, DIL0: tl.constexpr, DIL1: tl.constexpr, DIL2: tl.constexpr, CAUSAL0: tl.constexpr,
-    CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
+    CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr,
+    QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
     KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -231,9 +243,9 @@ def _na_dq_kernel(
                                                  DIL0, DIL1, DIL2, QT0, QT1, QT2)
     i0, i1, i2 = _tile_coords(a0, a1, a2, QT0, QT1, QT2)
     row_valid = (i0 < n0) & (i1 < n1) & (i2 < n2)
-    s0, e0 = _window(i0, n0, KS0, ST0, CAUSAL0)
-    s1, e1 = _window(i1, n1, KS1, ST1, CAUSAL1)
-    s2, e2 = _window(i2, n2, KS2, ST2, CAUSAL2)
+    s0, e0 = _window(i0, n0, KS0, ST0, CAUSAL0, SH0)
+    s1, e1 = _window(i1, n1, KS1, ST1, CAUSAL1, SH1)
+    s2, e2 = _window(i2, n2, KS2, ST2, CAUSAL2, SH2)
     dim = tl.arange(0, BLOCK_D)
     dim_valid = dim < head_dim
     q_tok = _token(b, g0 + DIL0 * i0, g1 + DIL1 * i1, g2 + DIL2 * i2, h, L0, L1, L2, heads)
@@ -244,9 +256,9 @@ def _na_dq_kernel(
     lse = tl.load(LSE + q_tok, mask=row_valid, other=0.0) * LOG2E
     delta = tl.load(DELTA + q_tok, mask=row_valid, other=0.0)
 
-    lo0, nk0 = _kv_span(a0, n0, QT0, KS0, ST0, CAUSAL0, KT0)
-    lo1, nk1 = _kv_span(a1, n1, QT1, KS1, ST1, CAUSAL1, KT1)
-    lo2, nk2 = _kv_span(a2, n2, QT2, KS2, ST2, CAUSAL2, KT2)
+    lo0, nk0 = _kv_span(a0, n0, QT0, KS0, ST0, CAUSAL0, KT0, SH0)
+    lo1, nk1 = _kv_span(a1, n1, QT1, KS1, ST1, CAUSAL1, KT1, SH1)
+    lo2, nk2 = _kv_span(a2, n2, QT2, KS2, ST2, CAUSAL2, KT2, SH2)
     num_kv = tl.where((a0 < n0) & (a1 < n1) & (a2 < n2), nk0 * nk1 * nk2, 0)
 
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
@@ -275,7 +287,8 @@ def _na_dkdv_kernel(
     L0, L1, L2, heads, head_dim, scale, qk_scale,
     KS0: tl.constexpr, KS1: tl.constexpr, KS2: tl.constexpr, ST0: tl.constexpr, ST1: tl.constexpr,
     ST2: tl.constexpr, DIL0: tl.constexpr, DIL1: tl.constexpr, DIL2: tl.constexpr, CAUSAL0: tl.constexpr,
-    CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
+    CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr, SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr,
+    QT0: tl.constexpr, QT1: tl.constexpr, QT2: tl.constexpr,
     KT0: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_RPB: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -292,9 +305,9 @@ def _na_dkdv_kernel(
     k = tl.load(K + kv_offset, mask=kv_mask, other=0.0)
     v = tl.load(V + kv_offset, mask=kv_mask, other=0.0)
 
-    lo0, nq0 = _q_span(a0, n0, KT0, KS0, ST0, CAUSAL0, QT0)
-    lo1, nq1 = _q_span(a1, n1, KT1, KS1, ST1, CAUSAL1, QT1)
-    lo2, nq2 = _q_span(a2, n2, KT2, KS2, ST2, CAUSAL2, QT2)
+    lo0, nq0 = _q_span(a0, n0, KT0, KS0, ST0, CAUSAL0, QT0, SH0)
+    lo1, nq1 = _q_span(a1, n1, KT1, KS1, ST1, CAUSAL1, QT1, SH1)
+    lo2, nq2 = _q_span(a2, n2, KT2, KS2, ST2, CAUSAL2, QT2, SH2)
     num_q = tl.where((a0 < n0) & (a1 < n1) & (a2 < n2), nq0 * nq1 * nq2, 0)
 
     dk = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
@@ -303,9 +316,9 @@ def _na_dkdv_kernel(
         i0, i1, i2 = _tile_coords(lo0 + step // (nq2 * nq1) * QT0, lo1 + step // nq2 % nq1 * QT1,
                                   lo2 + step % nq2 * QT2, QT0, QT1, QT2)
         row_valid = (i0 < n0) & (i1 < n1) & (i2 < n2)
-        s0, e0 = _window(i0, n0, KS0, ST0, CAUSAL0)
-        s1, e1 = _window(i1, n1, KS1, ST1, CAUSAL1)
-        s2, e2 = _window(i2, n2, KS2, ST2, CAUSAL2)
+        s0, e0 = _window(i0, n0, KS0, ST0, CAUSAL0, SH0)
+        s1, e1 = _window(i1, n1, KS1, ST1, CAUSAL1, SH1)
+        s2, e2 = _window(i2, n2, KS2, ST2, CAUSAL2, SH2)
         q_tok = _token(b, g0 + DIL0 * i0, g1 + DIL1 * i1, g2 + DIL2 * i2, h, L0, L1, L2, heads)
         q_offset = q_tok[:, None] * head_dim + dim[None, :]
         q_mask = row_valid[:, None] & dim_valid[None, :]
@@ -340,13 +353,15 @@ def _launch(query: torch.Tensor, params: NeighborhoodParams, rpb, backward: bool
     pad = 3 - len(spatial)
     q_tile, kv_tile = (1,) * pad + tuple(q_tile), (1,) * pad + tuple(kv_tile)
     spatial3, padded = pad_to_3d(spatial, params)
-    kernel, stride, dilation, causal = padded.kernel_size, padded.stride, padded.dilation, padded.is_causal
+    kernel, stride, dilation, causal, shift = (padded.kernel_size, padded.stride, padded.dilation, padded.is_causal,
+                                               padded.shift)
     meta = dict(BLOCK_Q=q_tile[0] * q_tile[1] * q_tile[2], BLOCK_KV=kv_tile[0] * kv_tile[1] * kv_tile[2],
                 BLOCK_D=head_block(head_dim), HAS_RPB=rpb is not None, num_warps=num_warps(head_dim), num_stages=2,
                 **dtype_flags(query.dtype))
     for dim in range(3):
         meta.update({f"KS{dim}": kernel[dim], f"ST{dim}": stride[dim], f"DIL{dim}": dilation[dim],
-                     f"CAUSAL{dim}": causal[dim], f"QT{dim}": q_tile[dim], f"KT{dim}": kv_tile[dim]})
+                     f"CAUSAL{dim}": causal[dim], f"SH{dim}": shift[dim], f"QT{dim}": q_tile[dim],
+                     f"KT{dim}": kv_tile[dim]})
     program_tile = kv_tile if backward else q_tile
     tiles = 1
     for length, dil, tile in zip(spatial3, dilation, program_tile):

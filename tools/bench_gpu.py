@@ -44,7 +44,7 @@ def flex_mask_mod(spatial: Sequence[int], params, device="cuda"):
     tables = []
     for dim, length in enumerate(spatial):
         group, coord, start, end = window_bounds(length, params.kernel_size[dim], params.stride[dim],
-                                                 params.dilation[dim], params.is_causal[dim])
+                                                 params.dilation[dim], params.is_causal[dim], params.shift[dim])
         tables.append([t.to(device) for t in (group, coord, start, end)])
 
     def mask_mod(b, h, q_idx, kv_idx):

@@ -1,6 +1,7 @@
 """Attention modules and the blocks that model families share, each built on :mod:`visionzoo.kernels`.
 
 * :mod:`.neighborhood_attention` - NAT / DiNAT attention;
+* :mod:`.window_attention` - Swin's (shifted) window attention;
 * :mod:`.transformer_block` - pre-norm block around any channels-last attention module;
 * :mod:`.downsample` - NAT's conv downsampler, Swin's patch merging;
 * :mod:`.stage` - downsampler + blocks, with gradient checkpointing;
@@ -19,6 +20,7 @@ from .relative_position import (
 )
 from .stage import Stage
 from .transformer_block import TransformerBlock
+from .window_attention import WindowAttention, fit_window_shift
 
 __all__ = [
     "ChannelsLastModel",
@@ -27,10 +29,12 @@ __all__ = [
     "PatchMerging",
     "Stage",
     "TransformerBlock",
+    "WindowAttention",
     "check_image",
     "create_downsample",
     "crop_rel_pos_table",
     "fit_window",
+    "fit_window_shift",
     "relative_position_index_key_minus_query",
     "relative_position_index_query_minus_key",
     "resize_rel_pos_table",
