@@ -44,14 +44,14 @@ from timm.layers import (
     get_device_dtype,
     get_norm_act_layer,
     make_divisible,
-    register_notrace_function,
+    register_notrace_module,
     to_2tuple,
     trunc_normal_,
 )
 from timm.models import generate_default_cfgs, register_model
 
 from visionzoo.kernels import na2d
-from visionzoo.layers import ChannelsLastModel, Stage, check_image
+from visionzoo.layers import ChannelsLastModel, Stage
 
 from .build import build_model
 
@@ -140,6 +140,7 @@ class RelPosBias(nn.Module):
         return self.relative_position_bias_table.t().reshape(self.num_heads, height, width).flip(1, 2)
 
 
+@register_notrace_module  # derives the grid's dilation from the input's shape: a leaf for torch.fx
 class PartitionAttention(nn.Module):
     """Multi-head attention with a relative position bias inside windows of a ``[B, H, W, C]`` map.
 
@@ -327,43 +328,51 @@ class MaxxVitBlock(nn.Module):
         return self.attn_grid(self.attn_block(self.conv(x)))
 
 
-class Stem(nn.Module):
-    """3x3 conv stride 2, BN-act, 3x3 conv: ``[B, C, H, W] -> [B, H/2, W/2, stem_width]``."""
-
-    def __init__(self, in_chans: int, width: int, bias: bool, cfg: MaxxVitConvCfg):
-        super().__init__()
-        self.conv1 = create_conv2d(in_chans, width, 3, stride=2, padding=cfg.padding, bias=bias)
-        self.norm1 = get_norm_act_layer("batchnorm2d", cfg.act_layer)(width, eps=cfg.norm_eps)
-        self.conv2 = create_conv2d(width, width, 3, stride=1, padding=cfg.padding, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _nhwc(self.conv2(self.norm1(self.conv1(x))))
-
-
 def _halve(size: Tuple[int, int]) -> Tuple[int, int]:
     return tuple((s + 1) // 2 for s in size)
 
 
-@register_notrace_function  # reads the input's shape: a leaf for torch.fx
-def _check_input_size(x: torch.Tensor, stage_rules: Tuple[Tuple[str, Tuple[int, int]], ...], name: str) -> torch.Tensor:
-    """``x`` if every attention stage's map fits its windows, else a ValueError naming the input size."""
-    height, width = x.shape[-2:]
+
+def _check_input_size(height: int, width: int, stage_rules: Tuple[Tuple[str, Tuple[int, int]], ...]) -> None:
+    """A ValueError naming the input size unless every attention stage's map fits its windows."""
     size = _halve((height, width))
     for i, (block_type, window) in enumerate(stage_rules):
         size = _halve(size)
         if block_type == "M" and (size[0] % window[0] or size[1] % window[1]):
             raise ValueError(
-                f"{name}: input {height}x{width} gives a {size[0]}x{size[1]} map in stage {i}, not divisible by the "
+                f"input {height}x{width} gives a {size[0]}x{size[1]} map in stage {i}, not divisible by the "
                 f"{window[0]}x{window[1]} windows and grid of block / grid attention (timm's constraint); use a "
                 f"multiple of {32 * window[0]}x{32 * window[1]} or build the model with img_size=..."
             )
         if block_type == "T" and size != tuple(window):
             raise ValueError(
-                f"{name}: input {height}x{width} gives a {size[0]}x{size[1]} map in stage {i}, but its relative "
+                f"input {height}x{width} gives a {size[0]}x{size[1]} map in stage {i}, but its relative "
                 f"position bias covers the {window[0]}x{window[1]} map of the img_size the model was built for; "
                 "build the model with img_size=... for this input"
             )
-    return x
+
+
+
+
+@register_notrace_module  # checks the input's size: a leaf for torch.fx
+class Stem(nn.Module):
+    """3x3 conv stride 2, BN-act, 3x3 conv: ``[B, C, H, W] -> [B, H/2, W/2, stem_width]``.
+
+    ``stage_rules`` (``(block_type, window)`` per stage) let it refuse, with the input's size in the
+    message, an image whose stage maps do not fit the windows (see :func:`_check_input_size`).
+    """
+
+    def __init__(self, in_chans: int, width: int, bias: bool, cfg: MaxxVitConvCfg,
+                 stage_rules: Tuple[Tuple[str, Tuple[int, int]], ...] = ()):
+        super().__init__()
+        self.stage_rules = stage_rules
+        self.conv1 = create_conv2d(in_chans, width, 3, stride=2, padding=cfg.padding, bias=bias)
+        self.norm1 = get_norm_act_layer("batchnorm2d", cfg.act_layer)(width, eps=cfg.norm_eps)
+        self.conv2 = create_conv2d(width, width, 3, stride=1, padding=cfg.padding, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input_size(x.shape[-2], x.shape[-1], self.stage_rules)
+        return _nhwc(self.conv2(self.norm1(self.conv1(x))))
 
 
 class MaxxVit(ChannelsLastModel):
@@ -410,28 +419,30 @@ class MaxxVit(ChannelsLastModel):
         if min(window) < 1:
             raise ValueError(f"img_size {self.img_size} gives windows {window}: it must be at least {tcfg.partition_ratio}")
 
-        self.stem = Stem(in_chans, cfg.stem_width, cfg.stem_bias, cfg.conv_cfg)
-        size = _halve(self.img_size)
+        sizes, size = [], _halve(self.img_size)
+        for _ in cfg.embed_dim:
+            size = _halve(size)
+            sizes.append(size)
+        stage_rules = tuple((t, size if t == "T" else window) for t, size in zip(cfg.block_type, sizes))
+
+        self.stem = Stem(in_chans, cfg.stem_width, cfg.stem_bias, cfg.conv_cfg, stage_rules)
         dpr = calculate_drop_path_rates(drop_path_rate, list(cfg.depths), stagewise=True)
-        stages, rules, self.feature_info = [], [], []
+        stages, self.feature_info = [], []
         dim = cfg.stem_width
         for i, (dim_out, depth, block_type) in enumerate(zip(cfg.embed_dim, cfg.depths, cfg.block_type)):
-            size = _halve(size)
             blocks = []
             for j in range(depth):
                 stride = 2 if j == 0 else 1
                 if block_type == "C":
                     blocks.append(MbConvBlock(dim, dim_out, stride, cfg.conv_cfg, dpr[i][j]))
                 elif block_type == "T":
-                    blocks.append(TransformerBlock(dim, dim_out, stride, size, tcfg, dpr[i][j]))
+                    blocks.append(TransformerBlock(dim, dim_out, stride, sizes[i], tcfg, dpr[i][j]))
                 else:
                     blocks.append(MaxxVitBlock(dim, dim_out, stride, window, cfg, dpr[i][j]))
                 dim = dim_out
             stages.append(Stage(blocks))
-            rules.append((block_type, size if block_type == "T" else window))
             self.feature_info.append(dict(num_chs=dim_out, reduction=2 ** (i + 2), module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self._stage_rules = tuple(rules)
 
         # the final norm sits in the head (pool -> LayerNorm -> Linear-tanh -> classifier), as timm's
         self.norm = nn.Identity()
@@ -446,9 +457,10 @@ class MaxxVit(ChannelsLastModel):
         self.head_hidden_size = self.head.num_features
         self.apply(self._init_weights)
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = _check_input_size(check_image(x, self.in_chans), self._stage_rules, type(self).__name__)
-        return self.stem(x)
+    @property
+    def patch_embed(self) -> nn.Module:
+        """The stem, under the name :class:`ChannelsLastModel` embeds with (``stem`` in the state dict, as timm's)."""
+        return self.stem
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
