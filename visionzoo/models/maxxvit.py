@@ -24,6 +24,7 @@ visionzoo backbones); MBConv blocks run their convolutions on an NCHW view.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Optional, Tuple, Union
@@ -375,6 +376,20 @@ class Stem(nn.Module):
         return _nhwc(self.conv2(self.norm1(self.conv1(x))))
 
 
+def _override(cfg: MaxxVitCfg, overrides: Dict[str, Any]) -> MaxxVitCfg:
+    """``cfg`` with ``overrides`` replaced; ``transformer_*`` / ``conv_*`` keys go to the sub-configs."""
+    groups: Dict[str, Dict[str, Any]] = {"transformer_cfg": {}, "conv_cfg": {}, "": {}}
+    for key, value in overrides.items():
+        prefix = next((p for p in ("transformer_", "conv_") if key.startswith(p)), "")
+        groups[prefix + "cfg" if prefix else ""][key[len(prefix):]] = value
+    top = groups.pop("")
+    unknown = set(top) - {f.name for f in dataclasses.fields(cfg)}
+    if unknown:
+        raise TypeError(f"MaxxVit got unexpected keyword arguments {sorted(unknown)}")
+    sub = {name: replace(getattr(cfg, name), **values) for name, values in groups.items() if values}
+    return replace(cfg, **top, **sub)
+
+
 class MaxxVit(ChannelsLastModel):
     """CoAtNet / MaxViT; ``[B, in_chans, H, W] -> [B, num_classes]``.
 
@@ -384,6 +399,8 @@ class MaxxVit(ChannelsLastModel):
             ``img_size // 32`` unless ``cfg.transformer_cfg.window_size`` is set; CoAtNet: the bias
             tables cover the stage maps at this size).
         in_chans, num_classes, global_pool, drop_rate, drop_path_rate: as in timm.
+        cfg_overrides: fields of ``cfg`` to replace, ``transformer_<field>`` / ``conv_<field>`` for
+            its sub-configs (timm's overlay: ``timm.create_model(name, depths=(1, 1, 1, 1))``).
 
     Inputs: MaxViT takes any size whose stage maps are multiples of the window (224, 448, ... at
     window 7); CoAtNet the size it was built for. Others raise a ValueError naming the size.
@@ -400,8 +417,10 @@ class MaxxVit(ChannelsLastModel):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        **cfg_overrides: Any,
     ):
         super().__init__()
+        cfg = _override(cfg, cfg_overrides)
         num_stages = len(cfg.embed_dim)
         if not len(cfg.depths) == len(cfg.block_type) == num_stages:
             raise ValueError(
