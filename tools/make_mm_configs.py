@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Write the per-model mmdet / mmseg configs from one table, so they cannot drift apart.
+"""Write the per-model mmdet / mmseg configs from the families' dense declarations.
 
     python tools/make_mm_configs.py           # (re)write configs/ade20k/*.py and configs/coco/*.py
-    python tools/make_mm_configs.py --check   # exit 1 when a written config differs from the table
+    python tools/make_mm_configs.py --check   # exit 1 when a written config differs from the declarations
 
-Each config only names its backbone (type, size, drop path, pretrained weights) and the channels
+Every size of every family that declares dense support (``visionzoo.models.dense.DenseFamily``, at
+the end of its model file) gets a config per task it has a drop path rate for. Each config only
+names its backbone (type, size, dense-task options, drop path, pretrained weights) and the channels
 the heads read; the recipes live in configs/_base_/ (on mmdet's / mmseg's own base configs):
 
     configs/ade20k/upernet_<model>_512x512_160k.py   UperNet, ADE20K 512x512, 160k iterations
@@ -17,36 +19,16 @@ import argparse
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterator, List, Tuple
 
 import timm
 import torch
 
-import visionzoo  # noqa: F401  (registers the models)
+import visionzoo  # noqa: F401  (registers the models and their dense declarations)
+from visionzoo.models.dense import DENSE_FAMILIES, DenseArch, DenseFamily
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-
-# Drop path rates of the official configs (SHI-Labs/Neighborhood-Attention-Transformer detection/
-# and segmentation/). `det` marked "cascade": no official Mask R-CNN config, the Cascade Mask R-CNN
-# one's; DiNAT-L / DiNAT_s-L UperNet: the official 640x640 config's (here at 512x512). Large
-# models start from the ImageNet-22K weights, as officially.
-MODELS: Dict[str, dict] = {
-    "visionzoo_nat_m": dict(type="NAT", arch="mini", weights="in1k", det=0.2, seg=0.2),
-    "visionzoo_nat_t": dict(type="NAT", arch="tiny", weights="in1k", det=0.2, seg=0.3),
-    "visionzoo_nat_s": dict(type="NAT", arch="small", weights="in1k", det=0.35, seg=0.5),
-    "visionzoo_nat_b": dict(type="NAT", arch="base", weights="in1k", det=0.5, seg=0.5),  # det: cascade
-    "visionzoo_dinat_m": dict(type="DiNAT", arch="mini", weights="in1k", det=0.2, seg=0.2),
-    "visionzoo_dinat_t": dict(type="DiNAT", arch="tiny", weights="in1k", det=0.2, seg=0.3),
-    "visionzoo_dinat_s": dict(type="DiNAT", arch="small", weights="in1k", det=0.35, seg=0.5),
-    "visionzoo_dinat_b": dict(type="DiNAT", arch="base", weights="in1k", det=0.6, seg=0.5),  # det: cascade
-    "visionzoo_dinat_l": dict(type="DiNAT", arch="large", weights="in22k", det=0.6, seg=0.3),  # det: cascade
-    "visionzoo_dinats_t": dict(type="DiNAT_s", arch="tiny", weights="in1k", det=0.2, seg=0.3),
-    "visionzoo_dinats_s": dict(type="DiNAT_s", arch="small", weights="in1k", det=0.35, seg=0.3),
-    "visionzoo_dinats_b": dict(type="DiNAT_s", arch="base", weights="in1k", det=0.6, seg=0.3),  # det: cascade
-    "visionzoo_dinats_l": dict(type="DiNAT_s", arch="large", weights="in22k", det=0.6, seg=0.3),  # det: cascade
-}
-DILATED = ("DiNAT", "DiNAT_s")
 
 # (folder, file name, base config, task, title)
 RECIPES = [
@@ -66,14 +48,16 @@ def stage_channels(model_name: str) -> List[int]:
     return [info["num_chs"] for info in model.feature_info]
 
 
-def render(model_name: str, spec: dict, base: str, task: str, title: str) -> str:
+def render(family: DenseFamily, arch: str, spec: DenseArch, base: str, task: str, title: str) -> str:
+    model_name = spec.model_name
     channels = stage_channels(model_name)
-    url = timm.models.get_pretrained_cfg(f"{model_name}.{spec['weights']}").url
-    backbone = [f"type='{spec['type']}'", f"arch='{spec['arch']}'"]
-    if spec["type"] in DILATED:
-        backbone.append(f"dense_schedule='{task}'")  # the official dense dilations (visionzoo.mm.DENSE_DILATIONS)
+    type_name = family.type_names[0]
+    url = timm.models.get_pretrained_cfg(f"{model_name}.{spec.pretrained_tag}").url
+    backbone = [f"type='{type_name}'", f"arch='{arch}'"]
+    if family.task_kwargs is not None:
+        backbone.append(f"dense_schedule='{task}'")  # the family's declared options for the task
     backbone += [
-        f"drop_path_rate={spec[task]}",
+        f"drop_path_rate={spec.drop_path_rate[task]}",
         f"init_cfg=dict(type='Pretrained', checkpoint='{url}')",
     ]
     backbone_text = ",\n        ".join(backbone)
@@ -82,8 +66,8 @@ def render(model_name: str, spec: dict, base: str, task: str, title: str) -> str
     else:
         heads = f"neck=dict(in_channels={channels})"
     return (
-        f"# {spec['type']} {spec['arch']} ({model_name}.{spec['weights']}): {title}.\n"
-        f"# Written by tools/make_mm_configs.py from its MODELS table: edit the table, not this file.\n"
+        f"# {type_name} {arch} ({model_name}.{spec.pretrained_tag}): {title}.\n"
+        f"# Written by tools/make_mm_configs.py from the family's dense declaration: edit that, not this file.\n"
         f"_base_ = '../_base_/{base}'\n"
         f"model = dict(\n"
         f"    backbone=dict(\n"
@@ -92,12 +76,21 @@ def render(model_name: str, spec: dict, base: str, task: str, title: str) -> str
     )
 
 
+def declared_models() -> Iterator[Tuple[DenseFamily, str, DenseArch]]:
+    """``(family, arch, spec)`` of every declared size."""
+    for family in DENSE_FAMILIES.values():
+        for arch, spec in family.archs.items():
+            yield family, arch, spec
+
+
 def expected_configs() -> Dict[Path, str]:
     """Path -> content of every generated config."""
     out = {}
-    for model_name, spec in MODELS.items():
+    for family, arch, spec in declared_models():
         for folder, pattern, base, task, title in RECIPES:
-            out[CONFIGS / folder / pattern.format(model=model_name)] = render(model_name, spec, base, task, title)
+            if task in spec.drop_path_rate:
+                path = CONFIGS / folder / pattern.format(model=spec.model_name)
+                out[path] = render(family, arch, spec, base, task, title)
     return out
 
 
@@ -106,7 +99,8 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a config is stale")
     args = parser.parse_args(argv)
     stale = []
-    for path, text in expected_configs().items():
+    expected = expected_configs()
+    for path, text in expected.items():
         if path.exists() and path.read_text() == text:
             continue
         stale.append(path)
@@ -116,7 +110,7 @@ def main(argv=None) -> int:
     if args.check and stale:
         print("stale (run tools/make_mm_configs.py): " + ", ".join(str(p.relative_to(ROOT)) for p in stale))
         return 1
-    print(f"{len(stale)} config(s) {'stale' if args.check else 'written'}, {len(MODELS) * len(RECIPES)} in all")
+    print(f"{len(stale)} config(s) {'stale' if args.check else 'written'}, {len(expected)} in all")
     return 0
 
 

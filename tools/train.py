@@ -18,7 +18,7 @@ timm's (``create_dataset`` / ``create_loader``, ``Mixup``, ``create_optimizer_v2
 The run folder (``--output``) receives ``args.yaml``, ``checkpoints/epoch_XXXX/`` (see
 :mod:`visionzoo.checkpoint`), ``metrics.csv`` (per epoch), ``steps.csv`` (per optimizer step),
 ``tb/`` (TensorBoard, when installed), ``curves.png`` and, at the end, ``model.safetensors`` /
-``model_ema.safetensors``.
+``model_ema.safetensors`` with their sizes and sha256 in ``weights_manifest.json``.
 """
 from __future__ import annotations
 

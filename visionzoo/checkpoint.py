@@ -12,6 +12,10 @@ It is written under a temporary name and renamed into place (``os.replace``), th
 ``checkpoints/latest`` is replaced the same way, so a crash while saving leaves the previous
 checkpoint and ``latest`` untouched. Loading checks the manifest first: a truncated or altered file
 raises :class:`CheckpointError` naming the file. Nothing here unpickles arbitrary objects.
+
+Single weights files (:func:`save_weights`, e.g. a run's final ``model.safetensors`` /
+``model_ema.safetensors``) get the same protection: each is recorded, with its size and sha256, in
+``weights_manifest.json`` beside it, and :func:`read_weights` checks a file that manifest lists.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from safetensors.torch import load_file, save_file
 PathLike = Union[str, os.PathLike]
 
 MANIFEST = "manifest.json"
+WEIGHTS_MANIFEST = "weights_manifest.json"
 LATEST = "latest"
 STATE_FILE = "state.pt"
 CHECKPOINT_DIR = "checkpoints"
@@ -67,6 +72,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _file_entry(path: Path) -> Dict[str, object]:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
 def _saveable(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """CPU, contiguous, no shared storage (safetensors refuses tied tensors)."""
     out, seen = {}, set()
@@ -94,7 +103,8 @@ def write_text_atomic(path: PathLike, text: str) -> None:
 
 def save_weights(path: PathLike, state_dict: Mapping[str, torch.Tensor],
                  metadata: Optional[Mapping[str, object]] = None) -> Path:
-    """Write one safetensors file atomically (temp file + ``os.replace``).
+    """Write one safetensors file atomically (temp file + ``os.replace``) and record its size and
+    sha256 in ``weights_manifest.json`` beside it (checked by :func:`read_weights`).
 
     ``metadata`` values that are not strings are stored as JSON.
     """
@@ -104,10 +114,15 @@ def save_weights(path: PathLike, state_dict: Mapping[str, torch.Tensor],
     try:
         save_file(_saveable(state_dict), str(tmp), metadata=_stringify(metadata))
         _fsync_file(tmp)
+        entry = _file_entry(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+    manifest_path = path.parent / WEIGHTS_MANIFEST
+    files = _read_weights_manifest(manifest_path) if manifest_path.exists() else {}
+    files[path.name] = entry
+    write_text_atomic(manifest_path, json.dumps({"files": files}, indent=1))
     return path
 
 
@@ -141,7 +156,7 @@ def save_checkpoint(
             files.append(f"{key}.safetensors")
         torch.save(dict(state), tmp / STATE_FILE)
         files.append(STATE_FILE)
-        manifest = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files}
+        manifest = {f: _file_entry(tmp / f) for f in files}
         (tmp / MANIFEST).write_text(json.dumps({"files": manifest, "metadata": _stringify(metadata)}, indent=1))
         for f in files + [MANIFEST]:
             _fsync_file(tmp / f)
@@ -227,23 +242,44 @@ def verify_checkpoint(checkpoint: PathLike) -> dict:
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({e}).{_others(checkpoint)}") from None
     for name, expected in files.items():
-        path = checkpoint / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing from the checkpoint.{_others(checkpoint)}")
-        size = path.stat().st_size
-        if size != expected["bytes"]:
-            what = "truncated" if size < expected["bytes"] else "longer than written"
-            raise CheckpointError(
-                f"{path}: {what}: {size} bytes, the manifest says {expected['bytes']}.{_others(checkpoint)}"
-            )
-        if _sha256(path) != expected["sha256"]:
-            raise CheckpointError(f"{path}: corrupted: sha256 differs from the manifest.{_others(checkpoint)}")
+        _check_file(checkpoint / name, expected, _others(checkpoint))
     return manifest
 
 
+def _read_weights_manifest(manifest_path: Path) -> Dict[str, dict]:
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError(f"'files' is a {type(files).__name__}, not a mapping")
+        return files
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from None
+
+
+def _check_file(path: Path, expected: Mapping[str, object], hint: str = "") -> None:
+    """Raise :class:`CheckpointError` when ``path`` differs from its manifest entry ``expected``."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing, though the manifest lists it.{hint}")
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        what = "truncated" if size < expected["bytes"] else "longer than written"
+        raise CheckpointError(f"{path}: {what}: {size} bytes, the manifest says {expected['bytes']}.{hint}")
+    if _sha256(path) != expected["sha256"]:
+        raise CheckpointError(f"{path}: corrupted: sha256 differs from the manifest.{hint}")
+
+
 def read_weights(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """Tensors and header metadata of one safetensors file, with a clear error when it is damaged."""
+    """Tensors and header metadata of one safetensors file, with a clear error when it is damaged.
+
+    A file listed in the ``weights_manifest.json`` beside it (:func:`save_weights`) is checked
+    against its recorded size and sha256 first.
+    """
     path = Path(path)
+    manifest_path = path.parent / WEIGHTS_MANIFEST
+    if manifest_path.is_file():
+        expected = _read_weights_manifest(manifest_path).get(path.name)
+        if expected is not None:
+            _check_file(path, expected, f" (recorded in {manifest_path})")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})

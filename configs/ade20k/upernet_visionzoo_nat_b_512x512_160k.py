@@ -1,5 +1,5 @@
 # NAT base (visionzoo_nat_b.in1k): UperNet, ADE20K 512x512 crops, 160k iterations.
-# Written by tools/make_mm_configs.py from its MODELS table: edit the table, not this file.
+# Written by tools/make_mm_configs.py from the family's dense declaration: edit that, not this file.
 _base_ = '../_base_/upernet_visionzoo_512x512_160k_ade20k.py'
 model = dict(
     backbone=dict(

@@ -1,5 +1,5 @@
 # DiNAT small (visionzoo_dinat_s.in1k): Mask R-CNN + FPN, COCO, 3x (36 epochs), multi-scale resize and crop.
-# Written by tools/make_mm_configs.py from its MODELS table: edit the table, not this file.
+# Written by tools/make_mm_configs.py from the family's dense declaration: edit that, not this file.
 _base_ = '../_base_/mask_rcnn_visionzoo_fpn_ms-crop-3x_coco.py'
 model = dict(
     backbone=dict(

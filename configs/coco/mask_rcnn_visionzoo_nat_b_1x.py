@@ -1,5 +1,5 @@
 # NAT base (visionzoo_nat_b.in1k): Mask R-CNN + FPN, COCO, 1x (12 epochs).
-# Written by tools/make_mm_configs.py from its MODELS table: edit the table, not this file.
+# Written by tools/make_mm_configs.py from the family's dense declaration: edit that, not this file.
 _base_ = '../_base_/mask_rcnn_visionzoo_fpn_1x_coco.py'
 model = dict(
     backbone=dict(

@@ -11,9 +11,8 @@ import torch
 from tests.kernels.tester import check_against_reference
 from visionzoo.kernels import make_params, neighborhood_attention, resolve_backend
 
-TRITON = importlib.util.find_spec("triton") is not None and (
-    os.environ.get("TRITON_INTERPRET", "0") == "1" or torch.cuda.is_available()
-)
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRITON = importlib.util.find_spec("triton") is not None and (INTERPRETING or torch.cuda.is_available())
 PATHS = ["cpu:window", "torch:tiles", "cpu", "torch"] + (["triton"] if TRITON else [])
 
 # (spatial, kernel_size (= stride), shift, heads, head_dim)
@@ -141,10 +140,13 @@ def test_reference_is_swin_roll_and_mask(spatial, window, shift):
 @pytest.mark.parametrize("case, with_rpb", _cases_with_rpb())
 def test_paths_match_reference_fp32(case, with_rpb, path):
     spatial, kernel, shift, heads, head_dim = case
-    if path == "triton" and len(spatial) == 2 and spatial[0] * spatial[1] > 100:
+    if path == "triton" and INTERPRETING and len(spatial) == 2 and spatial[0] * spatial[1] > 100:
         pytest.skip("the Triton interpreter is slow: small shapes only")
     kernel = _tuple(kernel, len(spatial))
-    q, k, v, *rest = _inputs(spatial, heads, head_dim, torch.float32, kernel if with_rpb else None)
+    tensors = _inputs(spatial, heads, head_dim, torch.float32, kernel if with_rpb else None)
+    if path == "triton" and not INTERPRETING:  # compiled kernels: CUDA tensors
+        tensors = [t.detach().cuda().requires_grad_() for t in tensors]
+    q, k, v, *rest = tensors
     check_against_reference(path, q, k, v, kernel, kernel, rpb=rest[0] if with_rpb else None, shift=shift,
                             tolerance=1e-4)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -52,24 +53,33 @@ def _classes() -> tuple:
     return load_tool("make_dense_data").CLASSES
 
 
-def seg_config(path: Path, data_root: Path, model_name: str, max_iters: int = 2) -> Path:
-    """A tiny UperNet config on ``configs/ade20k/upernet_<model>_512x512_160k.py`` at ``path``."""
+def seg_config(path: Path, data_root: Path, model_name: str, max_iters: int = 2, train_images: Optional[int] = None,
+               background: bool = False, evaluate_train_images: bool = False) -> Path:
+    """A tiny UperNet config on ``configs/ade20k/upernet_<model>_512x512_160k.py`` at ``path``.
+
+    ``train_images``: train on the first few images only (as many as the batch: a fixed batch).
+    ``background``: label 0 is a class (11 classes) instead of ignored (ADE20K's ``reduce_zero_label``).
+    ``evaluate_train_images``: validate and test on the training images instead of the validation split.
+    """
     base = CONFIGS / "ade20k" / f"upernet_{model_name}_512x512_160k.py"
+    classes = (("background",) if background else ()) + _classes()
+    batch_size = min(train_images or 2, 2) if train_images else 4
+    split = "training" if evaluate_train_images else "validation"
     path.write_text(f"""
 _base_ = {str(base)!r}
 crop_size = ({IMAGE_SIZE}, {IMAGE_SIZE})
 model = dict(
     data_preprocessor=dict(size=crop_size),
-    backbone=dict(init_cfg=None),
-    decode_head=dict(channels=32, pool_scales=(1, 2), num_classes=10),
-    auxiliary_head=dict(channels=16, num_classes=10))
+    backbone=dict(init_cfg=None, drop_path_rate=0.0),
+    decode_head=dict(channels=32, pool_scales=(1, 2), num_classes={len(classes)}, dropout_ratio=0.0),
+    auxiliary_head=dict(channels=16, num_classes={len(classes)}, dropout_ratio=0.0))
 dataset = dict(
-    type='BaseSegDataset', data_root={str(data_root / 'ade20k')!r}, metainfo=dict(classes={_classes()!r}),
-    img_suffix='.jpg', seg_map_suffix='.png', reduce_zero_label=True)
+    type='BaseSegDataset', data_root={str(data_root / 'ade20k')!r}, metainfo=dict(classes={classes!r}),
+    img_suffix='.jpg', seg_map_suffix='.png', reduce_zero_label={not background})
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations'),  # reduce_zero_label: the dataset's
-    dict(type='RandomFlip', prob=0.5),
+    dict(type='RandomFlip', prob={0.0 if train_images else 0.5}),
     dict(type='PackSegInputs'),
 ]
 test_pipeline = [
@@ -78,27 +88,29 @@ test_pipeline = [
     dict(type='PackSegInputs'),
 ]
 train_dataloader = dict(
-    batch_size=2, num_workers=0, persistent_workers=False,
-    dataset=dict(_delete_=True, **dataset, pipeline=train_pipeline,
+    batch_size={batch_size}, num_workers=0, persistent_workers=False,
+    dataset=dict(_delete_=True, **dataset, pipeline=train_pipeline, indices={train_images!r},
                  data_prefix=dict(img_path='images/training', seg_map_path='annotations/training')))
 val_dataloader = dict(
     batch_size=2, num_workers=0, persistent_workers=False,
-    dataset=dict(_delete_=True, **dataset, pipeline=test_pipeline,
-                 data_prefix=dict(img_path='images/validation', seg_map_path='annotations/validation')))
+    dataset=dict(_delete_=True, **dataset, pipeline=test_pipeline, indices={train_images if evaluate_train_images else None!r},
+                 data_prefix=dict(img_path='images/{split}', seg_map_path='annotations/{split}')))
 test_dataloader = val_dataloader
+val_evaluator = dict(iou_metrics=['mIoU'])
+test_evaluator = val_evaluator
+optim_wrapper = dict(optimizer=dict(lr=1e-3))
 train_cfg = dict(max_iters={max_iters}, val_interval={max_iters})
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=1),
-    dict(type='PolyLR', eta_min=0.0, power=1.0, begin=1, end={max_iters}, by_epoch=False),
-]
+param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=2)]
 default_hooks = dict(
     logger=dict(interval=1), checkpoint=dict(interval={max_iters}), visualization=dict(draw=False))
 """)
     return path
 
 
-def det_config(path: Path, data_root: Path, model_name: str, schedule: str = "1x") -> Path:
-    """A tiny Mask R-CNN config on ``configs/coco/mask_rcnn_<model>_<schedule>.py``: one epoch of 4 steps."""
+def det_config(path: Path, data_root: Path, model_name: str, schedule: str = "1x", max_epochs: int = 1,
+               train_images: Optional[int] = None) -> Path:
+    """A tiny Mask R-CNN config on ``configs/coco/mask_rcnn_<model>_<schedule>.py``: ``max_epochs``
+    of 4 steps, or of 1 step on the first ``train_images`` (a fixed batch)."""
     base = CONFIGS / "coco" / f"mask_rcnn_{model_name}_{schedule}.py"
     coco = f"{data_root / 'coco'}/"
     path.write_text(f"""
@@ -106,7 +118,7 @@ _base_ = {str(base)!r}
 data_root = {coco!r}
 metainfo = dict(classes={_classes()!r})
 model = dict(
-    backbone=dict(init_cfg=None),
+    backbone=dict(init_cfg=None, drop_path_rate=0.0),
     neck=dict(out_channels=32),
     rpn_head=dict(in_channels=32, feat_channels=32),
     roi_head=dict(
@@ -121,7 +133,7 @@ train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
     dict(type='Resize', scale=({IMAGE_SIZE}, {IMAGE_SIZE}), keep_ratio=True),
-    dict(type='RandomFlip', prob=0.5),
+    dict(type='RandomFlip', prob={0.0 if train_images else 0.5}),
     dict(type='PackDetInputs'),
 ]
 test_pipeline = [
@@ -131,18 +143,25 @@ test_pipeline = [
 ]
 train_dataloader = dict(
     batch_size=2, num_workers=0, persistent_workers=False,
-    dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=train_pipeline))
+    dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=train_pipeline, indices={train_images!r}))
 val_dataloader = dict(
     batch_size=2, num_workers=0, persistent_workers=False,
     dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=test_pipeline))
 test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
 test_evaluator = val_evaluator
-train_cfg = dict(max_epochs=1, val_interval=1)
+optim_wrapper = dict(optimizer=dict(lr=1e-3))
+train_cfg = dict(max_epochs={max_epochs}, val_interval={max_epochs})
 param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=2)]
-default_hooks = dict(logger=dict(interval=1), visualization=dict(draw=False))
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval={max_epochs}), visualization=dict(draw=False))
 """)
     return path
+
+
+def train_losses(runner, key: str = "loss") -> list:
+    """A training loss (default: the total) of every iteration of ``runner`` (mmengine's message hub)."""
+    log_history, _ = runner.message_hub.get_scalar(f"train/{key}").data
+    return [float(loss) for loss in log_history]
 
 
 def subprocess_env() -> dict:

@@ -1,11 +1,13 @@
-"""visionzoo.mm backbones: registration, outputs, frozen stages, checkpointing, pretrained loading,
-the official dense dilation schedules, and the import errors without the mm extra.
+"""visionzoo.mm backbones: registration of what the families declare, outputs, frozen stages,
+checkpointing, pretrained loading, the official dense dilation schedules, and the import errors
+without the mm extra.
 
 Official checkpoints are generated from the spec's key layout (tests/models/test_nat.py), not
 from the model code.
 """
 import logging
 import math
+import re
 import subprocess
 import sys
 
@@ -25,7 +27,8 @@ import visionzoo.mm  # noqa: E402
 from tests.mm.conftest import ROOT, SMALLEST, subprocess_env  # noqa: E402
 from tests.models.test_nat import ARCHS, official_forward, official_state_dict  # noqa: E402
 from visionzoo.checkpoint import save_weights  # noqa: E402
-from visionzoo.mm import DiNAT, DiNATs, NAT, VisionZooBackbone, dense_dilations  # noqa: E402
+from visionzoo.mm import BACKBONES, VisionZooBackbone  # noqa: E402
+from visionzoo.models.dense import DENSE_FAMILIES, dense_kwargs  # noqa: E402
 from visionzoo.models.nat import checkpoint_filter_fn, dinat_dilations  # noqa: E402
 
 # /work/shared/specs/neighborhood.md (DiNAT) and the official DiNAT_s configs, for the T variants
@@ -69,26 +72,82 @@ class Records(logging.Handler):
 @pytest.mark.parametrize("registry, task", [(DET_MODELS, "det"), (SEG_MODELS, "seg")])
 def test_registered_in_mmdet_and_mmseg(registry, task):
     assert registry.get("VisionZooBackbone") is VisionZooBackbone
-    for name, cls in (("NAT", NAT), ("DiNAT", DiNAT), ("DiNAT_s", DiNATs), ("DiNATs", DiNATs)):
+    # the type names of today's configs, each from its family's declaration
+    for name, family in (("NAT", "nat"), ("DiNAT", "dinat"), ("DiNAT_s", "dinats"), ("DiNATs", "dinats")):
         registered = registry.get(name)
-        assert issubclass(registered, cls) and registered.task == task
+        assert issubclass(registered, BACKBONES[name]) and registered.task == task
+        assert registered.family is DENSE_FAMILIES[family] and getattr(visionzoo.mm, name) is BACKBONES[name]
+    assert registry.get("DiNATs") is registry.get("DiNAT_s") and BACKBONES["DiNAT_s"].__name__ == "DiNAT_s"
     assert set(visionzoo.mm.SCOPES) == {"mmdet", "mmseg"}
 
 
-def test_every_hierarchical_family_has_a_named_backbone():
-    families = set()
+def test_every_hierarchical_model_is_declared_for_dense_prediction():
+    hierarchical = set()
     for name in timm.list_models("visionzoo_*"):
         with torch.device("meta"):
             model = timm.create_model(name, num_classes=0)
-        if hasattr(model, "stages"):  # hierarchical: stages at strides 4..32
-            families.add(name.rsplit("_", 1)[0].removeprefix("visionzoo_"))
-    assert families == {NAT.family, DiNAT.family, DiNATs.family}
+        if len({info["reduction"] for info in model.feature_info}) > 1:  # stages at several strides
+            hierarchical.add(name)
+    declared = {arch.model_name for family in DENSE_FAMILIES.values() for arch in family.archs.values()}
+    assert hierarchical == declared
+
+
+def test_the_mm_package_names_no_family():
+    """Adding a family touches no file of visionzoo/mm: nothing there names one."""
+    names = {name for family in DENSE_FAMILIES.values() for name in family.type_names}
+    names |= {f"visionzoo_{family}_" for family in DENSE_FAMILIES}
+    for path in (ROOT / "visionzoo" / "mm").glob("*.py"):
+        text = path.read_text()
+        found = [name for name in names if re.search(rf"\b{re.escape(name)}", text)]
+        assert not found, f"{path.relative_to(ROOT)} names {found}"
+
+
+def test_a_family_declared_after_import_is_registered():
+    """A family declared outside visionzoo/mm, after it was imported, with its own stem / stage
+    lookup, output norm and task options: built from mmdet's registry by its type names."""
+    script = """
+import timm
+import torch.nn as nn
+from timm.models import register_model
+
+import visionzoo.mm
+from mmdet.registry import MODELS
+from visionzoo.models.dense import DenseArch, DenseFamily, register_dense_family
+
+
+@register_model
+def toy_net_m(pretrained=False, **kwargs):
+    return timm.create_model('visionzoo_nat_m', pretrained=pretrained, **kwargs)
+
+
+calls = []
+register_dense_family(DenseFamily(
+    name='toy', type_names=('ToyNet', 'Toy'), archs={'mini': DenseArch('toy_net_m')},
+    task_kwargs=lambda model, task: calls.append(('task', task)) or {'layer_scale': 1e-3},
+    stem=lambda model: calls.append('stem') or [model.patch_embed],
+    stage=lambda model, i: calls.append(('stage', i)) or model.stages[i],
+    out_norm=lambda channels: nn.GroupNorm(1, channels)))
+backbone = MODELS.build(dict(type='Toy', arch='m', frozen_stages=2))
+frozen = sorted({'.'.join(name.split('.')[:3 if name.startswith('model.stages') else 2])
+                 for name, p in backbone.named_parameters() if not p.requires_grad})
+print(type(backbone).__name__, backbone.task, type(backbone.norm3).__name__, visionzoo.mm.ToyNet is visionzoo.mm.Toy)
+print(calls[:4])
+print(frozen)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                            env=subprocess_env(), timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "ToyNet det GroupNorm True"
+    assert lines[1] == "[('task', 'det'), 'stem', ('stage', 0), ('stage', 1)]"
+    assert lines[2] == str(["model.patch_embed", "model.stages.0", "model.stages.1", "norm0.bias", "norm0.weight",
+                            "norm1.bias", "norm1.weight"])
 
 
 @pytest.mark.parametrize("model_name, task", sorted(SPEC_DILATIONS))
 def test_dense_dilations_equal_the_official_schedules(model_name, task):
     expected = SPEC_DILATIONS[model_name, task]
-    assert dense_dilations(model_name, task) == expected
+    assert dense_kwargs(model_name, task) == {"dilations": expected}
     with torch.device("meta"):
         backbone = VisionZooBackbone(model_name, dense_schedule=task)
     assert block_dilations(backbone) == expected
@@ -109,13 +168,17 @@ def test_family_backbones_default_to_their_registry_task(registry, task):
     assert block_dilations(nat) == [[1] * depth for depth in (3, 4, 6, 5)]
 
 
-def test_dense_schedule_errors():
-    with pytest.raises(ValueError, match="no dense dilation schedule"):
+def test_dense_schedule_and_arch_errors():
+    with pytest.raises(ValueError, match="the nat family declares no dense-task options"):
         VisionZooBackbone("visionzoo_nat_m", dense_schedule="det")
     with pytest.raises(ValueError, match="task must be"):
-        dense_dilations("visionzoo_dinat_m", "cls")
-    with pytest.raises(ValueError, match="not both"):
+        dense_kwargs("visionzoo_dinat_m", "cls")
+    with pytest.raises(ValueError, match="belongs to no declared dense family"):
+        dense_kwargs("visionzoo_nat_iso_s", "det")
+    with pytest.raises(ValueError, match="give dilations or dense_schedule, not both"):
         VisionZooBackbone("visionzoo_dinat_m", dense_schedule="det", dilations=[[1] * 3, [1] * 4, [1] * 6, [1] * 5])
+    with pytest.raises(ValueError, match="DiNAT_s: arch must be one of tiny, small, base, large"):
+        BACKBONES["DiNAT_s"](arch="mini")
 
 
 # ----------------------------------------------------------------------------------------------

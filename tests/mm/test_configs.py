@@ -15,7 +15,7 @@ from mmseg.registry import TRANSFORMS as SEG_TRANSFORMS  # noqa: E402
 
 import visionzoo.mm  # noqa: E402, F401
 from tests.mm.conftest import CONFIGS, load_tool  # noqa: E402
-from visionzoo.mm import dense_dilations  # noqa: E402
+from visionzoo.models.dense import dense_kwargs  # noqa: E402
 from visionzoo.mm import runner  # noqa: E402
 from visionzoo.mm.runner import adapt_to_device  # noqa: E402
 
@@ -24,11 +24,14 @@ DET_CONFIGS = sorted((CONFIGS / "coco").glob("*.py"))
 GENERATOR = load_tool("make_mm_configs")
 
 
-def test_configs_are_those_of_the_generator_table():
+DECLARED = {spec.model_name: (family, arch, spec) for family, arch, spec in GENERATOR.declared_models()}
+
+
+def test_configs_are_those_of_the_declarations():
     assert GENERATOR.main(["--check"]) == 0
     assert set(SEG_CONFIGS) | set(DET_CONFIGS) == set(GENERATOR.expected_configs())
     # every hierarchical model of the families, mini variants included
-    assert len(SEG_CONFIGS) == len(GENERATOR.MODELS) == 13 and len(DET_CONFIGS) == 2 * 13
+    assert len(SEG_CONFIGS) == len(DECLARED) == 13 and len(DET_CONFIGS) == 2 * 13
 
 
 def model_name(path, task):
@@ -55,14 +58,15 @@ def block_dilations(backbone):
 
 
 def check_backbone(cfg, backbone, name, task):
-    spec = GENERATOR.MODELS[name]
+    family, arch, spec = DECLARED[name]
     assert cfg.custom_imports == dict(imports=["visionzoo.mm"], allow_failed_imports=False)
+    assert (cfg.model.backbone.type, cfg.model.backbone.arch) == (family.type_names[0], arch)
     assert backbone.model_name == name and backbone.out_indices == (0, 1, 2, 3)
-    assert cfg.model.backbone.drop_path_rate == spec[task]
+    assert cfg.model.backbone.drop_path_rate == spec.drop_path_rate[task]
     assert cfg.model.backbone.init_cfg.type == "Pretrained"
     assert cfg.model.backbone.init_cfg.checkpoint.startswith("https://shi-labs.com/projects/")
-    if spec["type"] != "NAT":
-        assert block_dilations(backbone) == dense_dilations(name, task)
+    if family.task_kwargs is not None:
+        assert block_dilations(backbone) == dense_kwargs(name, task)["dilations"]
     assert dict(cfg.optim_wrapper.paramwise_cfg.custom_keys) == {
         "rpb": dict(decay_mult=0.0), "norm": dict(decay_mult=0.0)}
     assert dict(type="WeightsOnlyCheckpointHook") in cfg.custom_hooks

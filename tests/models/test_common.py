@@ -6,6 +6,7 @@ resolution for the smallest variant of each family (``visionzoo_<family>_<size>`
 checks are those of timm's own ``tests/test_models.py`` (which ``test_timm_suite.py`` runs over
 every model at full size), here at low resolution and comparing gradients too.
 """
+import functools
 import math
 import re
 from collections import defaultdict
@@ -15,14 +16,17 @@ import torch
 import torch.nn as nn
 import timm
 from timm.models import get_notrace_functions, get_notrace_modules
+from timm.models.vision_transformer import VisionTransformer
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import visionzoo  # noqa: F401  (registers the models)
+from visionzoo.layers.token_merging import ToMeBlock
 
 MODELS = timm.list_models("visionzoo_*")
 _SIZE_RANK = {"m": 0, "t": 1, "s": 2, "b": 3, "l": 4}
-# visionzoo_<family>_<size>[_<variant>], e.g. visionzoo_swin_b_384, visionzoo_swin_free_b_dr12
-_NAME = re.compile(r"^(?P<family>.+)_(?P<size>[mtsbl])(?P<variant>_[a-z0-9]+)?$")
+# visionzoo_<family>_<size>[_<variant>], e.g. visionzoo_swin_b_384, visionzoo_swin_free_b_dr12,
+# visionzoo_vit_s_tome, visionzoo_coatnet_0
+_NAME = re.compile(r"^(?P<family>.+?)_(?P<size>[mtsbl]|\d+)(?P<variant>_[a-z0-9]+)?$")
 
 
 def _family(name):
@@ -34,7 +38,8 @@ def _rank(name):
     match = _NAME.match(name)
     if match is None:
         return (99, 1, name)
-    return (_SIZE_RANK[match["size"]], match["variant"] is not None, name)
+    size = match["size"]
+    return (_SIZE_RANK[size] if size in _SIZE_RANK else int(size), match["variant"] is not None, name)
 
 
 def _smallest(names, group_of):
@@ -60,6 +65,19 @@ def _image(height=SIZE, width=SIZE):
     return torch.randn(BATCH, 3, height, width, generator=torch.Generator().manual_seed(1))
 
 
+@functools.lru_cache(maxsize=None)
+def _merges_tokens(name):
+    """Token-merging models (ToMe): after merging, the tokens of a ViT no longer form a map."""
+    with torch.device("meta"):
+        return any(isinstance(module, ToMeBlock) for module in timm.create_model(name).modules())
+
+
+# the checks below that expect [B, C, H, W] feature maps, or any input size, do not apply to them:
+# they are timm's VisionTransformer (fixed img_size, timm's own input errors) whose features are
+# token sets [B, N, C]; tests/models/test_tome.py checks those
+MERGED_TOKENS = "merges tokens: timm's ViT with token-set features (checked in tests/models/test_tome.py)"
+
+
 def _feature_info(model):
     return model.feature_info if isinstance(model.feature_info, list) else model.feature_info.info
 
@@ -83,11 +101,17 @@ def test_build_and_pretrained_cfg(name):
     info = _feature_info(model)
     assert info[-1]["num_chs"] == model.num_features
     assert [f["reduction"] for f in info] == sorted(f["reduction"] for f in info)
-    assert tuple(cfg["pool_size"]) == tuple(s // info[-1]["reduction"] for s in cfg["input_size"][1:])
+    if _merges_tokens(name):
+        assert cfg["pool_size"] is None  # no final map
+    else:
+        assert tuple(cfg["pool_size"]) == tuple(s // info[-1]["reduction"] for s in cfg["input_size"][1:])
     for key in ("mean", "std", "crop_pct", "interpolation", "license"):
         assert cfg.get(key) is not None, key
     parameters = dict(model.named_parameters())
-    assert model.no_weight_decay() <= parameters.keys()
+    no_weight_decay = model.no_weight_decay()
+    if isinstance(model, VisionTransformer):  # timm's ViT names its optional tokens whether it has them or not
+        no_weight_decay -= {"dist_token", "reg_token"}
+    assert no_weight_decay <= parameters.keys()
     for coarse in (False, True):
         matcher = model.group_matcher(coarse=coarse)
         groups = timm.models.group_parameters(model, matcher)
@@ -138,6 +162,8 @@ def test_num_classes_and_reset_classifier(name):
 
 @pytest.mark.parametrize("name", SMALLEST)
 def test_features_only_matches_feature_info(name):
+    if _merges_tokens(name):
+        pytest.skip(MERGED_TOKENS)
     model = _create(name, features_only=True).eval()
     with torch.no_grad():
         features = model(_image())
@@ -149,6 +175,8 @@ def test_features_only_matches_feature_info(name):
 
 @pytest.mark.parametrize("name", SMALLEST)
 def test_forward_intermediates(name):
+    if _merges_tokens(name):
+        pytest.skip(MERGED_TOKENS)
     model = _create(name).eval()
     image = _image()
     info = _feature_info(model)
@@ -183,6 +211,8 @@ def test_grad_checkpointing_gives_same_output_and_gradients(name):
 @pytest.mark.parametrize("height, width", [(96, 128), (100, 76), (33, 47)])
 @pytest.mark.parametrize("name", SMALLEST)
 def test_other_input_sizes(name, height, width):
+    if _merges_tokens(name):
+        pytest.skip(MERGED_TOKENS)
     model = _create(name).eval()
     image = _image(height, width)
     if model.pretrained_cfg.get("fixed_input_size"):  # e.g. norms over token positions
@@ -262,6 +292,8 @@ def test_fx_traced_model_matches_eager_forward_and_backward(name):
 
 @pytest.mark.parametrize("name", SMALLEST)
 def test_features_only_fx_matches_feature_getter(name):
+    if _merges_tokens(name):
+        pytest.skip(MERGED_TOKENS)
     torch.manual_seed(0)
     fx = timm.create_model(name, img_size=SIZE, features_only=True, feature_cls="fx").eval()
     torch.manual_seed(0)
@@ -277,6 +309,8 @@ def test_features_only_fx_matches_feature_getter(name):
 
 @pytest.mark.parametrize("name", SMALLEST)
 def test_image_that_is_not_a_batch_is_refused(name):
+    if _merges_tokens(name):
+        pytest.skip(MERGED_TOKENS)
     model = _create(name).eval()
     with pytest.raises(ValueError, match=r"\[B, C, H, W\].*got shape \(3, 64, 64\).*unsqueeze"):
         model(torch.randn(3, SIZE, SIZE))

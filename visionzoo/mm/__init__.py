@@ -1,13 +1,18 @@
 """mmdetection / mmsegmentation backbones (needs the ``mm`` extra).
 
-Importing this module registers ``VisionZooBackbone`` and the family backbones ``NAT``, ``DiNAT``
-and ``DiNAT_s`` (alias ``DiNATs``) in the ``MODELS`` registry of mmdet and of mmseg, whichever are
-installed, and ``WeightsOnlyCheckpointHook`` in mmengine's ``HOOKS``. In a config::
+Importing this module registers ``VisionZooBackbone`` and, for every model family that declares
+dense support (:class:`visionzoo.models.dense.DenseFamily`, at the end of its model file), a
+backbone under each of its type names, in the ``MODELS`` registry of mmdet and of mmseg, whichever
+are installed; families declared later are registered when declared. It also registers
+``WeightsOnlyCheckpointHook`` in mmengine's ``HOOKS``. In a config::
 
     custom_imports = dict(imports=['visionzoo.mm'], allow_failed_imports=False)
-    model = dict(backbone=dict(type='DiNAT', arch='tiny', drop_path_rate=0.2))
+    model = dict(backbone=dict(type='<a declared type name>', arch='tiny', drop_path_rate=0.2))
+
+The backbone classes are attributes of this module by type name (``visionzoo.mm.BACKBONES``).
 """
 import importlib
+from typing import Dict
 
 _INSTALL = (
     "visionzoo.mm needs mmengine and mmdet and/or mmsegmentation: `pip install visionzoo[mm]`, with "
@@ -24,51 +29,64 @@ except ImportError as e:
 
 from mmengine.registry import HOOKS  # noqa: E402
 
-from .backbone import (  # noqa: E402
-    DENSE_DILATIONS,
-    DiNAT,
-    DiNATs,
-    NAT,
-    VisionZooBackbone,
-    dense_dilations,
-    read_checkpoint,
-)
+from visionzoo.models.dense import DenseFamily, watch_dense_families  # noqa: E402
+
+from .backbone import FamilyBackbone, VisionZooBackbone, family_backbone, read_checkpoint  # noqa: E402
 from .hooks import WeightsOnlyCheckpointHook  # noqa: E402
 
 __all__ = [
-    "DENSE_DILATIONS",
-    "DiNAT",
-    "DiNATs",
-    "NAT",
+    "BACKBONES",
+    "FamilyBackbone",
     "SCOPES",
     "VisionZooBackbone",
     "WeightsOnlyCheckpointHook",
-    "dense_dilations",
+    "family_backbone",
     "read_checkpoint",
 ]
 
-# registry scope -> the task whose dilation schedule the family backbones use by default
+# registry scope -> the dense task its family backbones default to
 _TASKS = {"mmdet": "det", "mmseg": "seg"}
-_NAMES = {NAT: "NAT", DiNAT: "DiNAT", DiNATs: ["DiNAT_s", "DiNATs"]}
 
 
-def _register(scope: str) -> bool:
+def _registry(scope: str):
     try:
-        registry = importlib.import_module(f"{scope}.registry").MODELS
+        return importlib.import_module(f"{scope}.registry").MODELS
     except ModuleNotFoundError as e:
         if e.name == scope:  # not installed: register in the others
-            return False
+            return None
         raise ImportError(f"{scope} is installed but does not import ({e}). {_INSTALL}") from e
-    registry.register_module(name="VisionZooBackbone", module=VisionZooBackbone)
-    for cls, names in _NAMES.items():
-        # a subclass per registry, so that e.g. mmseg's DiNAT defaults to the segmentation dilations
-        task_cls = type(cls.__name__, (cls,), {"task": _TASKS[scope], "__module__": cls.__module__, "__doc__": cls.__doc__})
-        registry.register_module(name=names, module=task_cls)
-    return True
 
 
-SCOPES = tuple(scope for scope in _TASKS if _register(scope))
-"""The registries (``'mmdet'``, ``'mmseg'``) the backbones were registered in."""
+_REGISTRIES = {scope: registry for scope in _TASKS if (registry := _registry(scope)) is not None}
+SCOPES = tuple(_REGISTRIES)
+"""The registries (``'mmdet'``, ``'mmseg'``) the backbones are registered in."""
 if not SCOPES:
     raise ImportError(f"neither mmdet nor mmseg can be imported. {_INSTALL}")
+
+BACKBONES: Dict[str, type] = {}
+"""Type name -> the family's backbone class outside any registry (``dense_schedule='task'``: none);
+each registry holds a subclass whose default task is the registry's."""
+
+
+def _register(family: DenseFamily) -> None:
+    cls = family_backbone(family)
+    for name in family.type_names:
+        BACKBONES[name] = cls
+    for scope, registry in _REGISTRIES.items():
+        # a subclass per registry, so that e.g. mmseg's backbones default to the segmentation options
+        task_cls = type(cls.__name__, (cls,), {"task": _TASKS[scope], "__doc__": cls.__doc__, "__module__": cls.__module__})
+        registry.register_module(name=list(family.type_names), module=task_cls)
+
+
+def __getattr__(name: str) -> type:
+    """``visionzoo.mm.<type name>``: the declared backbones (see :data:`BACKBONES`)."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+for _registry_ in _REGISTRIES.values():
+    _registry_.register_module(name="VisionZooBackbone", module=VisionZooBackbone)
+watch_dense_families(_register)
 HOOKS.register_module(module=WeightsOnlyCheckpointHook)

@@ -1,21 +1,20 @@
-"""visionzoo models as mmdetection / mmsegmentation backbones.
+"""visionzoo models as mmdetection / mmsegmentation backbones, from the families' declarations.
 
 :class:`VisionZooBackbone` wraps any hierarchical visionzoo (timm) model: it builds the model with
 ``timm.create_model``, drops what dense tasks do not use (classifier, final norm, stages after the
 last output) with the model's own ``prune_intermediate_layers``, and returns the stage outputs of
-``forward_intermediates`` (taken before the next stage's downsampler), each through its own
-LayerNorm ``norm{i}`` as the official dense NAT / DiNAT / Swin backbones do.
+``forward_intermediates``, each through its own output norm ``norm{i}``. What differs between
+families (their mm type names and sizes, dense-task options, stem / stage lookup, output norm,
+checkpoint conversion) comes from their :class:`~visionzoo.models.dense.DenseFamily`.
 
-:class:`NAT`, :class:`DiNAT` and :class:`DiNATs` name a family and take a size (``arch='tiny'``);
-DiNAT and DiNAT_s default to the official dilation schedule of the task of the registry they were
-built from (detection in mmdet, segmentation in mmseg, see :func:`visionzoo.mm.register`).
-
-Nothing here imports mmdet or mmseg: the classes are registered by ``visionzoo/mm/__init__.py``.
+:func:`family_backbone` makes the class of one declared family, which takes a size (``arch='tiny'``)
+and by default the dense-task options of the task of the registry it is built from (detection in
+mmdet, segmentation in mmseg). Nothing here imports mmdet or mmseg, and nothing names a family:
+``visionzoo/mm/__init__.py`` registers what is declared.
 """
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -25,68 +24,19 @@ import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.runner.checkpoint import load_state_dict
-from timm.layers import LayerNorm2d
 
 from visionzoo.checkpoint import load_weights
+from visionzoo.models.dense import DenseFamily, dense_family_of
 
 __all__ = [
-    "DENSE_DILATIONS",
-    "DiNAT",
-    "DiNATs",
-    "NAT",
+    "FamilyBackbone",
     "VisionZooBackbone",
-    "dense_dilations",
+    "family_backbone",
     "read_checkpoint",
 ]
 
-# Official dense dilation schedules (SHI-Labs/Neighborhood-Attention-Transformer, detection/ and
-# segmentation/ configs): per stage, a cycle repeated to the stage's depth, e.g. DiNAT-T detection
-# [1, 28, 1], [1, 7, 1, 14], [1, 3, 1, 5, 1, 7] * 3, [1, 3, 1, 3, 1]. Detection is for ~800x1333
-# inputs, segmentation for 512x512 crops; DiNAT_s (2 blocks in stages 0, 1, 3) keeps the large one.
-DENSE_DILATIONS: Dict[str, Dict[str, Tuple[Tuple[int, ...], ...]]] = {
-    "dinat": {
-        "det": ((1, 28, 1), (1, 7, 1, 14), (1, 3, 1, 5, 1, 7), (1, 3, 1, 3, 1)),
-        "seg": ((1, 16, 1), (1, 4, 1, 8), (1, 2, 1, 3, 1, 4), (1, 2, 1, 2, 1)),
-    },
-    "dinats": {
-        "det": ((1, 28), (1, 14), (1, 3, 1, 5, 1, 7), (1, 3)),
-        "seg": ((1, 16), (1, 8), (1, 2, 1, 3, 1, 4), (1, 2)),
-    },
-}
-
-# mmdet / mmpretrain spell sizes out; timm names use one letter
-_ARCHS = {"mini": "m", "tiny": "t", "small": "s", "base": "b", "large": "l"}
-
-
-def _family(model_name: str) -> str:
-    """``'visionzoo_dinat_t.in1k'`` -> ``'dinat'``."""
-    match = re.fullmatch(r"visionzoo_(\w+)_[a-z0-9]+", model_name.split(".")[0])
-    if match is None:
-        raise ValueError(f"{model_name!r} is not a visionzoo model name (visionzoo_<family>_<size>)")
-    return match[1]
-
-
-def _stage_depths(model_name: str) -> List[int]:
-    # the registered variant knows its depths; build it on the meta device (no memory, no init cost)
-    with torch.device("meta"):
-        probe = timm.create_model(model_name, pretrained=False, num_classes=0)
-    return [len(stage.blocks) for stage in probe.stages]
-
-
-def dense_dilations(model_name: str, task: str) -> List[List[int]]:
-    """The official per-block dilations of ``model_name`` for ``task`` (``'det'`` or ``'seg'``).
-
-    E.g. ``dense_dilations('visionzoo_dinat_t', 'seg')`` -> ``[[1, 16, 1], [1, 4, 1, 8],
-    [1, 2, 1, 3, 1, 4] * 3, [1, 2, 1, 2, 1]]``.
-    """
-    family = _family(model_name)
-    if family not in DENSE_DILATIONS:
-        raise ValueError(f"{model_name}: family {family!r} has no dense dilation schedule "
-                         f"(families with one: {', '.join(DENSE_DILATIONS)})")
-    if task not in DENSE_DILATIONS[family]:
-        raise ValueError(f"task must be one of {tuple(DENSE_DILATIONS[family])}, got {task!r}")
-    cycles = DENSE_DILATIONS[family][task]
-    return [[cycle[j % len(cycle)] for j in range(depth)] for cycle, depth in zip(cycles, _stage_depths(model_name))]
+# a model no family declares: timm's conventions throughout, no task options, keys unconverted
+_UNDECLARED = DenseFamily(name="undeclared", type_names=("VisionZooBackbone",), archs={})
 
 
 def read_checkpoint(checkpoint: Union[str, Path]) -> Dict[str, torch.Tensor]:
@@ -111,27 +61,30 @@ def read_checkpoint(checkpoint: Union[str, Path]) -> Dict[str, torch.Tensor]:
 class VisionZooBackbone(BaseModule):
     """A hierarchical visionzoo model as a dense-prediction backbone.
 
-    ``[B, 3, H, W]`` -> tuple of ``[B, C_i, H / 2**(i+2), W / 2**(i+2)]`` for ``i`` in ``out_indices``
-    (NAT / DiNAT / DiNAT_s: ``C_i = embed_dim * 2**i``, strides 4, 8, 16, 32).
+    ``[B, 3, H, W]`` -> tuple of ``[B, C_i, H_i, W_i]`` for ``i`` in ``out_indices``: the channels
+    and strides of the model's ``feature_info`` (e.g. ``embed_dim * 2**i`` at stride ``4 * 2**i``).
 
     Args:
-        model_name: timm name, e.g. ``'visionzoo_dinat_t'``.
+        model_name: timm name, ``'visionzoo_<family>_<size>'`` or any hierarchical timm model.
         out_indices: stages to return; the stages after the last one are dropped.
         frozen_stages: ``-1`` trains everything; ``0`` freezes the stem; ``k > 0`` freezes the stem
             and stages ``0 .. k-1`` (each with the downsampler that feeds it) and their output norms.
             Frozen modules stay in eval mode through ``train()``.
-        out_norms: one LayerNorm ``norm{i}`` per output (the official dense layout).
+        out_norms: one output norm ``norm{i}`` per output (the family's ``out_norm``, by default a
+            LayerNorm over channels, the official dense layout).
         with_cp: gradient checkpointing of the blocks (the model's ``set_grad_checkpointing``).
         drop_path_rate: stochastic depth of the model (``None``: the variant's default).
-        dilations: explicit per-stage, per-block dilations (DiNAT families).
-        dense_schedule: ``'det'`` / ``'seg'``: the official dense dilations (see :data:`DENSE_DILATIONS`);
-            ``None``: the model's own, computed for ``img_size``.
-        img_size: resolution the model's default dilations are computed for (``None``: the variant's).
+        dense_schedule: ``'det'`` / ``'seg'``: the model keyword arguments the family declares for
+            that task (e.g. a dilation schedule, see ``visionzoo.models.dense.dense_kwargs``);
+            ``None``: none.
+        img_size: resolution the model is built for (``None``: the variant's).
         init_cfg: mmengine init config; ``dict(type='Pretrained', checkpoint=path_or_url)`` loads a
             visionzoo (timm layout), official classification or official / mm dense checkpoint
-            (``backbone.``-prefixed, ``levels.{i}`` / ``layers.{i}`` / ``norm{i}``), see :meth:`init_weights`.
-        **model_kwargs: passed on to ``timm.create_model`` (e.g. ``layer_scale``, ``kernel_size``).
+            (``backbone.``-prefixed, with ``norm{i}``), see :meth:`init_weights`.
+        **model_kwargs: passed on to ``timm.create_model``.
     """
+
+    family: Optional[DenseFamily] = None  # set on the classes of :func:`family_backbone`
 
     def __init__(
         self,
@@ -141,18 +94,20 @@ class VisionZooBackbone(BaseModule):
         out_norms: bool = True,
         with_cp: bool = False,
         drop_path_rate: Optional[float] = None,
-        dilations: Optional[Sequence[Sequence[int]]] = None,
         dense_schedule: Optional[str] = None,
         img_size: Optional[Union[int, Tuple[int, int]]] = None,
         init_cfg: Optional[dict] = None,
         **model_kwargs,
     ):
         super().__init__(init_cfg=init_cfg)
+        self.family = self.family or dense_family_of(model_name) or _UNDECLARED
         if dense_schedule is not None:
-            if dilations is not None:
-                raise ValueError("give dilations or dense_schedule, not both")
-            dilations = dense_dilations(model_name, dense_schedule)
-        for key, value in (("drop_path_rate", drop_path_rate), ("dilations", dilations), ("img_size", img_size)):
+            task_kwargs = self.family.dense_kwargs(model_name, dense_schedule)
+            given = sorted(key for key in task_kwargs if model_kwargs.get(key) is not None)
+            if given:
+                raise ValueError(f"give {', '.join(given)} or dense_schedule, not both")
+            model_kwargs.update(task_kwargs)
+        for key, value in (("drop_path_rate", drop_path_rate), ("img_size", img_size)):
             if value is not None:
                 model_kwargs[key] = value
         self.model_name = model_name
@@ -168,8 +123,7 @@ class VisionZooBackbone(BaseModule):
         self.out_norms = out_norms
         if out_norms:
             for i, channels in zip(self.out_indices, self.num_features):
-                # eps of nn.LayerNorm, as the official dense backbones
-                self.add_module(f"norm{i}", LayerNorm2d(channels, eps=1e-5))
+                self.add_module(f"norm{i}", self.family.out_norm(channels))
         if with_cp:
             self.model.set_grad_checkpointing(True)
         self._freeze_stages()
@@ -177,11 +131,9 @@ class VisionZooBackbone(BaseModule):
     def _frozen_modules(self) -> List[nn.Module]:
         if self.frozen_stages < 0:
             return []
-        stem = self.model.group_matcher(coarse=True)["stem"]
-        stem = [stem] if isinstance(stem, str) else list(stem)
-        modules = [m for name, m in self.model.named_children() if any(re.match(p, name) for p in stem)]
+        modules = self.family.stem_modules(self.model)
         for i in range(self.frozen_stages):
-            modules.append(self.model.get_submodule(self.model.feature_info[i]["module"]))
+            modules.append(self.family.stage_module(self.model, i))
             if hasattr(self, f"norm{i}"):
                 modules.append(getattr(self, f"norm{i}"))
         return modules
@@ -209,8 +161,8 @@ class VisionZooBackbone(BaseModule):
 
         Keeps the keys under ``prefix`` (default: ``'backbone.'`` when the checkpoint has any, as
         mmdet / mmseg checkpoints) and strips it; ``norm{i}`` are the output norms; the rest goes
-        through the model family's ``checkpoint_filter_fn`` (official -> timm layout; timm keys and
-        this wrapper's ``model.`` keys pass unchanged).
+        through the family's ``checkpoint_filter`` (official -> timm layout; timm keys and this
+        wrapper's ``model.`` keys pass unchanged).
         """
         if prefix is None and any(key.startswith("backbone.") for key in state_dict):
             prefix = "backbone."
@@ -218,10 +170,7 @@ class VisionZooBackbone(BaseModule):
             state_dict = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
         out_norms = {key: value for key, value in state_dict.items() if re.match(r"norm\d+\.", key)}
         model_state = {re.sub(r"^model\.", "", key): value for key, value in state_dict.items() if key not in out_norms}
-        # timm's convention: a model file's `checkpoint_filter_fn` maps its official checkpoints
-        filter_fn = getattr(sys.modules[type(self.model).__module__], "checkpoint_filter_fn", None)
-        if filter_fn is not None:
-            model_state = filter_fn(model_state, self.model)
+        model_state = self.family.convert(model_state, self.model)
         return {**out_norms, **{f"model.{key}": value for key, value in model_state.items()}}
 
     def init_weights(self) -> None:
@@ -238,50 +187,36 @@ class VisionZooBackbone(BaseModule):
         self._is_init = True
 
 
-class _FamilyBackbone(VisionZooBackbone):
-    """A backbone for ``visionzoo_<family>_<size>`` that takes ``arch`` (``'tiny'`` or ``'t'``)."""
+class FamilyBackbone(VisionZooBackbone):
+    """The backbone of one declared family: takes a size instead of a model name.
 
-    family: str
-    # default dense dilation schedule; visionzoo.mm.register sets it per registry ('det' / 'seg')
-    task: Optional[str] = None
+    Args:
+        arch: a size the family declares (``'tiny'``) or its letter in the registered names (``'t'``).
+        dense_schedule: ``'task'`` (default): the family's options for the task of the registry the
+            class was built from (detection in mmdet, segmentation in mmseg; none outside a
+            registry), where the family declares some; model keyword arguments given explicitly
+            win over them. ``'det'``, ``'seg'`` or ``None`` as
+            :class:`VisionZooBackbone`.
+        **kwargs: as :class:`VisionZooBackbone`.
+    """
+
+    family: DenseFamily
+    task: Optional[str] = None  # 'det' / 'seg': set on the subclass registered in mmdet / mmseg
 
     def __init__(self, arch: str = "tiny", dense_schedule: Optional[str] = "task", **kwargs):
+        model_name = self.family.model_name(arch)
         if dense_schedule == "task":
-            has_schedule = self.family in DENSE_DILATIONS and kwargs.get("dilations") is None
-            dense_schedule = self.task if has_schedule else None
-        super().__init__(f"visionzoo_{self.family}_{_ARCHS.get(arch, arch)}", dense_schedule=dense_schedule, **kwargs)
+            dense_schedule = None
+            if self.task is not None and self.family.task_kwargs is not None:
+                kwargs = {**self.family.dense_kwargs(model_name, self.task), **kwargs}
+        super().__init__(model_name, dense_schedule=dense_schedule, **kwargs)
 
 
-class NAT(_FamilyBackbone):
-    """NAT backbone, ``dict(type='NAT', arch='tiny')``: ``visionzoo_nat_{m,t,s,b}``.
-
-    Args:
-        arch: ``'mini'``, ``'tiny'``, ``'small'``, ``'base'`` (or ``'m'``, ``'t'``, ``'s'``, ``'b'``).
-        **kwargs: as :class:`VisionZooBackbone`.
-    """
-
-    family = "nat"
-
-
-class DiNAT(_FamilyBackbone):
-    """DiNAT backbone, ``dict(type='DiNAT', arch='tiny')``: ``visionzoo_dinat_{m,t,s,b,l}``.
-
-    Args:
-        arch: ``'mini'`` .. ``'large'`` (or ``'m'`` .. ``'l'``).
-        dense_schedule: ``'task'`` (default): the official schedule of the registry's task,
-            detection in mmdet and segmentation in mmseg (the model's classification schedule when
-            the class is used outside a registry); ``'det'``, ``'seg'``, or ``None`` for the
-            classification schedule at ``img_size``. Explicit ``dilations`` win over ``'task'``.
-        **kwargs: as :class:`VisionZooBackbone`.
-    """
-
-    family = "dinat"
-
-
-class DiNATs(_FamilyBackbone):
-    """DiNAT_s backbone, ``dict(type='DiNAT_s', arch='tiny')``: ``visionzoo_dinats_{t,s,b,l}``.
-
-    Arguments as :class:`DiNAT`.
-    """
-
-    family = "dinats"
+def family_backbone(family: DenseFamily) -> type:
+    """The :class:`FamilyBackbone` subclass of ``family``, named after its first type name."""
+    name = family.type_names[0]
+    sizes = ", ".join(f"``{arch}`` ({spec.model_name})" for arch, spec in family.archs.items())
+    aliases = f" (also registered as {', '.join(family.type_names[1:])})" if len(family.type_names) > 1 else ""
+    doc = (f"{name} backbone{aliases}, ``dict(type={name!r}, arch=...)``: {sizes}.\n\n"
+           f"    Arguments as :class:`FamilyBackbone`.\n    ")
+    return type(name, (FamilyBackbone,), {"family": family, "__doc__": doc, "__module__": __name__})

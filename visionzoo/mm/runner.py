@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -20,6 +22,14 @@ from mmengine.runner import Runner
 
 TASKS = {"det": "mmdet", "seg": "mmseg"}
 CHECKPOINT_HOOK = "WeightsOnlyCheckpointHook"
+_ONE_VALUE_PER_CHANNEL = (
+    "train_dataloader.batch_size={batch_size} is too small for a BatchNorm in the model ({error}): "
+    "e.g. UperNet's pooling branch reduces each image to 1x1, so a BatchNorm there sees one value per "
+    "channel and image. Train with at least 2 images per process (--cfg-options "
+    "train_dataloader.batch_size=2), or use GroupNorm in the heads (--cfg-options "
+    "model.decode_head.norm_cfg.type=GN model.decode_head.norm_cfg.num_groups=32 "
+    "model.auxiliary_head.norm_cfg.type=GN model.auxiliary_head.norm_cfg.num_groups=32); see docs/mm.md."
+)
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +44,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train_parser(task: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=f"Train a {TASKS[task]} model with mmengine's Runner")
-    parser.add_argument("config", help="config file, e.g. configs/coco/mask_rcnn_visionzoo_dinat_t_1x.py")
+    parser.add_argument("config", help="config file, e.g. one of configs/coco/ or configs/ade20k/")
     parser.add_argument("--resume", nargs="?", const="auto",
                         help="resume from this checkpoint, or from the work dir's latest when no path is given")
     parser.add_argument("--amp", action="store_true", help="automatic mixed precision (needs a GPU)")
@@ -81,6 +91,55 @@ def adapt_to_device(cfg: Config) -> Config:
     return cfg
 
 
+def _datasets(dataset: Any) -> Iterator[Any]:
+    """``dataset`` and the datasets a wrapper (``RepeatDataset``, ``ConcatDataset``, ...) holds."""
+    if not isinstance(dataset, dict):
+        return
+    yield dataset
+    yield from _datasets(dataset.get("dataset"))
+    for inner in dataset.get("datasets") or ():
+        yield from _datasets(inner)
+
+
+def check_coco_classes(cfg: Config) -> None:
+    """Stop with the expected and found class names when a COCO-format dataset's annotation file
+    lacks a class of the config: mmdet's ``CocoDataset`` keeps only the categories whose names
+    are in its ``metainfo`` classes (COCO's 80 by default), so data with other names loads no
+    annotation at all and fails much later ("need at least one array to concatenate")."""
+    from mmdet.registry import DATASETS
+
+    for split in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        loader = cfg.get(split)
+        if not isinstance(loader, dict):
+            continue
+        for dataset in _datasets(loader.get("dataset")):
+            ann_file = dataset.get("ann_file")
+            if not isinstance(ann_file, str) or not ann_file.endswith(".json"):
+                continue
+            path = Path(ann_file) if Path(ann_file).is_absolute() else Path(dataset.get("data_root") or "") / ann_file
+            if not path.is_file():  # mmdet names a missing file itself
+                continue
+            dataset_type = DATASETS.get(dataset.get("type")) if isinstance(dataset.get("type"), str) else None
+            classes = (dataset.get("metainfo") or {}).get("classes")
+            if classes is None:
+                classes = getattr(dataset_type, "METAINFO", {}).get("classes")
+            if classes is None:
+                continue
+            found = [category["name"] for category in json.loads(path.read_text()).get("categories", [])]
+            missing = [name for name in classes if name not in found]
+            if missing:
+                raise SystemExit(
+                    f"{split}.dataset: the classes of the config are not those of {path}: expected "
+                    f"{len(classes)} ({_names(classes)}), the file has {len(found)} ({_names(found)}); "
+                    f"missing from the file: {_names(missing)}. Set {split}.dataset.metainfo=dict(classes=(...)) "
+                    f"to the file's category names and the heads' num_classes to their number (docs/mm.md).")
+
+
+def _names(names: Sequence[str], limit: int = 12) -> str:
+    shown = ", ".join(repr(name) for name in list(names)[:limit])
+    return shown + (f", ... {len(names) - limit} more" if len(names) > limit else "")
+
+
 def _check_scope(cfg: Config, task: str) -> None:
     scope = cfg.get("default_scope")
     if scope is not None and scope != TASKS[task]:
@@ -92,6 +151,8 @@ def load_config(args: argparse.Namespace, task: str) -> Config:
     cfg = Config.fromfile(args.config)
     cfg.merge_from_dict(args.cfg_options)
     _check_scope(cfg, task)
+    if task == "det":
+        check_coco_classes(cfg)
     cfg.launcher = args.launcher
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
@@ -121,6 +182,15 @@ def _distributed(launcher: str) -> Iterator[None]:
             dist.destroy_process_group()
 
 
+def _release_distributed_model(runner: Runner) -> None:
+    """Unwrap a DistributedDataParallel model while its process group still exists: a DDP reducer
+    destroyed after ``destroy_process_group`` (when the runner is freed at interpreter exit) can
+    abort the process after a finished run."""
+    if dist.is_initialized() and hasattr(runner.model, "module"):
+        runner.model = runner.model.module
+        gc.collect()
+
+
 def train(task: str, argv: Optional[Sequence[str]] = None) -> Runner:
     """``tools/train_{task}.py``: build the Runner from the config and train."""
     args = train_parser(task).parse_args(argv)
@@ -137,7 +207,13 @@ def train(task: str, argv: Optional[Sequence[str]] = None) -> Runner:
         cfg.resume, cfg.load_from = True, args.resume
     with _distributed(args.launcher):
         runner = Runner.from_cfg(cfg)
-        runner.train()
+        try:
+            runner.train()
+        except ValueError as e:
+            if "Expected more than 1 value per channel" not in str(e):
+                raise
+            raise SystemExit(_ONE_VALUE_PER_CHANNEL.format(error=e, batch_size=cfg.train_dataloader.batch_size)) from None
+        _release_distributed_model(runner)
     return runner
 
 
@@ -149,4 +225,6 @@ def test(task: str, argv: Optional[Sequence[str]] = None) -> dict:
     cfg.load_from = args.checkpoint
     with _distributed(args.launcher):
         runner = Runner.from_cfg(cfg)
-        return runner.test()
+        metrics = runner.test()
+        _release_distributed_model(runner)
+        return metrics

@@ -1,2 +1,2 @@
 """Model families; importing this module registers them with timm."""
-from . import maxxvit, nat, swin  # noqa: F401
+from . import maxxvit, nat, swin, tome  # noqa: F401

@@ -46,6 +46,7 @@ from visionzoo.layers import (
 )
 
 from .build import build_model, resolve_cfg
+from .dense import DenseArch, DenseFamily, register_dense_family
 
 __all__ = ["NAT", "NATIsotropic", "dinat_dilations"]
 
@@ -553,3 +554,75 @@ def visionzoo_dinat_iso_b(pretrained: bool = False, **kwargs) -> NATIsotropic:
     """DiNAT-iso-Base: NAT-iso-Base with dilation 2 on odd blocks."""
     model_args = dict(embed_dim=768, depth=12, num_heads=24, dilation=2, drop_path_rate=0.4)
     return _create_nat_isotropic("visionzoo_dinat_iso_b", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+# ----------------------------------------------------------------------------------------------
+# dense prediction: what visionzoo.mm registers (mmdet / mmseg backbones) and configs/ are written from
+# ----------------------------------------------------------------------------------------------
+
+# Official dense dilation schedules (SHI-Labs/Neighborhood-Attention-Transformer, detection/ and
+# segmentation/ configs): per stage, a cycle repeated to the stage's depth, e.g. DiNAT-T detection
+# [1, 28, 1], [1, 7, 1, 14], [1, 3, 1, 5, 1, 7] * 3, [1, 3, 1, 3, 1]. Detection is for ~800x1333
+# inputs, segmentation for 512x512 crops; DiNAT_s (2 blocks in stages 0, 1, 3) keeps the large one.
+DINAT_DENSE_DILATIONS: Dict[str, Dict[str, Tuple[Tuple[int, ...], ...]]] = {
+    "dinat": {
+        "det": ((1, 28, 1), (1, 7, 1, 14), (1, 3, 1, 5, 1, 7), (1, 3, 1, 3, 1)),
+        "seg": ((1, 16, 1), (1, 4, 1, 8), (1, 2, 1, 3, 1, 4), (1, 2, 1, 2, 1)),
+    },
+    "dinats": {
+        "det": ((1, 28), (1, 14), (1, 3, 1, 5, 1, 7), (1, 3)),
+        "seg": ((1, 16), (1, 8), (1, 2, 1, 3, 1, 4), (1, 2)),
+    },
+}
+
+
+def _dense_dilations(family: str):
+    """``task_kwargs`` of a DiNAT family: its official dense dilations, cycles cut to each stage's depth."""
+
+    def task_kwargs(model: NAT, task: str) -> Dict[str, Any]:
+        cycles = DINAT_DENSE_DILATIONS[family][task]
+        depths = [len(stage.blocks) for stage in model.stages]
+        return {"dilations": [[cycle[j % len(cycle)] for j in range(depth)] for cycle, depth in zip(cycles, depths)]}
+
+    return task_kwargs
+
+
+def _dense_archs(family: str, rows: Dict[str, Tuple[str, float, float]]) -> Dict[str, DenseArch]:
+    """``{arch: (pretrained tag, det drop path, seg drop path)}`` -> ``{arch: DenseArch}``."""
+    sizes = {"mini": "m", "tiny": "t", "small": "s", "base": "b", "large": "l"}
+    return {arch: DenseArch(f"visionzoo_{family}_{sizes[arch]}", tag, dict(det=det, seg=seg))
+            for arch, (tag, det, seg) in rows.items()}
+
+
+# Drop path rates of the official dense configs: detection Mask R-CNN's (base and large models have
+# none: their Cascade Mask R-CNN config's), UperNet's (DiNAT-L / DiNAT_s-L: the 640x640 config's).
+# Large models start from the ImageNet-22K weights, as officially.
+register_dense_family(DenseFamily(
+    name="nat",
+    type_names=("NAT",),
+    archs=_dense_archs("nat", {
+        "mini": ("in1k", 0.2, 0.2), "tiny": ("in1k", 0.2, 0.3), "small": ("in1k", 0.35, 0.5),
+        "base": ("in1k", 0.5, 0.5),
+    }),
+    checkpoint_filter=checkpoint_filter_fn,
+))
+register_dense_family(DenseFamily(
+    name="dinat",
+    type_names=("DiNAT",),
+    archs=_dense_archs("dinat", {
+        "mini": ("in1k", 0.2, 0.2), "tiny": ("in1k", 0.2, 0.3), "small": ("in1k", 0.35, 0.5),
+        "base": ("in1k", 0.6, 0.5), "large": ("in22k", 0.6, 0.3),
+    }),
+    task_kwargs=_dense_dilations("dinat"),
+    checkpoint_filter=checkpoint_filter_fn,
+))
+register_dense_family(DenseFamily(
+    name="dinats",
+    type_names=("DiNAT_s", "DiNATs"),
+    archs=_dense_archs("dinats", {
+        "tiny": ("in1k", 0.2, 0.3), "small": ("in1k", 0.35, 0.3), "base": ("in1k", 0.6, 0.3),
+        "large": ("in22k", 0.6, 0.3),
+    }),
+    task_kwargs=_dense_dilations("dinats"),
+    checkpoint_filter=checkpoint_filter_fn,
+))
