@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -432,6 +432,7 @@ class MaxxVit(ChannelsLastModel):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
+        self.output_fmt = "NHWC"
         self.num_features = cfg.embed_dim[-1]
         tcfg = cfg.transformer_cfg
         window = tcfg.window_size or tuple(s // tcfg.partition_ratio for s in self.img_size)
@@ -498,9 +499,23 @@ class MaxxVit(ChannelsLastModel):
         if global_pool is not None:
             self.global_pool = global_pool
 
+    def prune_intermediate_layers(
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> List[int]:
+        """As :class:`ChannelsLastModel`'s; a pruned head also loses its norm and pre-logits, as timm's."""
+        take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        if prune_head:
+            self.reset_classifier(0, "", reset_other=True)
+        return take_indices
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """``[B, H, W, C]`` features -> ``[B, num_classes]`` logits (``[B, head_hidden_size]`` with ``pre_logits``)."""
-        return self.head(_nchw(x), pre_logits=pre_logits)
+        """``[B, H, W, C]`` features -> ``[B, num_classes]`` logits (``[B, head_hidden_size]`` with ``pre_logits``;
+        ``[B, H, W, num_classes]`` without pooling, ``global_pool=''``)."""
+        x = self.head(_nchw(x), pre_logits=pre_logits)
+        return _nhwc(x) if x.dim() == 4 else x
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: MaxxVit) -> Dict[str, torch.Tensor]:
