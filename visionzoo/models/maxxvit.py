@@ -515,7 +515,7 @@ class MaxxVit(ChannelsLastModel):
         """``[B, H, W, C]`` features -> ``[B, num_classes]`` logits (``[B, head_hidden_size]`` with ``pre_logits``;
         ``[B, H, W, num_classes]`` without pooling, ``global_pool=''``)."""
         x = self.head(_nchw(x), pre_logits=pre_logits)
-        return _nhwc(x) if x.dim() == 4 else x
+        return _nhwc(x) if self.head.global_pool.is_identity() else x
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: MaxxVit) -> Dict[str, torch.Tensor]:
