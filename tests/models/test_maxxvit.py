@@ -1,0 +1,120 @@
+"""CoAtNet / MaxViT: logits equal timm's ``coatnet_*_224`` / ``maxvit_*_tf_224`` given the same weights,
+parameter counts of the spec, attention on every kernel backend.
+
+Full size at 224 for the smallest variant of each family; the larger variants by parameter count and
+one reduced-depth model built from the same config on both sides (timm's ``depths=`` overlay and
+``dataclasses.replace`` here), at a non-square size so that windows, grid dilation and the bias
+orientation differ per axis.
+"""
+import pytest
+import torch
+import timm
+
+import visionzoo  # noqa: F401  (registers the models)
+from visionzoo.kernels import use_backend
+from visionzoo.models.maxxvit import MaxxVit, PartitionAttention, checkpoint_filter_fn, model_cfgs
+
+TOLERANCE = 1e-4  # max |a - b| / max |a|
+
+# ours -> (timm's model, parameters in millions per the spec)
+VARIANTS = {
+    "visionzoo_coatnet_0": ("coatnet_0_224", 25.04),
+    "visionzoo_coatnet_1": ("coatnet_1_224", 42.23),
+    "visionzoo_coatnet_2": ("coatnet_2_224", 74.68),
+    "visionzoo_coatnet_3": ("coatnet_3_224", 166.97),
+    "visionzoo_maxvit_t": ("maxvit_tiny_tf_224", 30.92),
+    "visionzoo_maxvit_s": ("maxvit_small_tf_224", 68.93),
+    "visionzoo_maxvit_b": ("maxvit_base_tf_224", 119.47),
+    "visionzoo_maxvit_l": ("maxvit_large_tf_224", 211.79),
+}
+
+
+def _params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def _relative_error(expected, actual):
+    return ((expected - actual).abs().max() / expected.abs().max()).item()
+
+
+def _image(height, width=None, batch=1):
+    return torch.randn(batch, 3, height, width or height, generator=torch.Generator().manual_seed(1))
+
+
+def _assert_same_logits(reference, model, image):
+    """``model`` loaded with ``reference``'s (random) weights gives its logits."""
+    reference.eval()
+    model.load_state_dict(checkpoint_filter_fn(reference.state_dict(), model), strict=True)
+    model.eval()
+    with torch.no_grad():
+        error = _relative_error(reference(image), model(image))
+    assert error < TOLERANCE, error
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_parameter_count_equals_timm(name):
+    timm_name, mparams = VARIANTS[name]
+    with torch.device("meta"):
+        ours, theirs = _params(timm.create_model(name)), _params(timm.create_model(timm_name))
+    assert ours == theirs
+    assert round(ours / 1e6, 2) == mparams
+
+
+@pytest.mark.parametrize("name", ["visionzoo_coatnet_0", "visionzoo_maxvit_t"])
+def test_logits_equal_timm_at_224(name):
+    torch.manual_seed(0)
+    reference = timm.create_model(VARIANTS[name][0])
+    _assert_same_logits(reference, timm.create_model(name), _image(224))
+
+
+@pytest.mark.parametrize("name", ["visionzoo_coatnet_3", "visionzoo_maxvit_l"])
+def test_reduced_depth_logits_equal_timm_non_square(name):
+    # (64, 96): windows and grid 2x3 (MaxViT), bias tables of 2x3 / 4x6 maps (CoAtNet)
+    img_size, depths = (64, 96), (1, 1, 2, 1)
+    torch.manual_seed(0)
+    reference = timm.create_model(VARIANTS[name][0], img_size=img_size, depths=depths)
+    model = timm.create_model(name, img_size=img_size, depths=depths)
+    _assert_same_logits(reference, model, _image(*img_size, batch=2))
+
+
+def test_config_overrides_are_checked():
+    model = MaxxVit(model_cfgs["maxvit_t"], img_size=64, depths=(1, 1, 1, 1), transformer_dim_head=16)
+    assert [len(stage.blocks) for stage in model.stages] == [1, 1, 1, 1]
+    assert model.stages[0].blocks[0].attn_block.attn.num_heads == 64 // 16
+    with pytest.raises(TypeError, match="depth"):
+        MaxxVit(model_cfgs["maxvit_t"], depth=(1, 1, 1, 1))
+
+
+def test_timm_state_dict_loads_through_pretrained_file(tmp_path):
+    torch.manual_seed(0)
+    reference = timm.create_model("coatnet_0_224", img_size=64, depths=(1, 1, 1, 1)).eval()
+    path = tmp_path / "coatnet.pth"
+    torch.save(reference.state_dict(), path)
+    model = timm.create_model(
+        "visionzoo_coatnet_0", img_size=64, depths=(1, 1, 1, 1), pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path)),
+    ).eval()
+    image = _image(64)
+    with torch.no_grad():
+        assert _relative_error(reference(image), model(image)) < TOLERANCE
+
+
+@pytest.mark.parametrize("partition", ["block", "grid", "global"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_attention_backends_match_reference_forward_and_backward(partition, backend):
+    cfg = model_cfgs["maxvit_t"].transformer_cfg
+    height, width = 6, 9
+    window = (height, width) if partition == "global" else (2, 3)
+    torch.manual_seed(0)
+    attn = PartitionAttention(64, 64, partition, window, cfg)
+    x = torch.randn(2, height, width, 64, requires_grad=True)
+    outputs, grads = [], []
+    for name in ("reference", backend):
+        with use_backend(name):
+            out = attn(x)
+        grad = torch.autograd.grad(out.square().sum(), [x, attn.rel_pos.relative_position_bias_table])
+        outputs.append(out)
+        grads.append(grad)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    for actual, expected in zip(grads[1], grads[0]):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
