@@ -1,6 +1,7 @@
 # UperNet on a visionzoo backbone, ADE20K 512x512 crops, 160k iterations: mmseg's own model, data,
-# runtime and schedule, with the recipe of the Swin / NAT / DiNAT papers (AdamW 6e-5, wd 0.01, no
-# decay on rpb and norms, 1500 linear warm-up iterations then poly decay, 8 GPUs x 2 images).
+# runtime and schedule, with the recipe of the Swin / NAT / DiNAT / Agent-Swin papers (AdamW 6e-5,
+# wd 0.01, no decay on position biases and norms, 1500 linear warm-up iterations then poly decay,
+# 8 GPUs x 2 images).
 # A model's config (configs/ade20k/, written by tools/make_mm_configs.py) sets the backbone and the
 # heads' in_channels. SyncBN in the heads as the papers; the visionzoo tools swap it for BN on CPU.
 _base_ = [
