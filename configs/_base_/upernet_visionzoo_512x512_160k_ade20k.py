@@ -29,6 +29,13 @@ optim_wrapper = dict(
         'rpb': dict(decay_mult=0.),
         'relative_position_bias_table': dict(decay_mult=0.),
         'norm': dict(decay_mult=0.),
+        # agent attention's position biases (Agent-Swin's official dense recipe)
+        'an_bias': dict(decay_mult=0.),
+        'na_bias': dict(decay_mult=0.),
+        'ah_bias': dict(decay_mult=0.),
+        'aw_bias': dict(decay_mult=0.),
+        'ha_bias': dict(decay_mult=0.),
+        'wa_bias': dict(decay_mult=0.),
     }))
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1500),

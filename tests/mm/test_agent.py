@@ -84,7 +84,8 @@ def test_official_dense_agent_swin_checkpoint_loads_strictly_and_gives_its_featu
 
 
 def test_agent_swin_dense_grids_are_the_official_ones():
-    """The official downstream_agent_shapes: 9-12-14-7, except the Agent-Swin-S UperNet config (9-12-7-7)."""
+    """The official downstream_agent_shapes 9-12-14-7 (7-7 in the Agent-Swin-S UperNet config, on its
+    stage 3 of window blocks: the same model)."""
     with torch.device("meta"):
         small_seg = BACKBONES["AgentSwin"](arch="small", dense_schedule="seg")
         small_det = BACKBONES["AgentSwin"](arch="small", dense_schedule="det")

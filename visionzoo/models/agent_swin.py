@@ -297,18 +297,15 @@ def visionzoo_agent_swin_b(pretrained: bool = False, **kwargs) -> AgentSwinTrans
 # dense prediction: what visionzoo.mm registers (mmdet / mmseg backbones) and configs/ are written from
 # ----------------------------------------------------------------------------------------------
 # The official dense backbones (downstream/{detection,segmentation}, configs *_9-12-14-7.py): agents
-# pooled to these grids (the trained 3x3, 4x4, 7x7, 7x7 biases resized along the agent axis); the
-# Agent-Swin-S UperNet config pools stage 3 to 7x7 although its file name says 14.
+# pooled to these grids (the trained 3x3, 4x4, 7x7, 7x7 biases resized along the agent axis). The
+# grids of stages without agent blocks (3 of Agent-Swin-S, 4 of every size) are unused.
 _DENSE_AGENT_SHAPES = ((9, 9), (12, 12), (14, 14), (7, 7))
-_DENSE_AGENT_SHAPES_S_SEG = ((9, 9), (12, 12), (7, 7), (7, 7))
 
 
 def _dense_options(model: AgentSwinTransformer, task: str) -> Dict[str, Any]:
     """``task_kwargs``: the official dense agent grids, and the window blocks' dense layout (the
     window of 224 and its shift kept at every map size, padding before the shift)."""
-    small_seg = task == "seg" and model.pretrained_cfg["architecture"] == "visionzoo_agent_swin_s"
-    shapes = _DENSE_AGENT_SHAPES_S_SEG if small_seg else _DENSE_AGENT_SHAPES
-    return {"agent_shapes": shapes, "pad_before_shift": True}
+    return {"agent_shapes": _DENSE_AGENT_SHAPES, "pad_before_shift": True}
 
 
 # Drop path rates of the official dense configs: Mask R-CNN 1x COCO 0.1 (T, S; B has none), UperNet
