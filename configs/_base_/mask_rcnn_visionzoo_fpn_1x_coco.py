@@ -1,6 +1,7 @@
 # Mask R-CNN + FPN on a visionzoo backbone, COCO, 1x schedule: mmdet's own model, data, runtime and
-# schedule, with the recipe of the Swin / NAT / DiNAT papers (AdamW 1e-4, wd 0.05, no decay on rpb
-# and norms, 1000 linear warm-up iterations, steps at epochs 8 and 11 of 12, 8 GPUs x 2 images).
+# schedule, with the recipe of the Swin / NAT / DiNAT / Agent-Swin papers (AdamW 1e-4, wd 0.05, no
+# decay on position biases and norms, 1000 linear warm-up iterations, steps at epochs 8 and 11 of 12,
+# 8 GPUs x 2 images).
 # A model's config (configs/coco/, written by tools/make_mm_configs.py) sets the backbone and the
 # neck's in_channels.
 _base_ = [
@@ -27,6 +28,13 @@ optim_wrapper = dict(
         'rpb': dict(decay_mult=0.),
         'relative_position_bias_table': dict(decay_mult=0.),
         'norm': dict(decay_mult=0.),
+        # agent attention's position biases (Agent-Swin's official dense recipe)
+        'an_bias': dict(decay_mult=0.),
+        'na_bias': dict(decay_mult=0.),
+        'ah_bias': dict(decay_mult=0.),
+        'aw_bias': dict(decay_mult=0.),
+        'ha_bias': dict(decay_mult=0.),
+        'wa_bias': dict(decay_mult=0.),
     }),
     optimizer=dict(_delete_=True, type='AdamW', lr=0.0001, betas=(0.9, 0.999), weight_decay=0.05))
 

@@ -1,6 +1,7 @@
 # UperNet on a visionzoo backbone, ADE20K 512x512 crops, 160k iterations: mmseg's own model, data,
-# runtime and schedule, with the recipe of the Swin / NAT / DiNAT papers (AdamW 6e-5, wd 0.01, no
-# decay on rpb and norms, 1500 linear warm-up iterations then poly decay, 8 GPUs x 2 images).
+# runtime and schedule, with the recipe of the Swin / NAT / DiNAT / Agent-Swin papers (AdamW 6e-5,
+# wd 0.01, no decay on position biases and norms, 1500 linear warm-up iterations then poly decay,
+# 8 GPUs x 2 images).
 # A model's config (configs/ade20k/, written by tools/make_mm_configs.py) sets the backbone and the
 # heads' in_channels. SyncBN in the heads as the papers; the visionzoo tools swap it for BN on CPU.
 _base_ = [
@@ -28,6 +29,13 @@ optim_wrapper = dict(
         'rpb': dict(decay_mult=0.),
         'relative_position_bias_table': dict(decay_mult=0.),
         'norm': dict(decay_mult=0.),
+        # agent attention's position biases (Agent-Swin's official dense recipe)
+        'an_bias': dict(decay_mult=0.),
+        'na_bias': dict(decay_mult=0.),
+        'ah_bias': dict(decay_mult=0.),
+        'aw_bias': dict(decay_mult=0.),
+        'ha_bias': dict(decay_mult=0.),
+        'wa_bias': dict(decay_mult=0.),
     }))
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1500),

@@ -23,10 +23,12 @@ def _linear_resize(table, size):
     return F.interpolate(table.reshape(1, -1, table.shape[-1]), size=size, mode="linear").reshape(*lead, size)
 
 
-def reference_agent_attention(params, x, heads, cls_token=None):
+def reference_agent_attention(params, x, heads, cls_token=None, agent_shape=None):
     """V_A = softmax(A K^T s + B1) V, O = softmax(Q A^T s + B2) V_A + dwc(V), then proj; written out.
 
     ``params``: the official parameter names (``q.weight``, ``kv.weight`` or ``qkv.weight``, ``an_bias``, ...).
+    ``agent_shape``: agents pooled to this grid, the biases of the trained square grid resized to it
+    as the official dense backbones do (bilinear over the ``[heads, tokens, side, side]`` grid).
     Returns ``(out [B, H, W, C], class-token out [B, P, C])``.
     """
     batch, height, width, dim = x.shape
@@ -45,12 +47,13 @@ def reference_agent_attention(params, x, heads, cls_token=None):
         q, k, v = qkv[..., :dim], qkv[..., dim:2 * dim], qkv[..., 2 * dim:]
     grid = q[:, prefix:].reshape(batch, height, width, dim)
     # agents: mean of the queries over each adaptive-pool cell, cell (r, c) spanning rows
-    # floor(r*H/side) .. ceil((r+1)*H/side) - 1
+    # floor(r*H/n_rows) .. ceil((r+1)*H/n_rows) - 1
+    n_rows, n_cols = agent_shape or (side, side)
     cells = []
-    for r in range(side):
-        for c in range(side):
-            rows = slice(r * height // side, -(-(r + 1) * height // side))
-            cols = slice(c * width // side, -(-(c + 1) * width // side))
+    for r in range(n_rows):
+        for c in range(n_cols):
+            rows = slice(r * height // n_rows, -(-(r + 1) * height // n_rows))
+            cols = slice(c * width // n_cols, -(-(c + 1) * width // n_cols))
             cells.append(grid[:, rows, cols].mean(dim=(1, 2)))
     agent = torch.stack(cells, 1)  # [B, n, C]
 
@@ -73,6 +76,12 @@ def reference_agent_attention(params, x, heads, cls_token=None):
     if prefix:
         b1[:, :, 0] = params["ac_bias"][0, :, :, 0]
         b2[:, 0, :] = params["ca_bias"][0, :, 0, :]
+    if agent_shape is not None:
+        tokens_ = prefix + height * width
+        b1 = F.interpolate(b1.transpose(1, 2).reshape(heads, tokens_, side, side), size=agent_shape, mode="bilinear")
+        b1 = b1.reshape(heads, tokens_, -1).transpose(1, 2)
+        b2 = F.interpolate(b2.reshape(heads, tokens_, side, side), size=agent_shape, mode="bilinear")
+        b2 = b2.reshape(heads, tokens_, -1)
     scale = head_dim**-0.5
     agent_v = torch.softmax(agent @ k.transpose(-1, -2) * scale + b1, dim=-1) @ v
     out = torch.softmax(q @ agent.transpose(-1, -2) * scale + b2, dim=-1) @ agent_v
@@ -112,6 +121,35 @@ def test_matches_reference(height, width, window, agent_num, split_qkv, class_to
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("height, width, agent_num, agent_shape, class_token", [
+    (10, 12, 9, (5, 5), False),  # more agents than trained (the official dense backbones)
+    (6, 5, 4, (3, 4), True),  # a non-square grid, with a class token
+    (4, 4, 9, (6, 6), False),  # more agents than tokens: pool cells repeat tokens
+    (9, 9, 16, (2, 2), False),  # fewer agents
+])
+def test_agents_pooled_to_another_grid_match_reference(height, width, agent_num, agent_shape, class_token):
+    dim, heads = 12, 3
+    module = AgentAttention(dim, heads, agent_num, (7, 8), agent_shape=agent_shape, class_token=class_token)
+    module = _randomize(module.double()).eval()
+    assert module.agent_shape == agent_shape and module.an_bias.shape[1] == agent_num
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, height, width, dim, generator=generator, dtype=torch.float64)
+    cls = torch.randn(2, 1, dim, generator=generator, dtype=torch.float64) if class_token else None
+    params = dict(module.named_parameters())
+    expected, expected_cls = reference_agent_attention(params, x, heads, cls, agent_shape=agent_shape)
+    with torch.no_grad():
+        out = module(x, cls)
+    if class_token:
+        out, out_cls = out
+        torch.testing.assert_close(out_cls, expected_cls, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    # the same weights on the trained grid differ: the grid matters
+    trained = _randomize(AgentAttention(dim, heads, agent_num, (7, 8), class_token=class_token).double()).eval()
+    with torch.no_grad():
+        other = trained(x, cls)
+    assert not torch.allclose(other[0] if class_token else other, out)
+
+
 def test_gradients_match_reference():
     module = _randomize(AgentAttention(8, 2, 4, (5, 6), class_token=True).double())
     x = torch.randn(2, 4, 7, 8, dtype=torch.float64, requires_grad=True)
@@ -140,6 +178,8 @@ def test_official_parameter_names_and_shapes():
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="agent_num must be a positive square"):
         AgentAttention(12, 3, 10, 7)
+    with pytest.raises(ValueError, match="agent_shape must be a grid of at least 1x1 agents"):
+        AgentAttention(12, 3, 9, 7, agent_shape=(0, 3))
     with pytest.raises(ValueError, match=r"dim \(10\) must be divisible by num_heads \(3\)"):
         AgentAttention(10, 3, 9, 7)
     module = AgentAttention(12, 3, 9, 7)

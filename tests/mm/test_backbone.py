@@ -83,7 +83,7 @@ def test_registered_in_mmdet_and_mmseg(registry, task):
 
 # hierarchical families whose dense-prediction support (the official dense behaviour and configs) is
 # not built yet: each is declared in its model file once it is
-WITHOUT_DENSE_SUPPORT = ("visionzoo_agent_pvt_",)
+WITHOUT_DENSE_SUPPORT = ()
 
 
 def test_every_hierarchical_model_is_declared_for_dense_prediction():

@@ -33,10 +33,11 @@ def test_configs_are_those_of_the_declarations():
     assert set(SEG_CONFIGS) | set(DET_CONFIGS) == set(GENERATOR.expected_configs())
     # every hierarchical model of the families, mini variants included
     # every size with an official dense config and ImageNet weights: NAT, DiNAT, DiNAT_s (mini
-    # variants included, 13) and Swin (UperNet 6, Mask R-CNN 2); Swin-Free has neither
+    # variants included, 13), Swin (UperNet 6, Mask R-CNN 2), Agent-Swin (UperNet 3, Mask R-CNN 2)
+    # and Agent-PVT (Mask R-CNN 4); Swin-Free has neither
     seg = {spec.model_name for _, _, spec in DECLARED.values() if "seg" in spec.drop_path_rate}
     det = {spec.model_name for _, _, spec in DECLARED.values() if "det" in spec.drop_path_rate}
-    assert len(SEG_CONFIGS) == len(seg) == 13 + 6 and len(DET_CONFIGS) == 2 * len(det) == 2 * (13 + 2)
+    assert len(SEG_CONFIGS) == len(seg) == 13 + 6 + 3 and len(DET_CONFIGS) == 2 * len(det) == 2 * (13 + 2 + 2 + 4)
 
 
 def model_name(path, task):
@@ -72,17 +73,26 @@ def check_backbone(cfg, backbone, name, task):
     assert cfg.model.backbone.init_cfg.checkpoint == timm.models.get_pretrained_cfg(
         f"{name}.{spec.pretrained_tag}").url
     assert cfg.model.backbone.init_cfg.checkpoint.startswith(
-        ("https://shi-labs.com/projects/", "https://github.com/SwinTransformer/storage/releases/"))
+        ("https://shi-labs.com/projects/", "https://github.com/SwinTransformer/storage/releases/",
+         "https://cloud.tsinghua.edu.cn/f/"))
     if family.task_kwargs is not None:
         expected = dense_kwargs(name, task)
+        attns = [block.attn for stage in backbone.model.stages for block in stage.blocks]
         if "dilations" in expected:
             assert block_dilations(backbone) == expected["dilations"]
-        else:  # Swin: the official dense window layout in every block
-            assert expected == {"pad_before_shift": True}
-            assert all(block.attn.pad_before_shift for stage in backbone.model.stages for block in stage.blocks)
+        if expected.get("pad_before_shift"):  # Swin, Agent-Swin: the official dense window layout
+            assert all(attn.pad_before_shift for attn in attns if not hasattr(attn, "agent_shape"))
+        if "agent_shapes" in expected:  # Agent-Swin, Agent-PVT: agents pooled to the official dense grids
+            agent_shapes = [{block.attn.agent_shape for block in stage.blocks if hasattr(block.attn, "agent_shape")}
+                            for stage in backbone.model.stages]
+            assert all(shapes <= {tuple(grid)} for shapes, grid in zip(agent_shapes, expected["agent_shapes"]))
+            assert any(agent_shapes)
+        assert set(expected) in ({"dilations"}, {"pad_before_shift"}, {"agent_shapes"},
+                                 {"agent_shapes", "pad_before_shift"})
+    agent_biases = ("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias")
     assert dict(cfg.optim_wrapper.paramwise_cfg.custom_keys) == {
         "rpb": dict(decay_mult=0.0), "relative_position_bias_table": dict(decay_mult=0.0),
-        "norm": dict(decay_mult=0.0)}
+        "norm": dict(decay_mult=0.0), **{name: dict(decay_mult=0.0) for name in agent_biases}}
     assert dict(type="WeightsOnlyCheckpointHook") in cfg.custom_hooks
 
 

@@ -47,10 +47,11 @@ def official_state_dict(seed=0):
     return {key: torch.randn(shape, generator=generator) * 0.2 for key, shape in shapes.items()}
 
 
-def official_forward(sd, image):
-    """The official forward at its own resolution: PVTv1 stages of agent-attention blocks, mean pool, head."""
-    x = image
-    for i, (dim, depth, heads) in enumerate(zip(DIMS, DEPTHS, HEADS), start=1):
+def official_stages(sd, image, agent_shapes=(None,) * 4):
+    """The official stage outputs ``[B, C, H, W]`` at its own resolution: PVTv1 stages of agent-attention
+    blocks; ``agent_shapes``: the agents of each stage pooled to that grid (the official dense backbone)."""
+    x, outs = image, []
+    for i, (dim, depth, heads, agent_shape) in enumerate(zip(DIMS, DEPTHS, HEADS, agent_shapes), start=1):
         x = F.conv2d(x, sd[f"patch_embed{i}.proj.weight"], sd[f"patch_embed{i}.proj.bias"], stride=4 if i == 1 else 2)
         height, width = x.shape[2:]
         x = x.flatten(2).transpose(1, 2)
@@ -60,13 +61,19 @@ def official_forward(sd, image):
             p = f"block{i}.{j}."
             y = F.layer_norm(x, (dim,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], eps=1e-6)
             attn = {k[len(p + "attn."):]: v for k, v in sd.items() if k.startswith(p + "attn.")}
-            y, _ = reference_agent_attention(attn, y.reshape(-1, height, width, dim), heads)
+            y, _ = reference_agent_attention(attn, y.reshape(-1, height, width, dim), heads, agent_shape=agent_shape)
             x = x + y.reshape(x.shape)
             y = F.layer_norm(x, (dim,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps=1e-6)
             y = F.gelu(y @ sd[p + "mlp.fc1.weight"].T + sd[p + "mlp.fc1.bias"])
             x = x + y @ sd[p + "mlp.fc2.weight"].T + sd[p + "mlp.fc2.bias"]
         x = x.transpose(1, 2).reshape(-1, dim, height, width)
-    return x.mean(dim=(2, 3)) @ sd["head.weight"].T + sd["head.bias"]
+        outs.append(x)
+    return outs
+
+
+def official_forward(sd, image):
+    """The official classification forward: the stages, mean pool, head."""
+    return official_stages(sd, image)[-1].mean(dim=(2, 3)) @ sd["head.weight"].T + sd["head.bias"]
 
 
 def test_official_checkpoint_loads_strictly_and_matches_official_forward(tmp_path):

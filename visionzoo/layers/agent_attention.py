@@ -10,6 +10,10 @@ https://arxiv.org/abs/2312.08874. With ``A`` the agent tokens, average-pooled fr
 Each softmax step is one fused ``F.scaled_dot_product_attention`` call with its position bias as
 an additive float mask, so the ``N x n`` probabilities are never materialised. The cost is linear
 in the number of tokens ``N``.
+
+The agents can be pooled to another grid than the trained ``sqrt(n) x sqrt(n)`` (``agent_shape``):
+the official detection / segmentation backbones use more agents on their larger maps, with the
+agent axis of the biases resized bilinearly from the trained grid.
 """
 from __future__ import annotations
 
@@ -51,6 +55,19 @@ def resize_agent_biases(state_dict: Dict[str, torch.Tensor], model: nn.Module) -
 _ROW_COLUMN_BIASES = ("ah_bias", "aw_bias", "ha_bias", "wa_bias")
 
 
+def _resize_agents(bias: torch.Tensor, agent_shape: Tuple[int, int], dim: int) -> torch.Tensor:
+    """``bias`` whose axis ``dim`` is a square grid of agents (row-major) resized bilinearly
+    (align_corners=False) to an ``agent_shape`` grid; itself if already that grid."""
+    side = math.isqrt(bias.shape[dim])
+    if (side, side) == tuple(agent_shape):
+        return bias
+    moved = bias.movedim(dim, -1)
+    lead = moved.shape[:-1]
+    grid = moved.reshape(1, -1, side, side)
+    resized = F.interpolate(grid, size=tuple(agent_shape), mode="bilinear")
+    return resized.reshape(*lead, agent_shape[0] * agent_shape[1]).movedim(-1, dim)
+
+
 @register_notrace_function  # reads the feature size: a leaf for torch.fx
 def agent_position_biases(
     an_bias: torch.Tensor,
@@ -63,6 +80,7 @@ def agent_position_biases(
     width: int,
     ac_bias: Optional[torch.Tensor] = None,
     ca_bias: Optional[torch.Tensor] = None,
+    agent_shape: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The two additive biases for a ``height x width`` feature map, in the official parameter shapes.
 
@@ -72,10 +90,12 @@ def agent_position_biases(
             columns), resized along their spatial axis when ``(height, width) != (Wh, Ww)``.
         ha_bias, wa_bias: ``[1, heads, Wh, 1, n]`` / ``[1, heads, 1, Ww, n]`` (token -> agent).
         ac_bias, ca_bias: ``[1, heads, n, 1]`` / ``[1, heads, 1, n]``: agent <-> class token, prepended.
+        agent_shape: the ``(rows, cols)`` grid the agents are pooled to, when not the trained
+            ``sqrt(n) x sqrt(n)``: the agent axis of every bias is resized bilinearly to it.
 
     Returns:
-        ``(agent_bias [1, heads, n, P + H*W], query_bias [1, heads, P + H*W, n])``, ``P`` = 1 with a
-        class token, else 0.
+        ``(agent_bias [1, heads, m, P + H*W], query_bias [1, heads, P + H*W, m])``, ``m`` the agents
+        (``n``, or ``rows * cols`` of ``agent_shape``), ``P`` = 1 with a class token, else 0.
     """
     heads, agents = an_bias.shape[:2]
     size = (height, width)
@@ -91,6 +111,9 @@ def agent_position_biases(
     if ac_bias is not None and ca_bias is not None:
         agent_bias = torch.cat([ac_bias, agent_bias], dim=-1)
         query_bias = torch.cat([ca_bias, query_bias], dim=-2)
+    if agent_shape is not None:
+        agent_bias = _resize_agents(agent_bias, agent_shape, 2)
+        query_bias = _resize_agents(query_bias, agent_shape, 3)
     return agent_bias, query_bias
 
 
@@ -107,6 +130,10 @@ class AgentAttention(nn.Module):
         split_qkv: separate ``q`` and ``kv`` projections (Agent-PVT's layout) instead of one ``qkv``.
         class_token: a class token takes part in both softmax steps (with ``ac_bias`` / ``ca_bias``)
             but not in the agent pooling or the depthwise conv (Agent-DeiT).
+        agent_shape: the ``(rows, cols)`` grid the agents are pooled to at run time; ``None``: the
+            trained ``sqrt(agent_num)`` square. Another grid (the official dense backbones, e.g.
+            9x9 for 9 trained agents) resizes the agent axis of the biases bilinearly; the
+            parameters keep the trained ``agent_num``.
         attn_drop: dropout on both attention probabilities.
         proj_drop: dropout after the output projection.
 
@@ -124,6 +151,7 @@ class AgentAttention(nn.Module):
         qkv_bias: bool = True,
         split_qkv: bool = False,
         class_token: bool = False,
+        agent_shape: Optional[Union[int, Tuple[int, int]]] = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ):
@@ -134,11 +162,15 @@ class AgentAttention(nn.Module):
         if agent_num < 1 or pool_size * pool_size != agent_num:
             raise ValueError(f"agent_num must be a positive square (agents pooled to a grid), got {agent_num}")
         window_size = to_2tuple(window_size)
+        agent_shape = (pool_size, pool_size) if agent_shape is None else tuple(to_2tuple(agent_shape))
+        if min(agent_shape) < 1:
+            raise ValueError(f"agent_shape must be a grid of at least 1x1 agents, got {agent_shape}")
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.agent_num = agent_num
+        self.agent_shape = agent_shape
         self.window_size = window_size
         self.class_token = class_token
         self.attn_drop = attn_drop
@@ -152,7 +184,7 @@ class AgentAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
-        self.pool = nn.AdaptiveAvgPool2d((pool_size, pool_size))
+        self.pool = nn.AdaptiveAvgPool2d(agent_shape)
 
         wh, ww = window_size
         self.an_bias = nn.Parameter(torch.zeros(num_heads, agent_num, 7, 7))
@@ -170,7 +202,7 @@ class AgentAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, agent_num={self.agent_num}, "
-            f"window_size={self.window_size}, class_token={self.class_token}"
+            f"window_size={self.window_size}, agent_shape={self.agent_shape}, class_token={self.class_token}"
         )
 
     def _project(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -211,6 +243,7 @@ class AgentAttention(nn.Module):
             width,
             self.ac_bias if self.class_token else None,
             self.ca_bias if self.class_token else None,
+            self.agent_shape,
         )
         dropout = self.attn_drop if self.training else 0.0
         agent_v = F.scaled_dot_product_attention(

@@ -19,12 +19,16 @@ mean pooling; LayerNorm eps 1e-6 in the blocks). The module layout follows timm 
 Any input size runs: inputs are padded to a multiple of each patch size, and the position
 embeddings and agent biases are resized bilinearly to the actual feature size (the official code
 runs only at the resolution it was built for).
+
+Dense prediction (the declaration at the end, mm type ``AgentPVT``) is the official detection /
+segmentation backbone: agents pooled to 12x12, 16x16, 28x28, 28x28 grids with the agent axis of
+their biases resized, and the stage outputs without output norms.
 """
 from __future__ import annotations
 
 import re
 from functools import partial
-from typing import Any, Dict, Sequence, Tuple, Type
+from typing import Any, Dict, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -36,6 +40,7 @@ from timm.models import generate_default_cfgs, register_model
 from visionzoo.layers import AgentAttention, ChannelsLastModel, Stage, TransformerBlock, resize_agent_biases
 
 from .build import build_model, resolve_cfg
+from .dense import DenseArch, DenseFamily, register_dense_family
 
 __all__ = ["AgentPVT"]
 
@@ -89,6 +94,8 @@ class AgentPVT(ChannelsLastModel):
         num_heads: heads per stage.
         mlp_ratios: MLP hidden width over block width, per stage.
         agent_nums: agent tokens per stage (squares).
+        agent_shapes: per stage, the grid the agents are pooled to at run time (``None``: the
+            trained ``sqrt(n)`` square); the dense declaration sets the official dense grids.
         qkv_bias: bias in the q / kv projections.
         drop_rate: dropout before the classifier.
         proj_drop_rate: dropout after the attention projection and in the MLP.
@@ -111,6 +118,7 @@ class AgentPVT(ChannelsLastModel):
         num_heads: Sequence[int] = (1, 2, 5, 8),
         mlp_ratios: Sequence[float] = (8, 8, 4, 4),
         agent_nums: Sequence[int] = (9, 16, 49, 49),
+        agent_shapes: Optional[Sequence[Union[int, Tuple[int, int]]]] = None,
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
@@ -121,8 +129,9 @@ class AgentPVT(ChannelsLastModel):
     ):
         super().__init__()
         num_stages = len(depths)
-        for name, values in (("embed_dims", embed_dims), ("num_heads", num_heads),
-                             ("mlp_ratios", mlp_ratios), ("agent_nums", agent_nums)):
+        agent_shapes = [None] * num_stages if agent_shapes is None else list(agent_shapes)
+        for name, values in (("embed_dims", embed_dims), ("num_heads", num_heads), ("mlp_ratios", mlp_ratios),
+                             ("agent_nums", agent_nums), ("agent_shapes", agent_shapes)):
             if len(values) != num_stages:
                 raise ValueError(f"{name} {tuple(values)} must have one entry per stage, depths {tuple(depths)}")
         img_size = to_2tuple(img_size)
@@ -158,6 +167,7 @@ class AgentPVT(ChannelsLastModel):
                         grid,
                         qkv_bias=qkv_bias,
                         split_qkv=True,
+                        agent_shape=agent_shapes[i],
                         attn_drop=attn_drop_rate,
                         proj_drop=proj_drop_rate,
                     ),
@@ -275,3 +285,38 @@ def visionzoo_agent_pvt_m(pretrained: bool = False, **kwargs) -> AgentPVT:
 def visionzoo_agent_pvt_l(pretrained: bool = False, **kwargs) -> AgentPVT:
     model_args = dict(depths=(3, 8, 27, 3), drop_path_rate=0.3)
     return _create_agent_pvt("visionzoo_agent_pvt_l", pretrained, **dict(model_args, **kwargs))
+
+
+# ----------------------------------------------------------------------------------------------
+# dense prediction: what visionzoo.mm registers (mmdet / mmseg backbones) and configs/ are written from
+# ----------------------------------------------------------------------------------------------
+# The official dense backbones (downstream/{detection,segmentation}, configs *_12-16-28-28.py) pool
+# the agents to these grids, the trained 3x3, 4x4, 7x7, 7x7 biases resized along the agent axis.
+_DENSE_AGENT_SHAPES = ((12, 12), (16, 16), (28, 28), (28, 28))
+
+
+def _dense_options(model: AgentPVT, task: str) -> Dict[str, Any]:
+    """``task_kwargs``: the official dense agent grids (detection and segmentation alike)."""
+    return {"agent_shapes": _DENSE_AGENT_SHAPES}
+
+
+def _no_out_norm(channels: int) -> nn.Module:
+    """The official dense Agent-PVT returns its stage outputs as they are (no per-output norm)."""
+    return nn.Identity()
+
+
+# Drop path rates of the official Mask R-CNN 1x COCO configs. The official segmentation results are
+# Semantic FPN 40k (not a generated recipe): no seg rate, so no generated ADE20K config.
+register_dense_family(DenseFamily(
+    name="agent_pvt",
+    type_names=("AgentPVT",),
+    archs={
+        "tiny": DenseArch("visionzoo_agent_pvt_t", "in1k", dict(det=0.1)),
+        "small": DenseArch("visionzoo_agent_pvt_s", "in1k", dict(det=0.2)),
+        "medium": DenseArch("visionzoo_agent_pvt_m", "in1k", dict(det=0.1)),
+        "large": DenseArch("visionzoo_agent_pvt_l", "in1k", dict(det=0.2)),
+    },
+    task_kwargs=_dense_options,
+    checkpoint_filter=checkpoint_filter_fn,
+    out_norm=_no_out_norm,
+))

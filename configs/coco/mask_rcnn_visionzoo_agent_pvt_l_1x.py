@@ -1,0 +1,11 @@
+# AgentPVT large (visionzoo_agent_pvt_l.in1k): Mask R-CNN + FPN, COCO, 1x (12 epochs).
+# Written by tools/make_mm_configs.py from the family's dense declaration: edit that, not this file.
+_base_ = '../_base_/mask_rcnn_visionzoo_fpn_1x_coco.py'
+model = dict(
+    backbone=dict(
+        type='AgentPVT',
+        arch='large',
+        dense_schedule='det',
+        drop_path_rate=0.2,
+        init_cfg=dict(type='Pretrained', checkpoint='https://cloud.tsinghua.edu.cn/f/040cfe0cfbbe4762ad09/?dl=1')),
+    neck=dict(in_channels=[64, 128, 320, 512]))

@@ -1,0 +1,11 @@
+# AgentPVT tiny (visionzoo_agent_pvt_t.in1k): Mask R-CNN + FPN, COCO, 1x (12 epochs).
+# Written by tools/make_mm_configs.py from the family's dense declaration: edit that, not this file.
+_base_ = '../_base_/mask_rcnn_visionzoo_fpn_1x_coco.py'
+model = dict(
+    backbone=dict(
+        type='AgentPVT',
+        arch='tiny',
+        dense_schedule='det',
+        drop_path_rate=0.1,
+        init_cfg=dict(type='Pretrained', checkpoint='https://cloud.tsinghua.edu.cn/f/13fdf0e0a7c5498c934f/?dl=1')),
+    neck=dict(in_channels=[64, 128, 320, 512]))

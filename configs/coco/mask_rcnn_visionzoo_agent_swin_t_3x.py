@@ -1,0 +1,11 @@
+# AgentSwin tiny (visionzoo_agent_swin_t.in1k): Mask R-CNN + FPN, COCO, 3x (36 epochs), multi-scale resize and crop.
+# Written by tools/make_mm_configs.py from the family's dense declaration: edit that, not this file.
+_base_ = '../_base_/mask_rcnn_visionzoo_fpn_ms-crop-3x_coco.py'
+model = dict(
+    backbone=dict(
+        type='AgentSwin',
+        arch='tiny',
+        dense_schedule='det',
+        drop_path_rate=0.1,
+        init_cfg=dict(type='Pretrained', checkpoint='https://cloud.tsinghua.edu.cn/f/a2ddc1190c224f768a41/?dl=1')),
+    neck=dict(in_channels=[96, 192, 384, 768]))
