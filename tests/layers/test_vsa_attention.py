@@ -14,8 +14,9 @@ from visionzoo.layers import VSAWindowAttention, WindowAttention, vsa_sampling_g
 BACKENDS = ["reference", "cpu", "torch"]
 
 
-def official_state_dict(dim, num_heads, window, seed=0, regression_std=0.5):
+def official_state_dict(dim, num_heads, window, seed=0, regression_std=0.5, out_dim=None):
     """The official layer's parameters: random everything, the regressors included (so windows move)."""
+    out_dim = out_dim or dim
     generator = torch.Generator().manual_seed(seed)
     wh, ww = window
 
@@ -31,10 +32,10 @@ def official_state_dict(dim, num_heads, window, seed=0, regression_std=0.5):
         "sampling_offsets.2.bias": randn(2 * num_heads, std=regression_std),
         "sampling_scales.2.weight": randn(2 * num_heads, dim, 1, 1, std=regression_std),
         "sampling_scales.2.bias": randn(2 * num_heads, std=regression_std),
-        "qkv.weight": randn(3 * dim, dim, 1, 1),
-        "qkv.bias": randn(3 * dim),
-        "proj.weight": randn(dim, dim, 1, 1),
-        "proj.bias": randn(dim),
+        "qkv.weight": randn(3 * out_dim, dim, 1, 1),
+        "qkv.bias": randn(3 * out_dim),
+        "proj.weight": randn(out_dim, out_dim, 1, 1),
+        "proj.bias": randn(out_dim),
         "relative_position_bias_table": randn((2 * wh - 1) * (2 * ww - 1), num_heads),
         "relative_position_index": index,
     }
@@ -58,9 +59,11 @@ def bilinear(image, x, y):
 
 
 def reference_vsa(x, params, num_heads, window):
-    """The official forward on ``x [B, H, W, C]`` (returns ``[B, H, W, C]``), ``window`` the one in use."""
+    """The official forward on ``x [B, H, W, C]`` (returns ``[B, H, W, out_dim]``), ``window`` the
+    one in use."""
     batch, height, width, dim = x.shape
-    head_dim = dim // num_heads
+    out_dim = params["proj.bias"].shape[0]
+    head_dim = out_dim // num_heads
     wh, ww = window
     pad_h, pad_w = (wh - height % wh) % wh, (ww - width % ww) % ww
     padded_h, padded_w = height + pad_h, width + pad_w
@@ -100,14 +103,14 @@ def reference_vsa(x, params, num_heads, window):
     q, k, v = windows(q), windows(k), windows(v)
     bias = params["relative_position_bias_table"][params["relative_position_index"].reshape(-1)]
     bias = bias.reshape(wh * ww, wh * ww, num_heads).permute(2, 0, 1)
-    attn = (q @ k.transpose(-1, -2) * head_dim ** -0.5 + bias).softmax(-1)
+    attn = (q @ k.transpose(-1, -2) * (dim // num_heads) ** -0.5 + bias).softmax(-1)  # the input's width
     out = (attn @ v).reshape(batch, num_h, num_w, num_heads, wh, ww, head_dim)
-    out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, padded_h, padded_w, dim)[:, :height, :width]
+    out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, padded_h, padded_w, out_dim)[:, :height, :width]
     return out @ params["proj.weight"][:, :, 0, 0].t() + params["proj.bias"]
 
 
-def _layer(dim, num_heads, window_size, params=None):
-    layer = VSAWindowAttention(dim, num_heads, window_size=window_size).double()
+def _layer(dim, num_heads, window_size, params=None, out_dim=None):
+    layer = VSAWindowAttention(dim, num_heads, window_size=window_size, out_dim=out_dim).double()
     if params is not None:
         layer.load_state_dict(params, strict=True)
     return layer
@@ -131,16 +134,18 @@ def window_index(full, window):
     return (relative[0] + full_h - 1) * (2 * full_w - 1) + relative[1] + full_w - 1
 
 
-# (map, window of the layer, window in use): divisible, padded, non-square, smaller than the window
-CASES = [((14, 14), 7, (7, 7)), ((10, 13), 4, (4, 4)), ((9, 8), (3, 5), (3, 5)), ((5, 3), 7, (5, 3))]
+# (map, window of the layer, window in use, out_dim): divisible, padded, non-square, smaller than
+# the window, widening (ViTAEv2's reduction cells)
+CASES = [((14, 14), 7, (7, 7), None), ((10, 13), 4, (4, 4), None), ((9, 8), (3, 5), (3, 5), None),
+         ((5, 3), 7, (5, 3), None), ((8, 8), 4, (4, 4), 24)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("size, window_size, window", CASES, ids=lambda c: str(c))
-def test_forward_and_backward_equal_the_official_reference(size, window_size, window, backend):
+@pytest.mark.parametrize("size, window_size, window, out_dim", CASES, ids=lambda c: str(c))
+def test_forward_and_backward_equal_the_official_reference(size, window_size, window, out_dim, backend):
     dim, num_heads = 16, 2
-    params = official_state_dict(dim, num_heads, to_pair(window_size))
-    layer = _layer(dim, num_heads, window_size, params)
+    params = official_state_dict(dim, num_heads, to_pair(window_size), out_dim=out_dim)
+    layer = _layer(dim, num_heads, window_size, params, out_dim=out_dim)
     reference_params = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in params.items()}
     reference_params["relative_position_index"] = window_index(to_pair(window_size), window)
     x = _input(2, *size, dim).requires_grad_(True)
@@ -242,6 +247,8 @@ def test_official_attention_weights_load_strictly():
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="divisible by num_heads"):
         VSAWindowAttention(10, 3)
+    with pytest.raises(ValueError, match=r"out_dim \(20\)"):
+        VSAWindowAttention(12, 3, out_dim=20)
     with pytest.raises(ValueError, match="attn_drop"):
         VSAWindowAttention(8, 2, attn_drop=0.1)
     with pytest.raises(ValueError, match="window_size"):

@@ -31,9 +31,8 @@ def test_official_layout_checkpoint_gives_the_classification_features(tmp_path):
             if ".attn.sampling_" in name:
                 param.normal_(0, 0.05)  # moved windows: a regressor left at its zero init would show
     torch.save(_official_layout(model.state_dict()), tmp_path / "swin_vsa.pth")
-    backbone = BACKBONES["SwinVSA"](
-        arch="tiny", out_norms=False, init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "swin_vsa.pth")), **TINY
-    )
+    init_cfg = dict(type="Pretrained", checkpoint=str(tmp_path / "swin_vsa.pth"))
+    backbone = BACKBONES["SwinVSA"](arch="tiny", out_norms=False, init_cfg=init_cfg, **TINY)
     backbone.init_weights()
     x = torch.randn(1, 3, 100, 76)  # stage maps 25x19, 13x10, 7x5, 4x3
     with torch.no_grad():

@@ -36,7 +36,7 @@ ViTAEv2-VSA attention weights load into it (their 1x1-conv ``qkv`` / ``proj`` we
 """
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -101,15 +101,19 @@ def _window_regressor(dim: int, num_heads: int) -> nn.Sequential:
 
 @register_notrace_module  # fits its window to the input's shape: a leaf for torch.fx
 class VSAWindowAttention(nn.Module):
-    """Varied-size window multi-head self-attention, channels-last ``[B, H, W, C]`` in and out.
+    """Varied-size window multi-head self-attention, channels-last ``[B, H, W, C]`` in,
+    ``[B, H, W, out_dim]`` out.
 
     Any input size: per dimension a map not larger than the window takes the map as its window
     (Swin's rule, :func:`visionzoo.layers.fit_window_shift`; the centre of the bias table is used),
     otherwise it is zero padded right / bottom to a multiple of the window and cropped back.
 
     Args:
-        dim: channels ``C``; must be divisible by ``num_heads``.
+        dim: input channels ``C``; must be divisible by ``num_heads``.
         num_heads: attention heads, each with its own sampled windows.
+        out_dim: channels of q, k, v and the output (default ``dim``; ViTAEv2's reduction cells
+            widen the tokens here). As in the official layer, the logits are scaled by
+            ``(dim // num_heads) ** -0.5``, the input's width per head.
         window_size: default window, int or ``(h, w)``.
         qkv_bias: bias in the qkv projection.
         attn_drop: must be 0: the softmax happens inside the op.
@@ -121,32 +125,35 @@ class VSAWindowAttention(nn.Module):
         dim: int,
         num_heads: int,
         window_size: _size_2_t = 7,
+        out_dim: Optional[int] = None,
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        out_dim = out_dim or dim
+        if dim % num_heads or out_dim % num_heads:
+            raise ValueError(f"dim ({dim}) and out_dim ({out_dim}) must be divisible by num_heads ({num_heads})")
         if attn_drop:
             raise ValueError(
                 f"attn_drop={attn_drop} is not supported: the window op computes the softmax inside, "
                 "there is no attention matrix to drop out of"
             )
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.out_dim = out_dim
+        self.head_dim = out_dim // num_heads
+        self.scale = (dim // num_heads) ** -0.5
         self.window_size = to_2tuple(window_size)
         if min(self.window_size) < 1:
             raise ValueError(f"window_size must be >= 1, got {self.window_size}")
 
         self.sampling_offsets = _window_regressor(dim, num_heads)
         self.sampling_scales = _window_regressor(dim, num_heads)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, out_dim * 3, bias=qkv_bias)
         height, width = self.window_size
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * height - 1) * (2 * width - 1), num_heads))
         trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(out_dim, out_dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.reset_window_regression()
 
@@ -170,10 +177,10 @@ class VSAWindowAttention(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, H, W, C]`` -> ``[B, H, W, C]``."""
+        """``x [B, H, W, C]`` -> ``[B, H, W, out_dim]``."""
         if x.dim() != 4:
             raise ValueError(f"VSAWindowAttention expects [B, H, W, C], got shape {tuple(x.shape)}")
-        batch, height, width, channels = x.shape
+        batch, height, width, _ = x.shape
         window, _ = fit_window_shift((height, width), self.window_size, (0, 0))
         pad_h, pad_w = -height % window[0], -width % window[1]
         padded_h, padded_w = height + pad_h, width + pad_w
@@ -204,5 +211,5 @@ class VSAWindowAttention(nn.Module):
         if window != self.window_size:
             rpb = crop_rel_pos_table(rpb, window)
         x = na2d(query, key, value, kernel_size=window, stride=window, scale=self.scale, rpb=rpb)
-        x = self.proj(x[:, :height, :width].reshape(batch, height, width, channels))
+        x = self.proj(x[:, :height, :width].reshape(batch, height, width, self.out_dim))
         return self.proj_drop(x)
