@@ -165,6 +165,16 @@ def test_forward_and_backward_equal_the_official_reference(size, window_size, wi
         torch.testing.assert_close(param.grad, expected_grad, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
+def test_without_qkv_bias():
+    params = official_state_dict(16, 2, (4, 4))
+    layer = VSAWindowAttention(16, 2, window_size=4, qkv_bias=False).double()
+    layer.load_state_dict({k: v for k, v in params.items() if k != "qkv.bias"}, strict=True)
+    x = _input(2, 10, 13, 16)
+    reference_params = dict(params, **{"qkv.bias": torch.zeros_like(params["qkv.bias"])})
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference_vsa(x, reference_params, 2, (4, 4)), rtol=1e-10, atol=1e-10)
+
+
 def test_gradcheck_fp64():
     dim, num_heads = 4, 2
     layer = _layer(dim, num_heads, 3, official_state_dict(dim, num_heads, (3, 3), seed=3, regression_std=0.3))

@@ -176,6 +176,26 @@ class VSAWindowAttention(nn.Module):
         state_dict.pop(prefix + "relative_position_index", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _query_key_value(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``qkv`` on ``x [B, H, W, C]``: queries heads-last ``[B, H, W, heads, head_dim]`` (the op's
+        layout) and keys / values channel-first ``[B, heads * 2 * head_dim, H, W]``, (heads, (k, v))
+        major (``grid_sample``'s layout), each straight from its GEMM."""
+        batch, height, width, dim = x.shape
+        weight, bias = self.qkv.weight, self.qkv.bias
+        query_weight, key_value_weight = weight.split([self.out_dim, 2 * self.out_dim])
+        query_bias, key_value_bias = (None, None) if bias is None else bias.split([self.out_dim, 2 * self.out_dim])
+        query = F.linear(x, query_weight, query_bias).reshape(batch, height, width, self.num_heads, self.head_dim)
+        # rows (k, v, heads, head_dim) -> (heads, k / v, head_dim)
+        key_value_weight = key_value_weight.reshape(2, self.num_heads, self.head_dim, dim).transpose(0, 1)
+        key_value_weight = key_value_weight.reshape(2 * self.out_dim, dim)
+        tokens = x.reshape(batch, height * width, dim).transpose(1, 2)  # [B, C, H * W], a view
+        if key_value_bias is None:
+            key_value = torch.matmul(key_value_weight, tokens)
+        else:
+            key_value_bias = key_value_bias.reshape(2, self.num_heads, self.head_dim).transpose(0, 1).reshape(-1, 1)
+            key_value = torch.baddbmm(key_value_bias, key_value_weight.expand(batch, -1, -1), tokens)
+        return query, key_value.reshape(batch, 2 * self.out_dim, height, width)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, H, W, C]`` -> ``[B, H, W, out_dim]``."""
         if x.dim() != 4:
@@ -184,27 +204,26 @@ class VSAWindowAttention(nn.Module):
         window, _ = fit_window_shift((height, width), self.window_size, (0, 0))
         pad_h, pad_w = -height % window[0], -width % window[1]
         padded_h, padded_w = height + pad_h, width + pad_w
-        qkv = self.qkv(x)
+        query, key_value = self._query_key_value(x)
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-            qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
+            query = F.pad(query, (0, 0, 0, 0, 0, pad_w, 0, pad_h))
+            key_value = F.pad(key_value, (0, pad_w, 0, pad_h))
 
         pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), window)  # [B, C, nH, nW]
         num_h, num_w = pooled.shape[-2:]
         groups = batch * self.num_heads
         # [B, heads * 2, nH, nW] -> [B * heads, (x, y), nH, nW]; sampled in float32 at least:
         # half-precision coordinates would miss the tokens by a fraction of a pixel
-        dtype = torch.promote_types(qkv.dtype, torch.float32)
+        dtype = torch.promote_types(query.dtype, torch.float32)
         offsets = self.sampling_offsets(pooled).reshape(groups, 2, num_h, num_w).to(dtype)
         scales = self.sampling_scales(pooled).reshape(groups, 2, num_h, num_w).to(dtype)
         divisors = torch.tensor([width // window[1], height // window[0]], dtype=dtype, device=offsets.device)
         grid = vsa_sampling_grid(offsets / divisors[:, None, None], scales, window, (padded_h, padded_w))
 
-        qkv = qkv.reshape(batch, padded_h, padded_w, 3, self.num_heads, self.head_dim)
-        query = qkv[:, :, :, 0]
-        key_value = qkv[:, :, :, 1:].permute(0, 4, 3, 5, 1, 2).reshape(groups, 2 * self.head_dim, padded_h, padded_w)
+        key_value = key_value.reshape(groups, 2 * self.head_dim, padded_h, padded_w)
         key_value = F.grid_sample(key_value.to(dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        key_value = key_value.to(qkv.dtype).reshape(batch, self.num_heads, 2, self.head_dim, padded_h, padded_w)
+        key_value = key_value.to(query.dtype).reshape(batch, self.num_heads, 2, self.head_dim, padded_h, padded_w)
         key, value = key_value.permute(2, 0, 4, 5, 1, 3).unbind(0)  # each [B, Hp, Wp, heads, head_dim]
 
         rpb = rpb_from_query_minus_key_table(self.relative_position_bias_table, self.window_size)
