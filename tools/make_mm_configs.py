@@ -52,21 +52,24 @@ def render(family: DenseFamily, arch: str, spec: DenseArch, base: str, task: str
     model_name = spec.model_name
     channels = stage_channels(model_name)
     type_name = family.type_names[0]
-    url = timm.models.get_pretrained_cfg(f"{model_name}.{spec.pretrained_tag}").url
     backbone = [f"type='{type_name}'", f"arch='{arch}'"]
     if family.task_kwargs is not None:
         backbone.append(f"dense_schedule='{task}'")  # the family's declared options for the task
-    backbone += [
-        f"drop_path_rate={spec.drop_path_rate[task]}",
-        f"init_cfg=dict(type='Pretrained', checkpoint='{url}')",
-    ]
+    backbone.append(f"drop_path_rate={spec.drop_path_rate[task]}")
+    if spec.pretrained_tag:
+        url = timm.models.get_pretrained_cfg(f"{model_name}.{spec.pretrained_tag}").url
+        backbone.append(f"init_cfg=dict(type='Pretrained', checkpoint='{url}')")
+        weights = f"{model_name}.{spec.pretrained_tag}"
+    else:  # no released weights: the config names none rather than a wrong start
+        backbone.append("init_cfg=None")
+        weights = f"{model_name}, no released weights: set init_cfg to your ImageNet checkpoint"
     backbone_text = ",\n        ".join(backbone)
     if task == "seg":
         heads = f"decode_head=dict(in_channels={channels}),\n    auxiliary_head=dict(in_channels={channels[2]})"
     else:
         heads = f"neck=dict(in_channels={channels})"
     return (
-        f"# {type_name} {arch} ({model_name}.{spec.pretrained_tag}): {title}.\n"
+        f"# {type_name} {arch} ({weights}): {title}.\n"
         f"# Written by tools/make_mm_configs.py from the family's dense declaration: edit that, not this file.\n"
         f"_base_ = '../_base_/{base}'\n"
         f"model = dict(\n"

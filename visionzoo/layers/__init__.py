@@ -2,6 +2,7 @@
 
 * :mod:`.neighborhood_attention` - NAT / DiNAT attention;
 * :mod:`.window_attention` - Swin's (shifted) window attention;
+* :mod:`.vsa_attention` - varied-size window attention (VSA);
 * :mod:`.agent_attention` - agent attention (Agent-Swin / PVT / DeiT);
 * :mod:`.transformer_block` - pre-norm block around any channels-last attention module;
 * :mod:`.downsample` - NAT's conv downsampler, Swin's patch merging;
@@ -19,9 +20,11 @@ from .relative_position import (
     relative_position_index_key_minus_query,
     relative_position_index_query_minus_key,
     resize_rel_pos_table,
+    rpb_from_query_minus_key_table,
 )
 from .stage import Stage
 from .transformer_block import TransformerBlock
+from .vsa_attention import VSAWindowAttention, vsa_sampling_grid
 from .window_attention import WindowAttention, fit_window_shift
 
 __all__ = [
@@ -32,6 +35,7 @@ __all__ = [
     "PatchMerging",
     "Stage",
     "TransformerBlock",
+    "VSAWindowAttention",
     "WindowAttention",
     "agent_position_biases",
     "check_image",
@@ -43,4 +47,6 @@ __all__ = [
     "relative_position_index_query_minus_key",
     "resize_agent_biases",
     "resize_rel_pos_table",
+    "rpb_from_query_minus_key_table",
+    "vsa_sampling_grid",
 ]
