@@ -21,7 +21,7 @@ layout copies.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import fields, replace
 from functools import partial
 from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
@@ -112,6 +112,9 @@ def check_input(x: torch.Tensor, in_chans: int, multiple: int) -> torch.Tensor:
     return x
 
 
+_CFG_FIELDS = frozenset(f.name for f in fields(ByoModelCfg))
+
+
 class HaloNet(ByobNet):
     """timm's ``ByobNet`` with halo attention; ``[B, in_chans, H, W] -> [B, num_classes]``.
 
@@ -120,13 +123,16 @@ class HaloNet(ByobNet):
             :class:`visionzoo.layers.HaloAttention` as ``self_attn_layer``).
         img_size: if given, blocks larger than their stage's map at this size shrink to it (the
             relative tables with them), so that small inputs run; the default keeps the variant's blocks.
-        Other arguments: timm's ``ByobNet``'s.
+        Other arguments: timm's ``ByobNet``'s; fields of ``cfg`` given as keywords replace its values.
 
     Inputs: height and width multiples of :attr:`input_multiple` (256 for the timm variants at their
     blocks); others raise a ValueError naming the size.
     """
 
     def __init__(self, cfg: ByoModelCfg, img_size: Optional[Union[int, Tuple[int, int]]] = None, **kwargs: Any):
+        # timm's overlay of cfg fields (timm.create_model(name, self_attn_kwargs=...)), applied here so
+        # that the block fitting and input rule see it
+        cfg = replace(cfg, **{name: kwargs.pop(name) for name in list(kwargs) if name in _CFG_FIELDS})
         if img_size is not None:
             cfg = fit_blocks(cfg, to_2tuple(img_size))
         super().__init__(cfg, img_size=img_size, **kwargs)
@@ -144,6 +150,11 @@ class HaloNet(ByobNet):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` -> ``[B, num_features, H / 32, W / 32]`` (channels-last memory)."""
         return super().forward_features(self._prepare(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # ByobNet's, defined here so that torch.fx sees check_input as a leaf (it wraps the functions
+        # of the traced forward's module)
+        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any):
         """timm's ``ByobNet.forward_intermediates`` after the input check."""
