@@ -202,7 +202,9 @@ def _cfg(input_size: int = 256, **kwargs) -> Dict[str, Any]:
 
 def _timm_cfg(timm_tag: str, **kwargs) -> Dict[str, Any]:
     # timm's trained weights load unchanged
-    return _cfg(hf_hub_id=f"timm/{timm_tag}", origin_url="https://github.com/huggingface/pytorch-image-models", **kwargs)
+    return _cfg(
+        hf_hub_id=f"timm/{timm_tag}", origin_url="https://github.com/huggingface/pytorch-image-models", **kwargs
+    )
 
 
 default_cfgs = generate_default_cfgs({
