@@ -160,7 +160,8 @@ def halo_attention(
     Args:
         query: ``[B, H / s, W / s, heads, d]``; ``s`` (query stride) divides ``block_size`` and is read
             from the shapes: each ``block_size / s`` query block attends the window of its
-            ``block_size`` key block (timm's strided ``HaloAttn``).
+            ``block_size`` key block (timm's strided ``HaloAttn``; the relative terms then index query
+            positions within the ``block_size / s`` block against key positions in the window).
         key: ``[B, H, W, heads, d]``; value: ``[B, H, W, heads, dv]``. ``H`` and ``W`` must be multiples
             of ``block_size``.
         block_size, halo_size: ``b`` and ``h``; the window is ``(b + 2h)^2`` with zero padding.
