@@ -4,6 +4,7 @@
 * :mod:`.window_attention` - Swin's (shifted) window attention;
 * :mod:`.vsa_attention` - varied-size window attention (VSA);
 * :mod:`.agent_attention` - agent attention (Agent-Swin / PVT / DeiT);
+* :mod:`.halo_attention` - HaloNet's halo attention (blocked queries, zero-padded halo windows);
 * :mod:`.transformer_block` - pre-norm block around any channels-last attention module;
 * :mod:`.downsample` - NAT's conv downsampler, Swin's patch merging;
 * :mod:`.stage` - downsampler + blocks, with gradient checkpointing;
@@ -13,6 +14,7 @@
 """
 from .agent_attention import AgentAttention, agent_position_biases, resize_agent_biases
 from .downsample import ConvDownsample, PatchMerging, create_downsample
+from .halo_attention import HaloAttention, halo_attention
 from .model_base import ChannelsLastModel, check_image
 from .neighborhood_attention import NeighborhoodAttention2d, fit_window
 from .relative_position import (
@@ -31,6 +33,7 @@ __all__ = [
     "AgentAttention",
     "ChannelsLastModel",
     "ConvDownsample",
+    "HaloAttention",
     "NeighborhoodAttention2d",
     "PatchMerging",
     "Stage",
@@ -43,6 +46,7 @@ __all__ = [
     "crop_rel_pos_table",
     "fit_window",
     "fit_window_shift",
+    "halo_attention",
     "relative_position_index_key_minus_query",
     "relative_position_index_query_minus_key",
     "resize_agent_biases",
