@@ -192,7 +192,8 @@ def resolve_scan_backend(requested: Optional[str], device: torch.device) -> str:
         name = "torch"  # the old name ran batched matmuls where the C++ kernels could not run
     name = ALIASES.get(name, name).split(":")[0]
     if name == "auto":
-        return "torch"
+        preferred = "triton" if device.type == "cuda" else "cpu"
+        return preferred if can_run(preferred, device) is None else "torch"
     if name != "reference":
         reason = can_run(name, device)
         if reason is not None:

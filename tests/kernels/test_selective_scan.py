@@ -16,7 +16,7 @@ from visionzoo.kernels.dispatch import resolve_scan_backend
 from visionzoo.kernels.selective_scan_reference import selective_scan_reference
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-FAST_PATHS = ["torch"]
+FAST_PATHS = ["torch", "cpu"]
 PATHS = ["reference"] + FAST_PATHS
 
 
