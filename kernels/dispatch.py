@@ -25,7 +25,10 @@ window kernel), ``"tiled"`` is ``"torch:tiles"``, and ``"blocked"`` is ``"cpu:bl
 ``"torch:blocks"`` where the C++ kernels cannot run. Block-sparse attention has no C++ kernel:
 ``"cpu"`` (and the old names) run it as ``"torch:tiles"``.
 
-``VISIONZOO_ATTN_BACKEND`` sets the process-wide default.
+The selective scan takes the same names (:func:`resolve_scan_backend`): it has one implementation
+per backend, ``"reference"``, ``"cpu"``, ``"torch"`` or ``"triton"``.
+
+``VISIONZOO_ATTN_BACKEND`` sets the process-wide default (of both).
 """
 from __future__ import annotations
 
