@@ -3,6 +3,7 @@
 * :mod:`.neighborhood_attention` - NAT / DiNAT attention;
 * :mod:`.window_attention` - Swin's (shifted) window attention;
 * :mod:`.agent_attention` - agent attention (Agent-Swin / PVT / DeiT);
+* :mod:`.mamba_mixer` - MambaVision's selective-scan token mixer;
 * :mod:`.transformer_block` - pre-norm block around any channels-last attention module;
 * :mod:`.downsample` - NAT's conv downsampler, Swin's patch merging;
 * :mod:`.stage` - downsampler + blocks, with gradient checkpointing;
@@ -12,6 +13,7 @@
 """
 from .agent_attention import AgentAttention, agent_position_biases, resize_agent_biases
 from .downsample import ConvDownsample, PatchMerging, create_downsample
+from .mamba_mixer import MambaVisionMixer
 from .model_base import ChannelsLastModel, check_image
 from .neighborhood_attention import NeighborhoodAttention2d, fit_window
 from .relative_position import (
@@ -28,6 +30,7 @@ __all__ = [
     "AgentAttention",
     "ChannelsLastModel",
     "ConvDownsample",
+    "MambaVisionMixer",
     "NeighborhoodAttention2d",
     "PatchMerging",
     "Stage",
