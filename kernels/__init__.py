@@ -23,6 +23,7 @@ from .checks import NeighborhoodParams, make_params
 from .dispatch import ALIASES, BACKENDS, can_run, get_backend, resolve_backend, set_backend, use_backend
 from .functional import block_sparse_attention, na1d, na2d, na3d, neighborhood_attention
 from .indexing import attention_density, neighborhood_mask, window_bounds
+from .selective_scan_functional import selective_scan
 
 __all__ = [
     "ALIASES",
@@ -39,6 +40,7 @@ __all__ = [
     "neighborhood_attention",
     "neighborhood_mask",
     "resolve_backend",
+    "selective_scan",
     "set_backend",
     "use_backend",
     "window_bounds",
