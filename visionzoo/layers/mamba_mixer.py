@@ -13,12 +13,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 
 from visionzoo.kernels import selective_scan
 
 __all__ = ["MambaVisionMixer"]
 
 
+@register_notrace_module  # the scan checks its inputs' shapes: a leaf for torch.fx
 class MambaVisionMixer(nn.Module):
     """``[B, L, dim] -> [B, L, dim]``.
 

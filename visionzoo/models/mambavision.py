@@ -35,7 +35,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, register_notrace_function
+from timm.layers import (
+    ClassifierHead,
+    DropPath,
+    calculate_drop_path_rates,
+    register_notrace_function,
+    register_notrace_module,
+)
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from visionzoo.kernels import na2d
@@ -77,6 +83,7 @@ def window_reverse(windows: torch.Tensor, window: int, height: int, width: int) 
     return x.reshape(-1, rows * window, cols * window, channels)[:, :height, :width]
 
 
+@register_notrace_module  # BatchNorm checks its input's rank: a leaf for torch.fx, as torch's own norms
 class ChannelsLastBatchNorm2d(nn.BatchNorm2d):
     """``BatchNorm2d`` on ``[B, H, W, C]`` (the final norm of a model whose stages are channels-last)."""
 
@@ -118,6 +125,7 @@ class ConvBlock(nn.Module):
         return x + self.drop_path(self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x))))))
 
 
+@register_notrace_module  # the window op checks its inputs' shapes: a leaf for torch.fx
 class WindowSelfAttention(nn.Module):
     """Multi-head self-attention over the tokens of one window: ``[B', window**2, dim]`` in and out,
     tokens row-major. Runs on :func:`na2d` with ``kernel_size = stride = window`` (one block)."""
