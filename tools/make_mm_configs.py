@@ -12,6 +12,10 @@ the heads read; the recipes live in configs/_base_/ (on mmdet's / mmseg's own ba
     configs/ade20k/upernet_<model>_512x512_160k.py   UperNet, ADE20K 512x512, 160k iterations
     configs/coco/mask_rcnn_<model>_1x.py              Mask R-CNN + FPN, COCO, 12 epochs
     configs/coco/mask_rcnn_<model>_3x.py              Mask R-CNN + FPN, COCO, 36 epochs, multi-scale + crop
+    configs/coco/cascade_mask_rcnn_<model>_3x.py      Cascade Mask R-CNN + FPN, COCO, 36 epochs, multi-scale + crop
+
+A recipe is written for the sizes that declare a drop path rate under its key: ``'seg'`` (UperNet),
+``'det'`` (both Mask R-CNN schedules), ``'det_cascade'`` (Cascade Mask R-CNN).
 """
 from __future__ import annotations
 
@@ -30,14 +34,16 @@ from visionzoo.models.dense import DENSE_FAMILIES, DenseArch, DenseFamily
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
-# (folder, file name, base config, task, title)
+# (folder, file name, base config, task, drop path key, title)
 RECIPES = [
-    ("ade20k", "upernet_{model}_512x512_160k.py", "upernet_visionzoo_512x512_160k_ade20k.py", "seg",
+    ("ade20k", "upernet_{model}_512x512_160k.py", "upernet_visionzoo_512x512_160k_ade20k.py", "seg", "seg",
      "UperNet, ADE20K 512x512 crops, 160k iterations"),
-    ("coco", "mask_rcnn_{model}_1x.py", "mask_rcnn_visionzoo_fpn_1x_coco.py", "det",
+    ("coco", "mask_rcnn_{model}_1x.py", "mask_rcnn_visionzoo_fpn_1x_coco.py", "det", "det",
      "Mask R-CNN + FPN, COCO, 1x (12 epochs)"),
-    ("coco", "mask_rcnn_{model}_3x.py", "mask_rcnn_visionzoo_fpn_ms-crop-3x_coco.py", "det",
+    ("coco", "mask_rcnn_{model}_3x.py", "mask_rcnn_visionzoo_fpn_ms-crop-3x_coco.py", "det", "det",
      "Mask R-CNN + FPN, COCO, 3x (36 epochs), multi-scale resize and crop"),
+    ("coco", "cascade_mask_rcnn_{model}_3x.py", "cascade_mask_rcnn_visionzoo_fpn_giou_4conv1f_ms-crop-3x_coco.py", "det",
+     "det_cascade", "Cascade Mask R-CNN + FPN (4conv1fc GIoU heads), COCO, 3x (36 epochs), multi-scale resize and crop"),
 ]
 
 
@@ -48,14 +54,14 @@ def stage_channels(model_name: str) -> List[int]:
     return [info["num_chs"] for info in model.feature_info]
 
 
-def render(family: DenseFamily, arch: str, spec: DenseArch, base: str, task: str, title: str) -> str:
+def render(family: DenseFamily, arch: str, spec: DenseArch, base: str, task: str, rate_key: str, title: str) -> str:
     model_name = spec.model_name
     channels = stage_channels(model_name)
     type_name = family.type_names[0]
     backbone = [f"type='{type_name}'", f"arch='{arch}'"]
     if family.task_kwargs is not None:
         backbone.append(f"dense_schedule='{task}'")  # the family's declared options for the task
-    backbone.append(f"drop_path_rate={spec.drop_path_rate[task]}")
+    backbone.append(f"drop_path_rate={spec.drop_path_rate[rate_key]}")
     if spec.pretrained_tag:
         url = timm.models.get_pretrained_cfg(f"{model_name}.{spec.pretrained_tag}").url
         backbone.append(f"init_cfg=dict(type='Pretrained', checkpoint='{url}')")
@@ -90,10 +96,10 @@ def expected_configs() -> Dict[Path, str]:
     """Path -> content of every generated config."""
     out = {}
     for family, arch, spec in declared_models():
-        for folder, pattern, base, task, title in RECIPES:
-            if task in spec.drop_path_rate:
+        for folder, pattern, base, task, rate_key, title in RECIPES:
+            if rate_key in spec.drop_path_rate:
                 path = CONFIGS / folder / pattern.format(model=spec.model_name)
-                out[path] = render(family, arch, spec, base, task, title)
+                out[path] = render(family, arch, spec, base, task, rate_key, title)
     return out
 
 

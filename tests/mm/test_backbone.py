@@ -193,7 +193,8 @@ def test_dense_schedule_and_arch_errors():
 # ----------------------------------------------------------------------------------------------
 # outputs, frozen stages, gradient checkpointing
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("model_name", sorted(SMALLEST.values()))
+# MambaVision is not in SMALLEST (the training tests' families): its CPU training is too slow for them
+@pytest.mark.parametrize("model_name", sorted(SMALLEST.values()) + ["visionzoo_mambavision_t"])
 @pytest.mark.parametrize("out_indices", [(0, 1, 2, 3), (1, 3), (2,)])
 def test_outputs_are_nchw_at_strides_4_to_32(model_name, out_indices):
     backbone = VisionZooBackbone(model_name, out_indices=out_indices, dense_schedule=None).eval()
@@ -254,6 +255,38 @@ def test_with_cp_gives_the_same_outputs_and_gradients(model_name):
         results.append((outputs, x.grad, backbone.model.patch_embed.norm.weight.grad))
     for expected, actual in zip(*results):
         torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("registry, task, arch, windows", [
+    (DET_MODELS, "det", "tiny", [112, 56]), (SEG_MODELS, "seg", "tiny", [64, 32]),
+    (DET_MODELS, "det", "small", [112, 56]), (SEG_MODELS, "seg", "small", [160, 56]),
+    (SEG_MODELS, "seg", "base", [64, 32]),
+])
+def test_mambavision_dense_windows_are_the_official_ones(registry, task, arch, windows):
+    """Official object_detection / semantic_segmentation configs: windows of stages 3-4 enlarged,
+    MambaVision-S's UperNet with its own; a LayerNorm over channels per output."""
+    with torch.device("meta"):
+        backbone = registry.build(dict(type="MambaVision", arch=arch))
+    assert [stage.window_size for stage in backbone.model.stages] == [None, None] + windows
+    assert all(block.attn.window_size == windows[i - 2] for i, stage in enumerate(backbone.model.stages)
+               for block in stage.blocks if i >= 2 and hasattr(block.attn, "window_size"))
+    assert [type(getattr(backbone, f"norm{i}")).__name__ for i in range(4)] == ["LayerNorm2d"] * 4
+
+
+def test_mambavision_official_classification_checkpoint(tmp_path):
+    """An official MambaVision checkpoint through init_cfg: every backbone key loads (tiny widths)."""
+    from tests.models.test_mambavision import OFFICIAL, TINY, official_state_dict
+
+    arch = dict(OFFICIAL["visionzoo_mambavision_t"], dim=TINY["dim"], in_dim=TINY["in_dim"], depths=TINY["depths"])
+    official = official_state_dict(arch)
+    torch.save({"state_dict": official}, tmp_path / "official.pth.tar")
+    backbone, log = load_pretrained("visionzoo_mambavision_t", tmp_path / "official.pth.tar", **TINY)
+    state = backbone.state_dict()
+    assert torch.equal(state["model.stages.3.downsample.reduction.weight"], official["levels.2.downsample.reduction.0.weight"])
+    assert torch.equal(state["model.stages.2.blocks.0.attn.A_log"], official["levels.2.blocks.0.mixer.A_log"])
+    assert "unexpected key in source state_dict: model.norm.weight, model.norm.bias" in log
+    missing = re.search(r"missing keys in source state_dict: (.*)", log)[1]
+    assert {key.strip() for key in missing.split(",")} == {f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias")}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,9 +24,9 @@ from visionzoo.layers.token_merging import ToMeBlock
 
 MODELS = timm.list_models("visionzoo_*")
 _SIZE_RANK = {"m": 0, "t": 1, "s": 2, "b": 3, "l": 4}
-# visionzoo_<family>_<size>[_<variant>], e.g. visionzoo_swin_b_384, visionzoo_swin_free_b_dr12,
-# visionzoo_vit_s_tome, visionzoo_coatnet_0
-_NAME = re.compile(r"^(?P<family>.+?)_(?P<size>[mtsbl]|\d+)(?P<variant>_[a-z0-9]+)?$")
+# visionzoo_<family>_<size>[<variant>], e.g. visionzoo_swin_b_384, visionzoo_swin_free_b_dr12,
+# visionzoo_vit_s_tome, visionzoo_coatnet_0, visionzoo_mambavision_t2, visionzoo_mambavision_l3_256
+_NAME = re.compile(r"^(?P<family>.+?)_(?P<size>[mtsbl]|\d+)(?P<variant>\d+(?:_[a-z0-9]+)?|_[a-z0-9]+)?$")
 
 
 def _family(name):

@@ -5,6 +5,7 @@
 * :mod:`.vsa_attention` - varied-size window attention (VSA);
 * :mod:`.agent_attention` - agent attention (Agent-Swin / PVT / DeiT);
 * :mod:`.halo_attention` - HaloNet's halo attention (blocked queries, zero-padded halo windows);
+* :mod:`.mamba_mixer` - MambaVision's selective-scan token mixer;
 * :mod:`.transformer_block` - pre-norm block around any channels-last attention module;
 * :mod:`.downsample` - NAT's conv downsampler, Swin's patch merging;
 * :mod:`.stage` - downsampler + blocks, with gradient checkpointing;
@@ -15,6 +16,7 @@
 from .agent_attention import AgentAttention, agent_position_biases, resize_agent_biases
 from .downsample import ConvDownsample, PatchMerging, create_downsample
 from .halo_attention import HaloAttention, halo_attention
+from .mamba_mixer import MambaVisionMixer
 from .model_base import ChannelsLastModel, check_image
 from .neighborhood_attention import NeighborhoodAttention2d, fit_window
 from .relative_position import (
@@ -34,6 +36,7 @@ __all__ = [
     "ChannelsLastModel",
     "ConvDownsample",
     "HaloAttention",
+    "MambaVisionMixer",
     "NeighborhoodAttention2d",
     "PatchMerging",
     "Stage",
