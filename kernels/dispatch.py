@@ -25,7 +25,10 @@ window kernel), ``"tiled"`` is ``"torch:tiles"``, and ``"blocked"`` is ``"cpu:bl
 ``"torch:blocks"`` where the C++ kernels cannot run. Block-sparse attention has no C++ kernel:
 ``"cpu"`` (and the old names) run it as ``"torch:tiles"``.
 
-``VISIONZOO_ATTN_BACKEND`` sets the process-wide default.
+The selective scan takes the same names (:func:`resolve_scan_backend`): it has one implementation
+per backend, ``"reference"``, ``"cpu"``, ``"torch"`` or ``"triton"``.
+
+``VISIONZOO_ATTN_BACKEND`` sets the process-wide default (of both).
 """
 from __future__ import annotations
 
@@ -192,7 +195,8 @@ def resolve_scan_backend(requested: Optional[str], device: torch.device) -> str:
         name = "torch"  # the old name ran batched matmuls where the C++ kernels could not run
     name = ALIASES.get(name, name).split(":")[0]
     if name == "auto":
-        return "torch"
+        preferred = "triton" if device.type == "cuda" else "cpu"
+        return preferred if can_run(preferred, device) is None else "torch"
     if name != "reference":
         reason = can_run(name, device)
         if reason is not None:

@@ -54,10 +54,12 @@ def selective_scan_reference(
     B, C = per_channel(B.to(dtype), dim), per_channel(C.to(dtype), dim)
     state = u_.new_zeros(batch, dim, A.shape[1])
     ys = []
-    for step in range(length):
-        dt_l = dt[:, :, step, None]
-        state = torch.exp(dt_l * A) * state + (dt_l * u_[:, :, step, None]) * B[..., step]
-        ys.append((state * C[..., step]).sum(-1))
+    # one slice per step by unbind, whose backward stacks the step gradients once (indexing a step
+    # would build a gradient of the whole sequence at every step)
+    for dt_l, u_l, B_l, C_l in zip(dt.unbind(-1), u_.unbind(-1), B.unbind(-1), C.unbind(-1)):
+        dt_l = dt_l[..., None]
+        state = torch.exp(dt_l * A) * state + (dt_l * u_l[..., None]) * B_l
+        ys.append((state * C_l).sum(-1))
     y = torch.stack(ys, dim=-1) if ys else u_.new_zeros(batch, dim, 0)
     if D is not None:
         y = y + D.to(dtype)[:, None] * u_

@@ -62,17 +62,18 @@ def selective_scan_chunked(
     dt_g = split(dt).view(batch, groups, per_group, 1, chunks, step)
     log_decay = dt_g * A.to(dtype).view(1, groups, per_group, d_state, 1, 1)
     inputs = (dt_g * split(u_).view(batch, groups, per_group, 1, chunks, step)) * split(B.to(dtype))[:, :, None]
-    decay = torch.exp(log_decay)
+    # steps and chunks are sliced by unbind, whose backward stacks the slices' gradients once (indexing
+    # would build a gradient of the whole tensor for every slice)
     local, h = [], None
-    for t in range(step):
-        h = inputs[..., t] if h is None else decay[..., t] * h + inputs[..., t]
+    for decay_t, input_t in zip(torch.exp(log_decay).unbind(-1), inputs.unbind(-1)):
+        h = input_t if h is None else decay_t * h + input_t
         local.append(h)
     local = torch.stack(local, dim=-1)
     cumulative = torch.exp(torch.cumsum(log_decay, dim=-1))  # decay from a chunk's start to each step
     carried, state = [], local.new_zeros(local.shape[:-2])
-    for c in range(chunks):
+    for decay_c, last_c in zip(cumulative[..., -1].unbind(-1), local[..., -1].unbind(-1)):
         carried.append(state)
-        state = cumulative[..., c, -1] * state + local[..., c, -1]
+        state = decay_c * state + last_c
     states = local + cumulative * torch.stack(carried, dim=-1)[..., None]
     y = (states * split(C.to(dtype))[:, :, None]).sum(3).reshape(batch, dim, chunks * step)[..., :length]
     if D is not None:

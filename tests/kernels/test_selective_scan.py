@@ -16,8 +16,17 @@ from visionzoo.kernels.dispatch import resolve_scan_backend
 from visionzoo.kernels.selective_scan_reference import selective_scan_reference
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-FAST_PATHS = ["torch"]
+FAST_PATHS = ["torch", "cpu"]
 PATHS = ["reference"] + FAST_PATHS
+try:
+    import triton  # noqa: F401
+
+    TRITON = INTERPRETING or torch.cuda.is_available()
+except ImportError:
+    TRITON = False
+needs_triton = pytest.mark.skipif(not TRITON, reason="needs triton with CUDA or TRITON_INTERPRET=1")
+# the interpreter runs every program step by step in Python: tiny shapes for the triton path
+TRITON_DEVICE = "cpu" if INTERPRETING else "cuda"
 
 
 def _loop_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -184,9 +193,9 @@ def _compare(path, args, delta_softplus=True, dtype_tolerance=None, last_state_g
         out, last = selective_scan(**{**args, **leaves}, delta_softplus=delta_softplus, return_last_state=True,
                                    backend=backend)
         g = torch.Generator().manual_seed(1)
-        loss = (out.float() * torch.randn(out.shape, generator=g)).sum()
+        loss = (out.float() * torch.randn(out.shape, generator=g).to(out.device)).sum()
         if last_state_grad:
-            loss = loss + (last.float() * torch.randn(last.shape, generator=g)).sum()
+            loss = loss + (last.float() * torch.randn(last.shape, generator=g).to(last.device)).sum()
         loss.backward()
         results.append((out, last, {k: v.grad for k, v in leaves.items()}))
     (out_ref, last_ref, grads_ref), (out, last, grads) = results
@@ -233,9 +242,11 @@ def test_paths_take_bf16_inputs(path):
     _compare(path, _inputs(2, 16, 49, 8, dtype=torch.bfloat16), last_state_grad=False)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATHS + [pytest.param("triton", marks=needs_triton)])
 def test_gradcheck_fp64(path):
-    args = _inputs(1, 4, 6, 2, groups=2, dtype=torch.float64)
+    # the interpreter runs a kernel in ~0.1 s: a smaller problem and gradcheck's fast mode for triton
+    triton_path = path == "triton"
+    args = _inputs(1, 2 if triton_path else 4, 4 if triton_path else 6, 2, groups=2, dtype=torch.float64)
     names = list(_tensors(args))
 
     def run(*tensors):
@@ -243,17 +254,46 @@ def test_gradcheck_fp64(path):
                                    return_last_state=True, backend=path)
         return out, last
 
+    device = TRITON_DEVICE if triton_path else "cpu"
+    args = {k: v.to(device) if v is not None else None for k, v in args.items()}
     inputs = tuple(args[n].detach().clone().requires_grad_() for n in names)
-    assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
+    assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=triton_path)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATHS + [pytest.param("triton", marks=needs_triton)])
 def test_empty_inputs(path):
     for batch, length in ((0, 5), (2, 0)):
         args = _inputs(batch, 4, length, 3)
+        args = {k: v.to(TRITON_DEVICE if path == "triton" else "cpu") for k, v in args.items()}
         out, last = selective_scan(**args, return_last_state=True, backend=path)
         assert out.shape == (batch, 4, length) and last.shape == (batch, 4, 3)
         assert torch.count_nonzero(last) == 0
+
+
+def _on(device, args):
+    return {k: v.to(device) if v is not None else None for k, v in args.items()}
+
+
+@needs_triton
+@pytest.mark.parametrize("length, groups, shared, extras", [
+    (1, 2, "grouped", (True, True, True, True)),
+    (7, 2, "grouped", (True, True, True, True)),
+    (7, None, "grouped", (False, False, False, False)),
+    (7, None, "constant", (True, False, True, True)),
+    (7, 8, "grouped", (False, True, False, True)),
+])
+def test_triton_matches_the_reference(length, groups, shared, extras):
+    D, z, delta_bias, softplus = extras
+    args = _inputs(2, 8, length, 3, groups=groups, shared=shared, D=D, z=z, delta_bias=delta_bias,
+                   dtype=torch.float64, positive_delta=not softplus)
+    _compare("triton", _on(TRITON_DEVICE, args), delta_softplus=softplus, last_state_grad=softplus)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_fp32_and_bf16_at_a_mambavision_like_width(dtype):
+    # more channels than one program's block (32): two blocks per group, the B / C sums across them
+    _compare("triton", _on(TRITON_DEVICE, _inputs(1, 40, 9, 8, z=False, dtype=dtype)), last_state_grad=False)
 
 
 def test_mamba_ssm_agrees_when_installed():
@@ -263,3 +303,35 @@ def test_mamba_ssm_agrees_when_installed():
     out, last = selective_scan(**args, delta_softplus=True, return_last_state=True)
     torch.testing.assert_close(out, expected[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(last, expected[1], rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# the custom ops
+# ----------------------------------------------------------------------------------------------
+def test_auto_runs_the_cpu_kernel_on_cpu(native_kernel):
+    assert resolve_scan_backend("auto", torch.device("cpu")) == "cpu"
+
+
+@pytest.mark.parametrize("path", ["cpu", pytest.param("triton", marks=needs_triton)])
+def test_custom_op_compiles_without_graph_break(path):
+    torch._dynamo.reset()
+    args = _on(TRITON_DEVICE if path == "triton" else "cpu", _inputs(2, 8, 9, 4, z=False))
+    leaves = {k: v.requires_grad_() for k, v in _tensors(args).items()}
+
+    def mixer(u, delta, A, B, C, D, delta_bias):
+        out, last = selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True,
+                                   return_last_state=True, backend=path)
+        return out.square().sum() + last.sum()
+
+    compiled = torch.compile(mixer, fullgraph=True, backend="aot_eager")
+    grads = torch.autograd.grad(compiled(**leaves), list(leaves.values()))
+    expected = torch.autograd.grad(mixer(**leaves), list(leaves.values()))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("path", ["cpu", pytest.param("triton", marks=needs_triton)])
+def test_custom_op_passes_opcheck(path):
+    args = _on(TRITON_DEVICE if path == "triton" else "cpu", _inputs(2, 4, 5, 3, groups=2))
+    tensors = [args[k].requires_grad_() for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    torch.library.opcheck(torch.ops.visionzoo.selective_scan_forward.default, (*tensors, True, path))
