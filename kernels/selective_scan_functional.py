@@ -15,8 +15,9 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .dispatch import resolve_scan_backend
-from .reference import compute_dtype
+from .selective_scan_ops import selective_scan_fused
 from .selective_scan_reference import selective_scan_reference
+from .selective_scan_torch import selective_scan_chunked
 
 
 def _shape(x) -> str:
@@ -134,11 +135,7 @@ def selective_scan(
     if name == "reference":
         out, last_state = selective_scan_reference(*args)
     elif name == "torch":
-        from .selective_scan_torch import selective_scan_chunked
-
         out, last_state = selective_scan_chunked(*args)
     else:
-        from .selective_scan_ops import selective_scan_fused
-
         out, last_state = selective_scan_fused(*args, backend=name)
     return (out, last_state) if return_last_state else out

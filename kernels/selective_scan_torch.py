@@ -64,12 +64,15 @@ def selective_scan_chunked(
     inputs = (dt_g * split(u_).view(batch, groups, per_group, 1, chunks, step)) * split(B.to(dtype))[:, :, None]
     # steps and chunks are sliced by unbind, whose backward stacks the slices' gradients once (indexing
     # would build a gradient of the whole tensor for every slice)
+    # decays below the smallest normal float are floored at it: exp would spend 6x as long producing
+    # subnormals, whose share in a sum with any normal term is below its rounding
+    floor = math.log(torch.finfo(dtype).tiny)
     local, h = [], None
-    for decay_t, input_t in zip(torch.exp(log_decay).unbind(-1), inputs.unbind(-1)):
+    for decay_t, input_t in zip(torch.exp(log_decay.clamp_min(floor)).unbind(-1), inputs.unbind(-1)):
         h = input_t if h is None else decay_t * h + input_t
         local.append(h)
     local = torch.stack(local, dim=-1)
-    cumulative = torch.exp(torch.cumsum(log_decay, dim=-1))  # decay from a chunk's start to each step
+    cumulative = torch.exp(torch.cumsum(log_decay, dim=-1).clamp_min(floor))  # from a chunk's start to each step
     carried, state = [], local.new_zeros(local.shape[:-2])
     for decay_c, last_c in zip(cumulative[..., -1].unbind(-1), local[..., -1].unbind(-1)):
         carried.append(state)

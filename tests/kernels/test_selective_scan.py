@@ -9,11 +9,9 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from visionzoo.kernels import selective_scan, use_backend
 from visionzoo.kernels.dispatch import resolve_scan_backend
-from visionzoo.kernels.selective_scan_reference import selective_scan_reference
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FAST_PATHS = ["torch", "cpu"]
@@ -258,6 +256,34 @@ def test_gradcheck_fp64(path):
     args = {k: v.to(device) if v is not None else None for k, v in args.items()}
     inputs = tuple(args[n].detach().clone().requires_grad_() for n in names)
     assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=triton_path)
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_a_nan_reaches_what_depends_on_it(path):
+    args = _inputs(2, 8, 13, 3, groups=2, dtype=torch.float64)
+    args["u"][1, 5, 4] = float("nan")
+    out, last = selective_scan(**args, delta_softplus=True, return_last_state=True, backend=path)
+    expected_out, expected_last = selective_scan(**args, delta_softplus=True, return_last_state=True,
+                                                 backend="reference")
+    assert out.isnan().sum() == 9 and out[1, 5, 4:].isnan().all()  # that channel from that step on
+    torch.testing.assert_close(out, expected_out, equal_nan=True)
+    torch.testing.assert_close(last, expected_last, equal_nan=True)
+
+
+def test_cpu_results_do_not_depend_on_the_thread_count(native_kernel):
+    args = _inputs(3, 40, 21, 8, groups=2)
+    leaves = {k: v.requires_grad_() for k, v in _tensors(args).items()}
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            out = selective_scan(**leaves, delta_softplus=True, backend="cpu")
+            results.append((out, *torch.autograd.grad(out.square().sum(), list(leaves.values()))))
+    finally:
+        torch.set_num_threads(threads)
+    for one, three in zip(*results):
+        assert torch.equal(one, three)
 
 
 @pytest.mark.parametrize("path", PATHS + [pytest.param("triton", marks=needs_triton)])

@@ -97,7 +97,9 @@ class _MaskedAttention(torch.autograd.Function):
         scale = ctx.scale
         n, heads, length, window = by_height.shape
         q, k, v = query.flatten(0, 1), key.flatten(0, 1), value.flatten(0, 1)
-        g, o = grad_out.flatten(0, 1), out.flatten(0, 1)
+        # the gradient arrives in the permuted layout of the block folding: batched matmuls need it
+        # contiguous (or they copy matrix by matrix)
+        g, o = grad_out.contiguous().flatten(0, 1), out.flatten(0, 1)
         logits = torch.baddbmm(_mask(by_height, by_width).flatten(0, 1), q, k.transpose(1, 2), alpha=scale)
         prob = torch.softmax(logits, dim=-1)
         del logits

@@ -72,7 +72,9 @@ class MambaVisionMixer(nn.Module):
         xz = F.silu(F.conv1d(xz, weight, padding="same", groups=2 * inner))
         x, z = xz.chunk(2, dim=1)
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = self.dt_proj(dt).transpose(1, 2)
+        # contiguous [B, dim / 2, L], as the scan copies it anyway: left a transposed view, its
+        # softplus gradient gets other strides in torch.compile's backward graph than at run time
+        delta = self.dt_proj(dt).transpose(1, 2).contiguous()
         y = selective_scan(
             x,
             delta,

@@ -69,7 +69,7 @@ def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     pad_h, pad_w = -height % window, -width % window
     x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     rows, cols = (height + pad_h) // window, (width + pad_w) // window
-    x = x.view(batch, rows, window, cols, window, channels).transpose(2, 3)
+    x = x.reshape(batch, rows, window, cols, window, channels).transpose(2, 3)
     return x.reshape(batch * rows * cols, window * window, channels)
 
 
@@ -79,7 +79,7 @@ def window_reverse(windows: torch.Tensor, window: int, height: int, width: int) 
     without the padding."""
     rows, cols = -(-height // window), -(-width // window)
     channels = windows.shape[-1]
-    x = windows.view(-1, rows, cols, window, window, channels).transpose(2, 3)
+    x = windows.reshape(-1, rows, cols, window, window, channels).transpose(2, 3)
     return x.reshape(-1, rows * window, cols * window, channels)[:, :height, :width]
 
 
