@@ -48,11 +48,18 @@ def stage_channels(model_name: str) -> List[int]:
     return [info["num_chs"] for info in model.feature_info]
 
 
+def checkpoint_url(name: str) -> str:
+    """The pretrained weights of ``name`` (``model.tag``) as ``init_cfg`` reads them: their URL, or
+    ``hf-hub:<repo>`` for weights only on the Hugging Face Hub."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    return cfg.url or f"hf-hub:{cfg.hf_hub_id}"
+
+
 def render(family: DenseFamily, arch: str, spec: DenseArch, base: str, task: str, title: str) -> str:
     model_name = spec.model_name
     channels = stage_channels(model_name)
     type_name = family.type_names[0]
-    url = timm.models.get_pretrained_cfg(f"{model_name}.{spec.pretrained_tag}").url
+    url = checkpoint_url(f"{model_name}.{spec.pretrained_tag}")
     backbone = [f"type='{type_name}'", f"arch='{arch}'"]
     if family.task_kwargs is not None:
         backbone.append(f"dense_schedule='{task}'")  # the family's declared options for the task

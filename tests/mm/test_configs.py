@@ -33,10 +33,11 @@ def test_configs_are_those_of_the_declarations():
     assert set(SEG_CONFIGS) | set(DET_CONFIGS) == set(GENERATOR.expected_configs())
     # every hierarchical model of the families, mini variants included
     # every size with an official dense config and ImageNet weights: NAT, DiNAT, DiNAT_s (mini
-    # variants included, 13) and Swin (UperNet 6, Mask R-CNN 2); Swin-Free has neither
+    # variants included, 13) and Swin (UperNet 6, Mask R-CNN 2); Swin-Free has neither; MaxViT T / S / B
+    # (the paper's COCO sizes) in both recipes
     seg = {spec.model_name for _, _, spec in DECLARED.values() if "seg" in spec.drop_path_rate}
     det = {spec.model_name for _, _, spec in DECLARED.values() if "det" in spec.drop_path_rate}
-    assert len(SEG_CONFIGS) == len(seg) == 13 + 6 and len(DET_CONFIGS) == 2 * len(det) == 2 * (13 + 2)
+    assert len(SEG_CONFIGS) == len(seg) == 13 + 6 + 3 and len(DET_CONFIGS) == 2 * len(det) == 2 * (13 + 2 + 3)
 
 
 def model_name(path, task):
@@ -69,14 +70,18 @@ def check_backbone(cfg, backbone, name, task):
     assert backbone.model_name == name and backbone.out_indices == (0, 1, 2, 3)
     assert cfg.model.backbone.drop_path_rate == spec.drop_path_rate[task]
     assert cfg.model.backbone.init_cfg.type == "Pretrained"
-    assert cfg.model.backbone.init_cfg.checkpoint == timm.models.get_pretrained_cfg(
-        f"{name}.{spec.pretrained_tag}").url
+    pretrained = timm.models.get_pretrained_cfg(f"{name}.{spec.pretrained_tag}")
+    assert cfg.model.backbone.init_cfg.checkpoint == (pretrained.url or f"hf-hub:{pretrained.hf_hub_id}")
     assert cfg.model.backbone.init_cfg.checkpoint.startswith(
-        ("https://shi-labs.com/projects/", "https://github.com/SwinTransformer/storage/releases/"))
+        ("https://shi-labs.com/projects/", "https://github.com/SwinTransformer/storage/releases/", "hf-hub:timm/"))
     if family.task_kwargs is not None:
         expected = dense_kwargs(name, task)
         if "dilations" in expected:
             assert block_dilations(backbone) == expected["dilations"]
+        elif "pad_to_window" in expected:  # MaxViT: the 7x7 windows and grid of its weights, maps padded
+            assert expected == {"pad_to_window": True, "transformer_window_size": (7, 7)}
+            assert backbone.model.stem.stage_rules == ()
+            assert {block.attn_block.attn.window_size for stage in backbone.model.stages for block in stage.blocks} == {(7, 7)}
         else:  # Swin: the official dense window layout in every block
             assert expected == {"pad_before_shift": True}
             assert all(block.attn.pad_before_shift for stage in backbone.model.stages for block in stage.blocks)
