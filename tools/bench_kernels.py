@@ -18,6 +18,7 @@ back), the same for every method.
     python tools/bench_kernels.py --device cuda     # GPU: Triton vs FlexAttention vs flash SDPA vs NATTEN
     python tools/bench_kernels.py --isa avx2        # the C++ kernels built for another instruction set
     python tools/bench_kernels.py --selective-scan  # the selective scan at MambaVision's shapes (below)
+    OMP_NUM_THREADS=1 python tools/bench_kernels.py --selective-scan --cpu-time  # the same on a busy machine
 
 ``--selective-scan`` times ``visionzoo.kernels.selective_scan`` instead: forward and forward+backward
 (gradients of every input) at MambaVision's mixer shapes (batch 8, 196 and 49 tokens per window, the
@@ -128,20 +129,21 @@ def peak_mib(fn: Callable[[], None], device: torch.device) -> Optional[float]:
     return memory.mib
 
 
-def samples(fn: Callable[[], None], device: torch.device, min_time: float, max_runs: int) -> List[float]:
+def samples(fn: Callable[[], None], device: torch.device, min_time: float, max_runs: int,
+            clock: Callable[[], float] = time.perf_counter) -> List[float]:
     """Seconds per call of at least 3 calls (up to ``max_runs``, about ``min_time`` in all) after one
-    warm-up call."""
+    warm-up call, by ``clock`` (wall time; ``time.process_time``: the process's CPU time)."""
     fn()
     times = []
     start = time.perf_counter()
     while len(times) < max_runs and (len(times) < 3 or time.perf_counter() - start < min_time):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        begin = time.perf_counter()
+        begin = clock()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - begin)
+        times.append(clock() - begin)
     return times
 
 
@@ -502,10 +504,11 @@ def bench_selective_scan(device: torch.device, args) -> str:
 
         timings = {name: runners(fn) for name, fn in methods.items()}
         measured = {name: ([], []) for name in timings}
+        clock = time.process_time if args.cpu_time else time.perf_counter
         for _ in range(args.rounds):  # the methods take turns, as above
             for name, (forward, forward_backward) in timings.items():
-                measured[name][0].extend(samples(forward, device, args.min_time / args.rounds, args.max_runs))
-                measured[name][1].extend(samples(forward_backward, device, args.min_time / args.rounds, args.max_runs))
+                for target, fn in zip(measured[name], (forward, forward_backward)):
+                    target.extend(samples(fn, device, args.min_time / args.rounds, args.max_runs, clock))
         reference = [median(m) for m in measured["reference"]] if "reference" in measured else None
         for name in timings:
             fwd, fwd_bwd = (median(m) for m in measured[name])
@@ -537,6 +540,9 @@ def main(argv=None) -> None:
                         help="instruction set of the C++ kernels (default: the best this CPU executes)")
     parser.add_argument("--selective-scan", action="store_true",
                         help="time the selective scan at MambaVision's shapes instead (see above)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="--selective-scan: time by the process's CPU time (all threads) instead of wall time, "
+                             "which a busy shared machine inflates for calls longer than a scheduler time slice")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's malloc thresholds alone (see the module docstring)")
     args = parser.parse_args(argv)
@@ -552,7 +558,9 @@ def main(argv=None) -> None:
             device_name = f"CPU {cpu_model()}, C++ kernels for {isa}, {torch.get_num_threads()} threads"
             if not args.default_allocator and steady_allocator():
                 device_name += "; glibc malloc thresholds raised (freed buffers are reused)"
-        text = (f"Selective scan. Device: {device_name}; torch {torch.__version__}; float32, medians in ms.\n\n"
+        clock = "process CPU time" if args.cpu_time else "wall time"
+        text = (f"Selective scan. Device: {device_name}; torch {torch.__version__}; float32, medians in ms of "
+                f"{clock}.\n\n"
                 + bench_selective_scan(device, args))
         print(text)
         if args.markdown:

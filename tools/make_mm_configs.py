@@ -54,6 +54,13 @@ def stage_channels(model_name: str) -> List[int]:
     return [info["num_chs"] for info in model.feature_info]
 
 
+def checkpoint_url(name: str) -> str:
+    """The pretrained weights of ``name`` (``model.tag``) as ``init_cfg`` reads them: their URL, or
+    ``hf-hub:<repo>`` for weights only on the Hugging Face Hub."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    return cfg.url or f"hf-hub:{cfg.hf_hub_id}"
+
+
 def render(family: DenseFamily, arch: str, spec: DenseArch, base: str, task: str, rate_key: str, title: str) -> str:
     model_name = spec.model_name
     channels = stage_channels(model_name)
@@ -63,7 +70,7 @@ def render(family: DenseFamily, arch: str, spec: DenseArch, base: str, task: str
         backbone.append(f"dense_schedule='{task}'")  # the family's declared options for the task
     backbone.append(f"drop_path_rate={spec.drop_path_rate[rate_key]}")
     if spec.pretrained_tag:
-        url = timm.models.get_pretrained_cfg(f"{model_name}.{spec.pretrained_tag}").url
+        url = checkpoint_url(f"{model_name}.{spec.pretrained_tag}")
         backbone.append(f"init_cfg=dict(type='Pretrained', checkpoint='{url}')")
         weights = f"{model_name}.{spec.pretrained_tag}"
     else:  # no released weights: the config names none rather than a wrong start

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from visionzoo.kernels import selective_scan, use_backend
+from visionzoo.kernels import build, selective_scan, use_backend
 from visionzoo.kernels.dispatch import resolve_scan_backend
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -268,6 +268,16 @@ def test_a_nan_reaches_what_depends_on_it(path):
     assert out.isnan().sum() == 9 and out[1, 5, 4:].isnan().all()  # that channel from that step on
     torch.testing.assert_close(out, expected_out, equal_nan=True)
     torch.testing.assert_close(last, expected_last, equal_nan=True)
+
+
+@pytest.mark.parametrize("isa", build.executable_isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_kernel_for_every_instruction_set(isa, dtype, native_kernel, monkeypatch):
+    monkeypatch.setenv("VISIONZOO_NATIVE_ISA", isa)
+    monkeypatch.setattr(build, "_selected", None)  # chosen again from the variable
+    # 10 channels a group: a partial vector at every width (4, 8 or 16 float32 lanes; 2, 4 or 8 float64)
+    _compare("cpu", _inputs(2, 20, 13, 5, groups=2, dtype=dtype))
+    assert build.isa() == isa
 
 
 def test_cpu_results_do_not_depend_on_the_thread_count(native_kernel):

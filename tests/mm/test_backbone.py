@@ -28,7 +28,7 @@ from tests.mm.conftest import ROOT, SMALLEST, subprocess_env  # noqa: E402
 from tests.models.test_nat import ARCHS, official_forward, official_state_dict  # noqa: E402
 from visionzoo.checkpoint import save_weights  # noqa: E402
 from visionzoo.mm import BACKBONES, VisionZooBackbone  # noqa: E402
-from visionzoo.models.dense import DENSE_FAMILIES, dense_kwargs  # noqa: E402
+from visionzoo.models.dense import DENSE_FAMILIES, dense_family_of, dense_kwargs  # noqa: E402
 from visionzoo.models.nat import checkpoint_filter_fn, dinat_dilations  # noqa: E402
 
 # /work/shared/specs/neighborhood.md (DiNAT) and the official DiNAT_s configs, for the T variants
@@ -86,14 +86,28 @@ def test_registered_in_mmdet_and_mmseg(registry, task):
 WITHOUT_DENSE_SUPPORT = ()
 
 
+def _takes_any_size(name):
+    """Not ``fixed_input_size`` (Swin-Free-BR's norms fix it), or of any size with its family's dense
+    options (MaxViT pads its maps to the windows), run on the meta device at an odd size."""
+    if not timm.models.get_pretrained_cfg(name).fixed_input_size:
+        return True
+    family = dense_family_of(name)
+    if family is None or family.task_kwargs is None:
+        return False
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=0, **dense_kwargs(name, "det"))
+    # outside the device context: the op's geometry tables stay on the CPU
+    features = model.forward_intermediates(torch.empty(1, 3, 100, 140, device="meta"), intermediates_only=True)
+    return features[-1].shape[-2:] == (math.ceil(100 / 32), math.ceil(140 / 32))
+
+
 def test_every_hierarchical_model_is_declared_for_dense_prediction():
     hierarchical = set()
     for name in timm.list_models("visionzoo_*"):
         with torch.device("meta"):
             model = timm.create_model(name, num_classes=0)
-        # stages at several strides, and any input size (Swin-Free-BR's norms fix it)
-        fixed_size = timm.models.get_pretrained_cfg(name).fixed_input_size
-        if len({info["reduction"] for info in model.feature_info}) > 1 and not fixed_size:
+        # stages at several strides, and any input size
+        if len({info["reduction"] for info in model.feature_info}) > 1 and _takes_any_size(name):
             hierarchical.add(name)
     declared = {arch.model_name for family in DENSE_FAMILIES.values() for arch in family.archs.values()}
     assert declared <= hierarchical

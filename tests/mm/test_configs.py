@@ -35,13 +35,13 @@ def test_configs_are_those_of_the_declarations():
     # every hierarchical model of the families, mini variants included
     # every size with an official dense config: NAT, DiNAT, DiNAT_s (mini variants included, 13),
     # Swin (UperNet 6, Mask R-CNN 2), Agent-Swin (UperNet 3, Mask R-CNN 2), Agent-PVT (Mask R-CNN 4),
-    # MambaVision T / S / B (3 of each, Cascade Mask R-CNN too); Swin-Free has neither; Swin-VSA
-    # (T, S) on Swin's recipes without weights
+    # MambaVision T / S / B (3 of each, Cascade Mask R-CNN too), MaxViT T / S / B (the paper's COCO
+    # sizes) in both recipes; Swin-Free has neither; Swin-VSA (T, S) on Swin's recipes without weights
     seg = {spec.model_name for _, _, spec in DECLARED.values() if "seg" in spec.drop_path_rate}
     det = {spec.model_name for _, _, spec in DECLARED.values() if "det" in spec.drop_path_rate}
     cascade = {spec.model_name for _, _, spec in DECLARED.values() if "det_cascade" in spec.drop_path_rate}
-    assert len(SEG_CONFIGS) == len(seg) == 13 + 6 + 3 + 2 + 3
-    assert len(DET_CONFIGS) == 2 * len(det) == 2 * (13 + 2 + 2 + 4 + 2 + 3)
+    assert len(SEG_CONFIGS) == len(seg) == 13 + 6 + 3 + 2 + 3 + 3
+    assert len(DET_CONFIGS) == 2 * len(det) == 2 * (13 + 2 + 2 + 4 + 2 + 3 + 3)
     assert len(CASCADE_CONFIGS) == len(cascade) == 3
 
 
@@ -78,11 +78,11 @@ def check_backbone(cfg, backbone, name, task, rate_key=None):
         assert cfg.model.backbone.init_cfg is None and timm.models.get_pretrained_cfg(name).url == ""
     else:
         assert cfg.model.backbone.init_cfg.type == "Pretrained"
-        assert cfg.model.backbone.init_cfg.checkpoint == timm.models.get_pretrained_cfg(
-            f"{name}.{spec.pretrained_tag}").url
+        pretrained = timm.models.get_pretrained_cfg(f"{name}.{spec.pretrained_tag}")
+        assert cfg.model.backbone.init_cfg.checkpoint == (pretrained.url or f"hf-hub:{pretrained.hf_hub_id}")
         assert cfg.model.backbone.init_cfg.checkpoint.startswith(
             ("https://shi-labs.com/projects/", "https://github.com/SwinTransformer/storage/releases/",
-             "https://cloud.tsinghua.edu.cn/f/", "https://huggingface.co/nvidia/"))
+             "https://cloud.tsinghua.edu.cn/f/", "https://huggingface.co/nvidia/", "hf-hub:timm/"))
     if family.task_kwargs is not None:
         expected = dense_kwargs(name, task)
         if "dilations" in expected:
@@ -97,8 +97,14 @@ def check_backbone(cfg, backbone, name, task, rate_key=None):
             assert any(agent_shapes)
         if "window_size" in expected:  # MambaVision: the official dense windows of the windowed stages
             assert [stage.window_size for stage in backbone.model.stages[2:]] == list(expected["window_size"][2:])
+        if "pad_to_window" in expected:  # MaxViT: the 7x7 windows and grid of its weights, maps padded
+            assert expected == {"pad_to_window": True, "transformer_window_size": (7, 7)}
+            assert backbone.model.stem.stage_rules == ()
+            windows = {block.attn_block.attn.window_size for stage in backbone.model.stages for block in stage.blocks}
+            assert windows == {(7, 7)}
         assert set(expected) in ({"dilations"}, {"pad_before_shift"}, {"agent_shapes"},
-                                 {"agent_shapes", "pad_before_shift"}, {"window_size"})
+                                 {"agent_shapes", "pad_before_shift"}, {"window_size"},
+                                 {"pad_to_window", "transformer_window_size"})
     agent_biases = ("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias")
     assert dict(cfg.optim_wrapper.paramwise_cfg.custom_keys) == {
         "rpb": dict(decay_mult=0.0), "relative_position_bias_table": dict(decay_mult=0.0),
