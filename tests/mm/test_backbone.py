@@ -5,6 +5,7 @@ without the mm extra.
 Official checkpoints are generated from the spec's key layout (tests/models/test_nat.py), not
 from the model code.
 """
+import argparse
 import logging
 import math
 import re
@@ -301,6 +302,30 @@ def test_mambavision_official_classification_checkpoint(tmp_path):
     assert "unexpected key in source state_dict: model.norm.weight, model.norm.bias" in log
     missing = re.search(r"missing keys in source state_dict: (.*)", log)[1]
     assert {key.strip() for key in missing.split(",")} == {f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias")}
+
+
+def test_mambavision_official_dense_checkpoint(tmp_path):
+    """An official MambaVision dense checkpoint: output norms named ``outnorm{i}``, and the training
+    script's argparse.Namespace stored beside the weights (read with weights_only=True)."""
+    from tests.models.test_mambavision import OFFICIAL, TINY, official_state_dict
+
+    arch = dict(OFFICIAL["visionzoo_mambavision_t"], dim=TINY["dim"], in_dim=TINY["in_dim"], depths=TINY["depths"])
+    official = official_state_dict(arch, seed=1)
+    dense = {f"backbone.{key}": value for key, value in official.items() if not key.startswith(("norm.", "head."))}
+    widths = [TINY["dim"] * 2 ** i for i in range(4)]
+    for i, width in enumerate(widths):
+        dense[f"backbone.outnorm{i}.weight"] = torch.rand(width) + 0.5
+        dense[f"backbone.outnorm{i}.bias"] = torch.randn(width)
+    dense["neck.lateral_convs.0.conv.weight"] = torch.randn(4, widths[0], 1, 1)
+    torch.save({"state_dict": dense, "args": argparse.Namespace(model="mamba_vision_T", lr=1e-4)},
+               tmp_path / "dense.pth")
+    backbone, log = load_pretrained("visionzoo_mambavision_t", tmp_path / "dense.pth", **TINY)
+    state = backbone.state_dict()
+    for i in range(4):
+        assert torch.equal(state[f"norm{i}.weight"], dense[f"backbone.outnorm{i}.weight"])
+        assert torch.equal(state[f"norm{i}.bias"], dense[f"backbone.outnorm{i}.bias"])
+    assert torch.equal(state["model.stages.2.blocks.0.attn.A_log"], official["levels.2.blocks.0.mixer.A_log"])
+    assert "missing keys" not in log and "unexpected key" not in log
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ mmdet, segmentation in mmseg). Nothing here imports mmdet or mmseg, and nothing 
 """
 from __future__ import annotations
 
+import argparse
+
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -55,7 +57,10 @@ def read_checkpoint(checkpoint: Union[str, Path]) -> Dict[str, torch.Tensor]:
     elif checkpoint.endswith(".safetensors") or Path(checkpoint).is_dir():
         state, _ = load_weights(checkpoint)
     else:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        # training scripts (timm's among them) store their argparse.Namespace beside the weights: the
+        # one non-tensor class allowed, as timm's own loader does
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(state.get(key), dict):
             state = state[key]
@@ -172,6 +177,8 @@ class VisionZooBackbone(BaseModule):
             prefix = "backbone."
         if prefix:
             state_dict = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        # output norms: ``norm{i}`` (some official dense checkpoints call them ``outnorm{i}``)
+        state_dict = {re.sub(r"^outnorm(\d+\.)", r"norm\1", key): value for key, value in state_dict.items()}
         out_norms = {key: value for key, value in state_dict.items() if re.match(r"norm\d+\.", key)}
         model_state = {re.sub(r"^model\.", "", key): value for key, value in state_dict.items() if key not in out_norms}
         model_state = self.family.convert(model_state, self.model)
