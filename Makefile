@@ -41,7 +41,7 @@ mm-notice:
 	fi
 
 test: mm-notice setup mm data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 test-fast: setup data
 	$(PY) -m pytest -q --ignore=tests/mm

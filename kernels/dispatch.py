@@ -25,7 +25,10 @@ window kernel), ``"tiled"`` is ``"torch:tiles"``, and ``"blocked"`` is ``"cpu:bl
 ``"torch:blocks"`` where the C++ kernels cannot run. Block-sparse attention has no C++ kernel:
 ``"cpu"`` (and the old names) run it as ``"torch:tiles"``.
 
-``VISIONZOO_ATTN_BACKEND`` sets the process-wide default.
+The selective scan takes the same names (:func:`resolve_scan_backend`): it has one implementation
+per backend, ``"reference"``, ``"cpu"``, ``"torch"`` or ``"triton"``.
+
+``VISIONZOO_ATTN_BACKEND`` sets the process-wide default (of both).
 """
 from __future__ import annotations
 
@@ -175,3 +178,27 @@ def resolve_backend(
     if name == "cpu":
         return "cpu:blocks" if blocks else "cpu:window"
     return "torch:blocks" if blocks else "torch:tiles"
+
+
+SCAN_IMPLEMENTATIONS = ("reference", "cpu", "torch", "triton")
+
+
+def resolve_scan_backend(requested: Optional[str], device: torch.device) -> str:
+    """The implementation of the selective scan that runs on ``device`` for ``requested`` (or the thread
+    default): one of :data:`SCAN_IMPLEMENTATIONS`. The scan has one implementation per backend, so an
+    attention implementation or old name runs its backend (``"cpu:blocks"`` and ``"native"`` run
+    ``"cpu"``, ``"tiled"`` runs ``"torch"``). ``"auto"``: ``"cpu"`` for CPU tensors, ``"triton"`` for
+    CUDA tensors, ``"torch"`` where neither can run; a backend named explicitly that cannot run raises
+    RuntimeError with :func:`can_run`'s reason."""
+    name = _check_name(requested if requested is not None else get_backend())
+    if name == "blocked" and can_run("cpu", device) is not None:
+        name = "torch"  # the old name ran batched matmuls where the C++ kernels could not run
+    name = ALIASES.get(name, name).split(":")[0]
+    if name == "auto":
+        preferred = "triton" if device.type == "cuda" else "cpu"
+        return preferred if can_run(preferred, device) is None else "torch"
+    if name != "reference":
+        reason = can_run(name, device)
+        if reason is not None:
+            raise RuntimeError(f"backend={requested or get_backend()!r} cannot run: {reason}")
+    return name

@@ -17,6 +17,15 @@ back), the same for every method.
     python tools/bench_kernels.py --tiling-only     # GPU tiling analysis, no timing (runs anywhere)
     python tools/bench_kernels.py --device cuda     # GPU: Triton vs FlexAttention vs flash SDPA vs NATTEN
     python tools/bench_kernels.py --isa avx2        # the C++ kernels built for another instruction set
+    python tools/bench_kernels.py --selective-scan  # the selective scan at MambaVision's shapes (below)
+    OMP_NUM_THREADS=1 python tools/bench_kernels.py --selective-scan --cpu-time  # the same on a busy machine
+
+``--selective-scan`` times ``visionzoo.kernels.selective_scan`` instead: forward and forward+backward
+(gradients of every input) at MambaVision's mixer shapes (batch 8, 196 and 49 tokens per window, the
+channels of one branch, d_state 8, dt through softplus with its bias, D), for ``cpu`` (the C++ kernel)
+and ``torch`` (the chunked scan), or ``triton`` and ``torch`` on CUDA, against the sequential
+``reference``, and mambapy's parallel scan (``mambapy.pscan``) when it imports; the ratios are the
+reference's time over each method's, measured in the same run.
 
 Peak memory is measured as in ``tools/benchmark.py``: on CPU the growth of the process's peak
 resident set (Linux VmHWM, reset before each run), on CUDA ``torch.cuda.max_memory_allocated``.
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import math
 import os
 import platform
@@ -43,6 +53,7 @@ import torch.nn.functional as F
 
 from visionzoo.kernels import (
     NeighborhoodParams,
+    selective_scan,
     build,
     attention_density,
     make_params,
@@ -118,20 +129,21 @@ def peak_mib(fn: Callable[[], None], device: torch.device) -> Optional[float]:
     return memory.mib
 
 
-def samples(fn: Callable[[], None], device: torch.device, min_time: float, max_runs: int) -> List[float]:
+def samples(fn: Callable[[], None], device: torch.device, min_time: float, max_runs: int,
+            clock: Callable[[], float] = time.perf_counter) -> List[float]:
     """Seconds per call of at least 3 calls (up to ``max_runs``, about ``min_time`` in all) after one
-    warm-up call."""
+    warm-up call, by ``clock`` (wall time; ``time.process_time``: the process's CPU time)."""
     fn()
     times = []
     start = time.perf_counter()
     while len(times) < max_runs and (len(times) < 3 or time.perf_counter() - start < min_time):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        begin = time.perf_counter()
+        begin = clock()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - begin)
+        times.append(clock() - begin)
     return times
 
 
@@ -409,6 +421,107 @@ def plot(results, path: str) -> None:
     figure.savefig(path, dpi=120)
 
 
+# ----------------------------------------------------------------------------------------------
+# the selective scan
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ScanShape:
+    batch: int
+    dim: int
+    length: int
+    d_state: int = 8
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"[{self.batch}, {self.dim}, L {self.length}] N {self.d_state}" + (f" ({self.note})" if self.note else "")
+
+
+SCAN_SHAPES = [
+    ScanShape(8, 80, 196),
+    ScanShape(8, 160, 196, note="MambaVision-T stage 3"),
+    ScanShape(8, 392, 196, note="-L stage 3"),
+    ScanShape(8, 320, 49, note="-T stage 4"),
+    ScanShape(8, 640, 49),
+]
+QUICK_SCAN_SHAPES = [ScanShape(2, 64, 49)]
+
+
+def _mambapy_scan():
+    """mambapy's Mamba scan (its ``selective_scan``: exp(dt A) and dt B u per step, ``pscan`` over the
+    sequence, then C), in our layout; None when mambapy does not import."""
+    try:
+        from mambapy.pscan import pscan
+    except ImportError:
+        return None
+
+    def scan(u, delta, A, B, C, D, delta_bias):
+        dt = F.softplus(delta + delta_bias[:, None]).transpose(1, 2)  # [batch, L, dim]
+        x = u.transpose(1, 2)
+        states = pscan(torch.exp(dt[..., None] * A), dt[..., None] * B.transpose(1, 2)[:, :, None] * x[..., None])
+        return ((states @ C.transpose(1, 2)[..., None]).squeeze(-1) + D * x).transpose(1, 2)
+
+    return scan
+
+
+def bench_selective_scan(device: torch.device, args) -> str:
+    shapes = QUICK_SCAN_SHAPES if args.quick else SCAN_SHAPES
+    ours = ["triton", "torch"] if device.type == "cuda" else (["cpu", "torch"] if native.available() else ["torch"])
+    methods = {name: functools.partial(_scan_call, backend=name) for name in ours + ["reference"]}
+    mambapy = _mambapy_scan()
+    if mambapy is not None:
+        methods["mambapy pscan"] = mambapy
+    methods = {name: fn for name, fn in methods.items() if name not in set(args.skip or [])}
+    lines = [
+        "| shape | method | fwd ms | fwd+bwd ms | reference / method (fwd) | (fwd+bwd) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for index, shape in enumerate(shapes):
+        print(f"[{index + 1}/{len(shapes)}] selective scan {shape.label}", file=sys.stderr)
+        generator = torch.Generator().manual_seed(index)
+
+        def rand(*size, scale=1.0):
+            return (torch.randn(*size, generator=generator) * scale).to(device)
+
+        b, d, length, n = shape.batch, shape.dim, shape.length, shape.d_state
+        inputs = [rand(b, d, length), rand(b, d, length, scale=0.5),
+                  -torch.arange(1, n + 1, dtype=torch.float32, device=device).repeat(d, 1), rand(b, n, length),
+                  rand(b, n, length), rand(d), rand(d, scale=0.5)]
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        grad = rand(b, d, length)
+
+        def runners(fn):
+            def forward():
+                with torch.no_grad():
+                    fn(*inputs)
+
+            def forward_backward():
+                fn(*leaves).backward(grad)
+                for leaf in leaves:
+                    leaf.grad = None
+
+            return forward, forward_backward
+
+        timings = {name: runners(fn) for name, fn in methods.items()}
+        measured = {name: ([], []) for name in timings}
+        clock = time.process_time if args.cpu_time else time.perf_counter
+        for _ in range(args.rounds):  # the methods take turns, as above
+            for name, (forward, forward_backward) in timings.items():
+                for target, fn in zip(measured[name], (forward, forward_backward)):
+                    target.extend(samples(fn, device, args.min_time / args.rounds, args.max_runs, clock))
+        reference = [median(m) for m in measured["reference"]] if "reference" in measured else None
+        for name in timings:
+            fwd, fwd_bwd = (median(m) for m in measured[name])
+            ratios = (f"{reference[0] / fwd:.1f}x | {reference[1] / fwd_bwd:.1f}x" if reference else "n/a | n/a")
+            lines.append(f"| {shape.label} | {name} | {fwd * 1e3:.2f} | {fwd_bwd * 1e3:.2f} | {ratios} |")
+            print(f"  {name:14s} fwd {fwd * 1e3:9.2f} ms   fwd+bwd {fwd_bwd * 1e3:9.2f} ms", file=sys.stderr)
+    return "\n".join(lines)
+
+
+def _scan_call(u, delta, A, B, C, D, delta_bias, backend):
+    return selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True, backend=backend)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -425,11 +538,35 @@ def main(argv=None) -> None:
     parser.add_argument("--tiling-only", action="store_true", help="print the GPU tiling analysis and stop")
     parser.add_argument("--isa", choices=build.ISAS,
                         help="instruction set of the C++ kernels (default: the best this CPU executes)")
+    parser.add_argument("--selective-scan", action="store_true",
+                        help="time the selective scan at MambaVision's shapes instead (see above)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="--selective-scan: time by the process's CPU time (all threads) instead of wall time, "
+                             "which a busy shared machine inflates for calls longer than a scheduler time slice")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's malloc thresholds alone (see the module docstring)")
     args = parser.parse_args(argv)
     if args.isa:
         os.environ["VISIONZOO_NATIVE_ISA"] = args.isa
+
+    if args.selective_scan:
+        device = torch.device(args.device)
+        if device.type == "cuda":
+            device_name = torch.cuda.get_device_name(device)
+        else:
+            isa = native.isa() if native.available() else "unavailable"
+            device_name = f"CPU {cpu_model()}, C++ kernels for {isa}, {torch.get_num_threads()} threads"
+            if not args.default_allocator and steady_allocator():
+                device_name += "; glibc malloc thresholds raised (freed buffers are reused)"
+        clock = "process CPU time" if args.cpu_time else "wall time"
+        text = (f"Selective scan. Device: {device_name}; torch {torch.__version__}; float32, medians in ms of "
+                f"{clock}.\n\n"
+                + bench_selective_scan(device, args))
+        print(text)
+        if args.markdown:
+            with open(args.markdown, "w") as handle:
+                handle.write(text + "\n")
+        return
 
     tiling = render_tiling()
     if args.tiling_only:

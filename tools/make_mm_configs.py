@@ -12,6 +12,10 @@ the heads read; the recipes live in configs/_base_/ (on mmdet's / mmseg's own ba
     configs/ade20k/upernet_<model>_512x512_160k.py   UperNet, ADE20K 512x512, 160k iterations
     configs/coco/mask_rcnn_<model>_1x.py              Mask R-CNN + FPN, COCO, 12 epochs
     configs/coco/mask_rcnn_<model>_3x.py              Mask R-CNN + FPN, COCO, 36 epochs, multi-scale + crop
+    configs/coco/cascade_mask_rcnn_<model>_3x.py      Cascade Mask R-CNN + FPN, COCO, 36 epochs, multi-scale + crop
+
+A recipe is written for the sizes that declare a drop path rate under its key: ``'seg'`` (UperNet),
+``'det'`` (both Mask R-CNN schedules), ``'det_cascade'`` (Cascade Mask R-CNN).
 """
 from __future__ import annotations
 
@@ -30,14 +34,16 @@ from visionzoo.models.dense import DENSE_FAMILIES, DenseArch, DenseFamily
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
-# (folder, file name, base config, task, title)
+# (folder, file name, base config, task, drop path key, title)
 RECIPES = [
-    ("ade20k", "upernet_{model}_512x512_160k.py", "upernet_visionzoo_512x512_160k_ade20k.py", "seg",
+    ("ade20k", "upernet_{model}_512x512_160k.py", "upernet_visionzoo_512x512_160k_ade20k.py", "seg", "seg",
      "UperNet, ADE20K 512x512 crops, 160k iterations"),
-    ("coco", "mask_rcnn_{model}_1x.py", "mask_rcnn_visionzoo_fpn_1x_coco.py", "det",
+    ("coco", "mask_rcnn_{model}_1x.py", "mask_rcnn_visionzoo_fpn_1x_coco.py", "det", "det",
      "Mask R-CNN + FPN, COCO, 1x (12 epochs)"),
-    ("coco", "mask_rcnn_{model}_3x.py", "mask_rcnn_visionzoo_fpn_ms-crop-3x_coco.py", "det",
+    ("coco", "mask_rcnn_{model}_3x.py", "mask_rcnn_visionzoo_fpn_ms-crop-3x_coco.py", "det", "det",
      "Mask R-CNN + FPN, COCO, 3x (36 epochs), multi-scale resize and crop"),
+    ("coco", "cascade_mask_rcnn_{model}_3x.py", "cascade_mask_rcnn_visionzoo_fpn_giou_4conv1f_ms-crop-3x_coco.py", "det",
+     "det_cascade", "Cascade Mask R-CNN + FPN (4conv1fc GIoU heads), COCO, 3x (36 epochs), multi-scale resize and crop"),
 ]
 
 
@@ -48,25 +54,35 @@ def stage_channels(model_name: str) -> List[int]:
     return [info["num_chs"] for info in model.feature_info]
 
 
-def render(family: DenseFamily, arch: str, spec: DenseArch, base: str, task: str, title: str) -> str:
+def checkpoint_url(name: str) -> str:
+    """The pretrained weights of ``name`` (``model.tag``) as ``init_cfg`` reads them: their URL, or
+    ``hf-hub:<repo>`` for weights only on the Hugging Face Hub."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    return cfg.url or f"hf-hub:{cfg.hf_hub_id}"
+
+
+def render(family: DenseFamily, arch: str, spec: DenseArch, base: str, task: str, rate_key: str, title: str) -> str:
     model_name = spec.model_name
     channels = stage_channels(model_name)
     type_name = family.type_names[0]
-    url = timm.models.get_pretrained_cfg(f"{model_name}.{spec.pretrained_tag}").url
     backbone = [f"type='{type_name}'", f"arch='{arch}'"]
     if family.task_kwargs is not None:
         backbone.append(f"dense_schedule='{task}'")  # the family's declared options for the task
-    backbone += [
-        f"drop_path_rate={spec.drop_path_rate[task]}",
-        f"init_cfg=dict(type='Pretrained', checkpoint='{url}')",
-    ]
+    backbone.append(f"drop_path_rate={spec.drop_path_rate[rate_key]}")
+    if spec.pretrained_tag:
+        url = checkpoint_url(f"{model_name}.{spec.pretrained_tag}")
+        backbone.append(f"init_cfg=dict(type='Pretrained', checkpoint='{url}')")
+        weights = f"{model_name}.{spec.pretrained_tag}"
+    else:  # no released weights: the config names none rather than a wrong start
+        backbone.append("init_cfg=None")
+        weights = f"{model_name}, no released weights: set init_cfg to your ImageNet checkpoint"
     backbone_text = ",\n        ".join(backbone)
     if task == "seg":
         heads = f"decode_head=dict(in_channels={channels}),\n    auxiliary_head=dict(in_channels={channels[2]})"
     else:
         heads = f"neck=dict(in_channels={channels})"
     return (
-        f"# {type_name} {arch} ({model_name}.{spec.pretrained_tag}): {title}.\n"
+        f"# {type_name} {arch} ({weights}): {title}.\n"
         f"# Written by tools/make_mm_configs.py from the family's dense declaration: edit that, not this file.\n"
         f"_base_ = '../_base_/{base}'\n"
         f"model = dict(\n"
@@ -87,10 +103,10 @@ def expected_configs() -> Dict[Path, str]:
     """Path -> content of every generated config."""
     out = {}
     for family, arch, spec in declared_models():
-        for folder, pattern, base, task, title in RECIPES:
-            if task in spec.drop_path_rate:
+        for folder, pattern, base, task, rate_key, title in RECIPES:
+            if rate_key in spec.drop_path_rate:
                 path = CONFIGS / folder / pattern.format(model=spec.model_name)
-                out[path] = render(family, arch, spec, base, task, title)
+                out[path] = render(family, arch, spec, base, task, rate_key, title)
     return out
 
 

@@ -60,4 +60,24 @@ void vz_block_backward_f64(const double* q, const double* k, const double* v, co
   vz::block_backward<double>(q, k, v, dout, lse, bias, probs, dq, dk, dv, dbias, geom, tables, scale, threads);
 }
 
+void vz_scan_forward_f32(const float* u, const float* delta, const float* A, const float* B, const float* C, const float* D,
+                       const float* z, const float* bias, float* out, float* last_state, const int64_t* geom, int threads) {
+  vz::scan_forward<float>(u, delta, A, B, C, D, z, bias, out, last_state, geom, threads);
+}
+
+void vz_scan_backward_f32(const float* u, const float* delta, const float* A, const float* B, const float* C, const float* D,
+                        const float* z, const float* bias, const float* dout, const float* dlast, float* du, float* ddelta, float* dA,
+                        float* dB, float* dC, float* dD, float* dz, float* dbias, const int64_t* geom, int threads) {
+  vz::scan_backward<float>(u, delta, A, B, C, D, z, bias, dout, dlast, du, ddelta, dA, dB, dC, dD, dz, dbias, geom, threads);
+}
+void vz_scan_forward_f64(const double* u, const double* delta, const double* A, const double* B, const double* C, const double* D,
+                       const double* z, const double* bias, double* out, double* last_state, const int64_t* geom, int threads) {
+  vz::scan_forward<double>(u, delta, A, B, C, D, z, bias, out, last_state, geom, threads);
+}
+
+void vz_scan_backward_f64(const double* u, const double* delta, const double* A, const double* B, const double* C, const double* D,
+                        const double* z, const double* bias, const double* dout, const double* dlast, double* du, double* ddelta, double* dA,
+                        double* dB, double* dC, double* dD, double* dz, double* dbias, const int64_t* geom, int threads) {
+  vz::scan_backward<double>(u, delta, A, B, C, D, z, bias, dout, dlast, du, ddelta, dA, dB, dC, dD, dz, dbias, geom, threads);
+}
 }  // extern "C"

@@ -46,4 +46,14 @@ void block_backward(const T* q, const T* k, const T* v, const T* dout, const T* 
 // the chunks of the block backward's bias gradient (its first dimension)
 int64_t block_bias_chunks();
 
+// selective scan: geom and layouts in scan_kernels.cpp
+template <typename T>
+void scan_forward(const T* u, const T* delta, const T* A, const T* B, const T* C, const T* D, const T* z,
+                  const T* bias, T* out, T* last_state, const int64_t* geom, int threads);
+
+template <typename T>
+void scan_backward(const T* u, const T* delta, const T* A, const T* B, const T* C, const T* D, const T* z,
+                   const T* bias, const T* dout, const T* dlast, T* du, T* ddelta, T* dA, T* dB, T* dC, T* dD, T* dz,
+                   T* dbias, const int64_t* geom, int threads);
+
 }  // namespace vz

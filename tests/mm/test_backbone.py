@@ -28,7 +28,7 @@ from tests.mm.conftest import ROOT, SMALLEST, subprocess_env  # noqa: E402
 from tests.models.test_nat import ARCHS, official_forward, official_state_dict  # noqa: E402
 from visionzoo.checkpoint import save_weights  # noqa: E402
 from visionzoo.mm import BACKBONES, VisionZooBackbone  # noqa: E402
-from visionzoo.models.dense import DENSE_FAMILIES, dense_kwargs  # noqa: E402
+from visionzoo.models.dense import DENSE_FAMILIES, dense_family_of, dense_kwargs  # noqa: E402
 from visionzoo.models.nat import checkpoint_filter_fn, dinat_dilations  # noqa: E402
 
 # /work/shared/specs/neighborhood.md (DiNAT) and the official DiNAT_s configs, for the T variants
@@ -86,14 +86,28 @@ def test_registered_in_mmdet_and_mmseg(registry, task):
 WITHOUT_DENSE_SUPPORT = ()
 
 
+def _takes_any_size(name):
+    """Not ``fixed_input_size`` (Swin-Free-BR's norms fix it), or of any size with its family's dense
+    options (MaxViT pads its maps to the windows), run on the meta device at an odd size."""
+    if not timm.models.get_pretrained_cfg(name).fixed_input_size:
+        return True
+    family = dense_family_of(name)
+    if family is None or family.task_kwargs is None:
+        return False
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=0, **dense_kwargs(name, "det"))
+    # outside the device context: the op's geometry tables stay on the CPU
+    features = model.forward_intermediates(torch.empty(1, 3, 100, 140, device="meta"), intermediates_only=True)
+    return features[-1].shape[-2:] == (math.ceil(100 / 32), math.ceil(140 / 32))
+
+
 def test_every_hierarchical_model_is_declared_for_dense_prediction():
     hierarchical = set()
     for name in timm.list_models("visionzoo_*"):
         with torch.device("meta"):
             model = timm.create_model(name, num_classes=0)
-        # stages at several strides, and any input size (Swin-Free-BR's norms fix it)
-        fixed_size = timm.models.get_pretrained_cfg(name).fixed_input_size
-        if len({info["reduction"] for info in model.feature_info}) > 1 and not fixed_size:
+        # stages at several strides, and any input size
+        if len({info["reduction"] for info in model.feature_info}) > 1 and _takes_any_size(name):
             hierarchical.add(name)
     declared = {arch.model_name for family in DENSE_FAMILIES.values() for arch in family.archs.values()}
     assert declared <= hierarchical
@@ -193,7 +207,8 @@ def test_dense_schedule_and_arch_errors():
 # ----------------------------------------------------------------------------------------------
 # outputs, frozen stages, gradient checkpointing
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("model_name", sorted(SMALLEST.values()))
+# MambaVision is not in SMALLEST (the training tests' families): its CPU training is too slow for them
+@pytest.mark.parametrize("model_name", sorted(SMALLEST.values()) + ["visionzoo_mambavision_t"])
 @pytest.mark.parametrize("out_indices", [(0, 1, 2, 3), (1, 3), (2,)])
 def test_outputs_are_nchw_at_strides_4_to_32(model_name, out_indices):
     backbone = VisionZooBackbone(model_name, out_indices=out_indices, dense_schedule=None).eval()
@@ -254,6 +269,38 @@ def test_with_cp_gives_the_same_outputs_and_gradients(model_name):
         results.append((outputs, x.grad, backbone.model.patch_embed.norm.weight.grad))
     for expected, actual in zip(*results):
         torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("registry, task, arch, windows", [
+    (DET_MODELS, "det", "tiny", [112, 56]), (SEG_MODELS, "seg", "tiny", [64, 32]),
+    (DET_MODELS, "det", "small", [112, 56]), (SEG_MODELS, "seg", "small", [160, 56]),
+    (SEG_MODELS, "seg", "base", [64, 32]),
+])
+def test_mambavision_dense_windows_are_the_official_ones(registry, task, arch, windows):
+    """Official object_detection / semantic_segmentation configs: windows of stages 3-4 enlarged,
+    MambaVision-S's UperNet with its own; a LayerNorm over channels per output."""
+    with torch.device("meta"):
+        backbone = registry.build(dict(type="MambaVision", arch=arch))
+    assert [stage.window_size for stage in backbone.model.stages] == [None, None] + windows
+    assert all(block.attn.window_size == windows[i - 2] for i, stage in enumerate(backbone.model.stages)
+               for block in stage.blocks if i >= 2 and hasattr(block.attn, "window_size"))
+    assert [type(getattr(backbone, f"norm{i}")).__name__ for i in range(4)] == ["LayerNorm2d"] * 4
+
+
+def test_mambavision_official_classification_checkpoint(tmp_path):
+    """An official MambaVision checkpoint through init_cfg: every backbone key loads (tiny widths)."""
+    from tests.models.test_mambavision import OFFICIAL, TINY, official_state_dict
+
+    arch = dict(OFFICIAL["visionzoo_mambavision_t"], dim=TINY["dim"], in_dim=TINY["in_dim"], depths=TINY["depths"])
+    official = official_state_dict(arch)
+    torch.save({"state_dict": official}, tmp_path / "official.pth.tar")
+    backbone, log = load_pretrained("visionzoo_mambavision_t", tmp_path / "official.pth.tar", **TINY)
+    state = backbone.state_dict()
+    assert torch.equal(state["model.stages.3.downsample.reduction.weight"], official["levels.2.downsample.reduction.0.weight"])
+    assert torch.equal(state["model.stages.2.blocks.0.attn.A_log"], official["levels.2.blocks.0.mixer.A_log"])
+    assert "unexpected key in source state_dict: model.norm.weight, model.norm.bias" in log
+    missing = re.search(r"missing keys in source state_dict: (.*)", log)[1]
+    assert {key.strip() for key in missing.split(",")} == {f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias")}
 
 
 # ----------------------------------------------------------------------------------------------

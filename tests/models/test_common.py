@@ -24,9 +24,9 @@ from visionzoo.layers.token_merging import ToMeBlock
 
 MODELS = timm.list_models("visionzoo_*")
 _SIZE_RANK = {"m": 0, "t": 1, "s": 2, "b": 3, "l": 4}
-# visionzoo_<family>_<size>[_<variant>], e.g. visionzoo_swin_b_384, visionzoo_swin_free_b_dr12,
-# visionzoo_vit_s_tome, visionzoo_coatnet_0
-_NAME = re.compile(r"^(?P<family>.+?)_(?P<size>[mtsbl]|\d+)(?P<variant>_[a-z0-9]+)?$")
+# visionzoo_<family>_<size>[<variant>], e.g. visionzoo_swin_b_384, visionzoo_swin_free_b_dr12,
+# visionzoo_vit_s_tome, visionzoo_coatnet_0, visionzoo_mambavision_t2, visionzoo_mambavision_l3_256
+_NAME = re.compile(r"^(?P<family>.+?)_(?P<size>[mtsbl]|\d+)(?P<variant>\d+(?:_[a-z0-9]+)?|_[a-z0-9]+)?$")
 
 
 def _family(name):
@@ -303,8 +303,11 @@ def test_features_only_fx_matches_feature_getter(name):
         fx_features, features = fx(image), getter(image)
     assert len(fx_features) == len(features) == len(fx.feature_info.channels())
     for fx_feature, feature in zip(fx_features, features):
-        # the graph returns the stage outputs in the model's own channels-last layout
-        torch.testing.assert_close(fx_feature.permute(0, 3, 1, 2), feature)
+        # the graph returns the stage outputs in the model's own layout: channels-last [B, H, W, C] for
+        # the families built on ChannelsLastModel, NCHW for those built on timm's NCHW networks
+        if fx_feature.shape != feature.shape:
+            fx_feature = fx_feature.permute(0, 3, 1, 2)
+        torch.testing.assert_close(fx_feature, feature)
 
 
 @pytest.mark.parametrize("name", SMALLEST)

@@ -118,3 +118,60 @@ def test_attention_backends_match_reference_forward_and_backward(partition, back
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
     for actual, expected in zip(grads[1], grads[0]):
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def _partitioned_attention_reference(attn, x, partition):
+    """Independent of the op: zero pad ``x [B, H, W, C]`` to whole windows, cut it into windows as
+    timm's ``window_partition`` / ``grid_partition`` do, dense softmax attention with the key-minus-query
+    bias table inside each window, put the windows back and crop."""
+    batch, height, width, _ = x.shape
+    win_h, win_w = attn.window_size
+    padded = torch.nn.functional.pad(x, (0, 0, 0, -width % win_w, 0, -height % win_h))
+    size_h, size_w = padded.shape[1:3]
+    heads, dim_head = attn.num_heads, attn.dim_head
+    qkv = attn.qkv(padded).view(batch, size_h, size_w, 3, heads, dim_head)
+    if partition == "block":  # [B, H/wh, wh, W/ww, ww, ...]: tokens of a window are neighbours
+        cut, order = (size_h // win_h, win_h, size_w // win_w, win_w), (0, 1, 3, 2, 4)
+    else:  # [B, wh, H/wh, ww, W/ww, ...]: tokens of a window are H/wh apart
+        cut, order = (win_h, size_h // win_h, win_w, size_w // win_w), (0, 2, 4, 1, 3)
+    windows = qkv.view(batch, *cut, 3 * heads * dim_head).permute(*order, 5)
+    windows = windows.reshape(-1, win_h * win_w, 3, heads, dim_head).permute(2, 0, 3, 1, 4)
+    q, k, v = windows.unbind(0)  # [windows, heads, tokens, dim_head]
+    rows, cols = torch.meshgrid(torch.arange(win_h), torch.arange(win_w), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    table = attn.rel_pos.relative_position_bias_table  # [heads, 2h-1, 2w-1], key minus query
+    bias = table[:, rows[None, :] - rows[:, None] + win_h - 1, cols[None, :] - cols[:, None] + win_w - 1]
+    logits = q @ k.transpose(-1, -2) * dim_head ** -0.5 + bias
+    out = (logits.softmax(-1) @ v).permute(0, 2, 1, 3).reshape(batch, *[cut[i - 1] for i in order[1:]], -1)
+    inverse = [order.index(i) for i in range(5)]
+    out = out.permute(*inverse, 5).reshape(batch, size_h, size_w, -1)[:, :height, :width]
+    return attn.proj(out)
+
+
+@pytest.mark.parametrize("partition", ["block", "grid"])
+@pytest.mark.parametrize("size", [(14, 21), (9, 17), (3, 5)])
+def test_partition_attention_pads_maps_to_whole_windows(partition, size):
+    """Maps not divisible by the 7x7 windows / grid (the dense layout) equal attention on the zero
+    padded map, cropped; (14, 21) needs no padding, (3, 5) is smaller than one window."""
+    cfg = model_cfgs["maxvit_t"].transformer_cfg
+    torch.manual_seed(0)
+    attn = PartitionAttention(64, 64, partition, (7, 7), cfg)
+    x = torch.randn(2, *size, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), _partitioned_attention_reference(attn, x, partition), rtol=1e-5, atol=1e-5)
+
+
+def test_pad_to_window_takes_any_input_size_and_changes_nothing_where_maps_fit():
+    torch.manual_seed(0)
+    kwargs = dict(depths=(1, 1, 1, 1), embed_dim=(32, 32, 64, 64), stem_width=16, img_size=224)
+    strict = timm.create_model("visionzoo_maxvit_t", **kwargs).eval()
+    padded = timm.create_model("visionzoo_maxvit_t", pad_to_window=True, **kwargs).eval()
+    padded.load_state_dict(strict.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(padded(_image(224, 448)), strict(_image(224, 448)))
+        with pytest.raises(ValueError, match="input 100x140"):
+            strict(_image(100, 140))
+        features = padded.forward_intermediates(_image(100, 140), intermediates_only=True)
+    assert [f.shape[-2:] for f in features] == [(25, 35), (13, 18), (7, 9), (4, 5)]
+    with pytest.raises(ValueError, match="pad_to_window needs block / grid attention"):
+        timm.create_model("visionzoo_coatnet_0", pad_to_window=True)

@@ -50,13 +50,19 @@ def test_config_parses_and_names_a_registered_model(train_tool, config):
     args = train_tool.parse_args(["-c", str(config)])
     assert args.model in timm.list_models("visionzoo_*"), f"{config.name}: {args.model} is not registered"
     assert args.model == config.stem
-    # the papers' recipe (specs/training.md)
-    assert (args.opt, args.sched, args.weight_decay, args.lr_base, args.lr_base_size) == ("adamw", "cosine", 0.05,
-                                                                                         1e-3, 1024)
-    assert (args.mixup, args.cutmix, args.smoothing, args.reprob) == (0.8, 1.0, 0.1, 0.25)
-    assert args.aa.startswith("rand-m9-mstd0.5")
-    assert args.warmup_epochs >= 20 and args.epochs == 300
-    assert 0 < args.drop_path <= 0.5
+    if args.model.startswith("visionzoo_maxvit_"):  # the official recipe (google-research/maxvit hp/vision_i1k.py)
+        assert (args.opt, args.sched, args.weight_decay, args.lr_base, args.lr_base_size) == ("adamw", "cosine", 0.05,
+                                                                                             3e-3, 4096)
+        assert (args.mixup, args.cutmix, args.smoothing, args.reprob, args.aa) == (0.8, 0.0, 0.1, 0.0, "rand-m15-n2")
+        assert (args.model_ema, args.model_ema_decay, args.clip_grad, args.epochs) == (True, 0.9999, 1.0, 300)
+        assert 0 < args.drop_path <= 0.6
+    else:  # the papers' recipe (specs/training.md)
+        assert (args.opt, args.sched, args.weight_decay, args.lr_base, args.lr_base_size) == ("adamw", "cosine", 0.05,
+                                                                                             1e-3, 1024)
+        assert (args.mixup, args.cutmix, args.smoothing, args.reprob) == (0.8, 1.0, 0.1, 0.25)
+        assert args.aa.startswith("rand-m9-mstd0.5")
+        assert args.warmup_epochs >= 20 and args.epochs == 300
+        assert 0 < args.drop_path <= 0.5
     # command-line arguments override the file
     assert train_tool.parse_args(["-c", str(config), "--epochs", "3"]).epochs == 3
 

@@ -2,7 +2,10 @@
 
 * :mod:`.neighborhood_attention` - NAT / DiNAT attention;
 * :mod:`.window_attention` - Swin's (shifted) window attention;
+* :mod:`.vsa_attention` - varied-size window attention (VSA);
 * :mod:`.agent_attention` - agent attention (Agent-Swin / PVT / DeiT);
+* :mod:`.halo_attention` - HaloNet's halo attention (blocked queries, zero-padded halo windows);
+* :mod:`.mamba_mixer` - MambaVision's selective-scan token mixer;
 * :mod:`.transformer_block` - pre-norm block around any channels-last attention module;
 * :mod:`.downsample` - NAT's conv downsampler, Swin's patch merging;
 * :mod:`.stage` - downsampler + blocks, with gradient checkpointing;
@@ -12,6 +15,8 @@
 """
 from .agent_attention import AgentAttention, agent_position_biases, resize_agent_biases
 from .downsample import ConvDownsample, PatchMerging, create_downsample
+from .halo_attention import HaloAttention, halo_attention
+from .mamba_mixer import MambaVisionMixer
 from .model_base import ChannelsLastModel, check_image
 from .neighborhood_attention import NeighborhoodAttention2d, fit_window
 from .relative_position import (
@@ -19,19 +24,24 @@ from .relative_position import (
     relative_position_index_key_minus_query,
     relative_position_index_query_minus_key,
     resize_rel_pos_table,
+    rpb_from_query_minus_key_table,
 )
 from .stage import Stage
 from .transformer_block import TransformerBlock
+from .vsa_attention import VSAWindowAttention, vsa_sampling_grid
 from .window_attention import WindowAttention, fit_window_shift
 
 __all__ = [
     "AgentAttention",
     "ChannelsLastModel",
     "ConvDownsample",
+    "HaloAttention",
+    "MambaVisionMixer",
     "NeighborhoodAttention2d",
     "PatchMerging",
     "Stage",
     "TransformerBlock",
+    "VSAWindowAttention",
     "WindowAttention",
     "agent_position_biases",
     "check_image",
@@ -39,8 +49,11 @@ __all__ = [
     "crop_rel_pos_table",
     "fit_window",
     "fit_window_shift",
+    "halo_attention",
     "relative_position_index_key_minus_query",
     "relative_position_index_query_minus_key",
     "resize_agent_biases",
     "resize_rel_pos_table",
+    "rpb_from_query_minus_key_table",
+    "vsa_sampling_grid",
 ]

@@ -22,6 +22,7 @@ from timm.layers import resize_rel_pos_bias_table, to_2tuple
 
 __all__ = [
     "crop_rel_pos_table",
+    "rpb_from_query_minus_key_table",
     "relative_position_index_key_minus_query",
     "relative_position_index_query_minus_key",
     "resize_rel_pos_table",
@@ -61,6 +62,13 @@ def relative_position_index_key_minus_query(window_size: _size_2_t) -> torch.Ten
     """
     window_size = to_2tuple(window_size)
     return _flat_index(-_offsets(window_size), window_size)
+
+
+def rpb_from_query_minus_key_table(table: torch.Tensor, window_size: _size_2_t) -> torch.Tensor:
+    """Swin's ``[(2h-1)*(2w-1), num_heads]`` query-minus-key table as the ops' ``rpb``
+    ``[num_heads, 2h-1, 2w-1]`` indexed by key minus query: the same biases, mirrored."""
+    height, width = to_2tuple(window_size)
+    return table.t().reshape(table.shape[1], 2 * height - 1, 2 * width - 1).flip(1, 2)
 
 
 def crop_rel_pos_table(table: torch.Tensor, window_size: _size_2_t) -> torch.Tensor:

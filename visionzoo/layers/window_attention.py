@@ -21,7 +21,7 @@ from timm.layers import register_notrace_module, to_2tuple, trunc_normal_
 
 from visionzoo.kernels import na2d
 
-from .relative_position import crop_rel_pos_table
+from .relative_position import crop_rel_pos_table, rpb_from_query_minus_key_table
 
 __all__ = ["WindowAttention", "fit_window_shift"]
 
@@ -137,8 +137,7 @@ class WindowAttention(nn.Module):
     def rpb(self) -> torch.Tensor:
         """The bias table in the op's layout, ``[num_heads, 2h-1, 2w-1]`` indexed by key minus query:
         Swin's query-minus-key table, mirrored."""
-        height, width = self.window_size
-        return self.relative_position_bias_table.t().reshape(self.num_heads, 2 * height - 1, 2 * width - 1).flip(1, 2)
+        return rpb_from_query_minus_key_table(self.relative_position_bias_table, self.window_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, H, W, C]`` -> ``[B, H, W, C]``."""

@@ -24,6 +24,7 @@ import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.runner.checkpoint import load_state_dict
+from timm.models import load_state_dict_from_hf
 
 from visionzoo.checkpoint import load_weights
 from visionzoo.models.dense import DenseFamily, dense_family_of
@@ -40,13 +41,16 @@ _UNDECLARED = DenseFamily(name="undeclared", type_names=("VisionZooBackbone",), 
 
 
 def read_checkpoint(checkpoint: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """State dict of a URL, ``.pth`` / ``.pt`` file, ``.safetensors`` file or visionzoo checkpoint dir.
+    """State dict of a URL, ``hf-hub:<repo>`` (timm's weights on the Hugging Face Hub), ``.pth`` / ``.pt``
+    file, ``.safetensors`` file or visionzoo checkpoint dir.
 
     Pickled files are read with ``torch.load(weights_only=True)``; the state dict is unwrapped from
     ``'state_dict'`` (mmengine / mmcv) or ``'model'`` (official classification checkpoints).
     """
     checkpoint = str(checkpoint)
-    if checkpoint.startswith(("http://", "https://")):
+    if checkpoint.startswith("hf-hub:"):  # safetensors when the repository has them, else weights_only
+        state = load_state_dict_from_hf(checkpoint[len("hf-hub:"):], weights_only=True)
+    elif checkpoint.startswith(("http://", "https://")):
         state = torch.hub.load_state_dict_from_url(checkpoint, map_location="cpu", weights_only=True)
     elif checkpoint.endswith(".safetensors") or Path(checkpoint).is_dir():
         state, _ = load_weights(checkpoint)

@@ -60,7 +60,8 @@ class DenseArch:
         model_name: the registered timm name, e.g. ``'visionzoo_dinat_t'``.
         pretrained_tag: the weights the dense configs start from (``'in1k'``, ``'in22k'``).
         drop_path_rate: per task (:data:`DENSE_TASKS`), the stochastic depth of the official dense
-            configs; a task without one gets no generated config.
+            configs; a task without one gets no generated config. ``'det'`` gives the Mask R-CNN
+            configs, ``'det_cascade'`` the Cascade Mask R-CNN one.
     """
 
     model_name: str

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -161,6 +161,10 @@ class SwinTransformer(ChannelsLastModel):
             grid is shifted (see :class:`visionzoo.layers.WindowAttention`); the dense
             declaration at the end of this file sets it. ``False``: timm's / the classification
             code's (windows fitted to ``img_size`` and to small maps, padding after the shift).
+        attn_layer: the attention module, called as ``attn_layer(dim, num_heads, window_size=,
+            qkv_bias=, attn_drop=, proj_drop=)``, with ``shift_size=`` when ``shifted`` and
+            ``pad_before_shift=True`` when set: :class:`visionzoo.layers.WindowAttention` (Swin),
+            :class:`visionzoo.layers.VSAWindowAttention` (Swin-VSA, unshifted).
     """
 
     no_weight_decay_patterns = ("*.relative_position_bias_table",)
@@ -186,6 +190,7 @@ class SwinTransformer(ChannelsLastModel):
         drop_path_rate: float = 0.1,
         act_layer: type = nn.GELU,
         pad_before_shift: bool = False,
+        attn_layer: Callable[..., nn.Module] = WindowAttention,
     ):
         super().__init__()
         num_stages = len(depths)
@@ -222,6 +227,9 @@ class SwinTransformer(ChannelsLastModel):
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         stages = []
         self.feature_info = []
+        attn_kwargs: Dict[str, Any] = dict(qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)
+        if pad_before_shift:
+            attn_kwargs["pad_before_shift"] = True
         for i in range(num_stages):
             if pad_before_shift:
                 window = windows[i]
@@ -229,19 +237,11 @@ class SwinTransformer(ChannelsLastModel):
             else:  # Swin's rule: a map not larger than the window is the window, unshifted
                 window = tuple(min(w, s) for w, s in zip(windows[i], sizes[i]))
                 shift = tuple(w // 2 if s > w else 0 for w, s in zip(window, sizes[i])) if shifted else (0, 0)
+            shifts = [dict(shift_size=shift if j % 2 else 0) if shifted else {} for j in range(depths[i])]
             blocks = [
                 TransformerBlock(
                     dims[i],
-                    WindowAttention(
-                        dims[i],
-                        num_heads[i],
-                        window_size=window,
-                        shift_size=shift if j % 2 else 0,
-                        qkv_bias=qkv_bias,
-                        attn_drop=attn_drop_rate,
-                        proj_drop=proj_drop_rate,
-                        pad_before_shift=pad_before_shift,
-                    ),
+                    attn_layer(dims[i], num_heads[i], window_size=window, **shifts[j], **attn_kwargs),
                     mlp_ratio=mlp_ratio,
                     proj_drop=proj_drop_rate,
                     drop_path=dpr[i][j],
@@ -341,13 +341,18 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: SwinTransformer) -> 
     return out
 
 
-def _create_swin(variant: str, pretrained: bool = False, **kwargs) -> SwinTransformer:
+def _create_swin(
+    variant: str,
+    pretrained: bool = False,
+    pretrained_filter_fn: Callable[[Dict[str, Any], SwinTransformer], Dict[str, torch.Tensor]] = checkpoint_filter_fn,
+    **kwargs,
+) -> SwinTransformer:
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (1, 1, 1, 1))))))
     return build_model(
         SwinTransformer,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=pretrained_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )

@@ -1,0 +1,11 @@
+# MaxViT base (visionzoo_maxvit_b.in1k): Mask R-CNN + FPN, COCO, 1x (12 epochs).
+# Written by tools/make_mm_configs.py from the family's dense declaration: edit that, not this file.
+_base_ = '../_base_/mask_rcnn_visionzoo_fpn_1x_coco.py'
+model = dict(
+    backbone=dict(
+        type='MaxViT',
+        arch='base',
+        dense_schedule='det',
+        drop_path_rate=0.4,
+        init_cfg=dict(type='Pretrained', checkpoint='hf-hub:timm/maxvit_base_tf_224.in1k')),
+    neck=dict(in_channels=[96, 192, 384, 768]))
