@@ -65,7 +65,8 @@ def official_state_dict(seed=0):
             shapes[f"layers.{i}.downsample.norm.bias"] = (4 * dim,)
             shapes[f"layers.{i}.downsample.reduction.weight"] = (2 * dim, 4 * dim)
     last = EMBED * 2 ** (len(DEPTHS) - 1)
-    shapes.update({"norm.weight": (last,), "norm.bias": (last,), "head.weight": (CLASSES, last), "head.bias": (CLASSES,)})
+    shapes.update({"norm.weight": (last,), "norm.bias": (last,),
+                   "head.weight": (CLASSES, last), "head.bias": (CLASSES,)})
     sd = {key: torch.randn(shape, generator=generator) * 0.2 for key, shape in shapes.items()}
     return dict(sd, **buffers)
 
@@ -199,7 +200,8 @@ def test_official_stage_layouts(size, img, stage_types):
              for stage in model.stages]
     assert built == stage_types
     assert [stage.blocks[0].attn.agent_num for stage in model.stages[:2]] == [9, 16]
-    window_blocks = [block.attn for stage in model.stages for block in stage.blocks if not hasattr(block.attn, "agent_num")]
+    window_blocks = [block.attn for stage in model.stages for block in stage.blocks
+                     if not hasattr(block.attn, "agent_num")]
     assert {attn.window_size for attn in window_blocks} == {(7, 7)}
     # stage 4 (7x7) never shifts; in stage 3 the odd blocks shift by 3 (M2's first window block is index 2)
     assert all(attn.shift_size == (0, 0) for attn in model.stages[3].blocks.modules() if hasattr(attn, "shift_size"))
