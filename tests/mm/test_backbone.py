@@ -413,6 +413,23 @@ def test_pretrained_own_layouts(tmp_path):
     assert_loaded(backbone, {f"model.{k}": v for k, v in model.state_dict().items() if not k.startswith(("norm.", "head."))})
 
 
+def test_checkpoint_urls_that_name_no_file_are_cached_under_their_last_part(tmp_path, monkeypatch):
+    """Agent-Swin's / Agent-PVT's official weights are at ``.../f/<id>/?dl=1``."""
+    from visionzoo.mm.backbone import read_checkpoint
+
+    calls = []
+
+    def load(url, map_location=None, weights_only=False, file_name=None):
+        calls.append((url, weights_only, file_name))
+        return {"model": {"x": torch.ones(1)}}
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", load)
+    assert read_checkpoint("https://cloud.tsinghua.edu.cn/f/abc123/?dl=1") == {"x": torch.ones(1)}
+    read_checkpoint("https://host/weights/model.pth")
+    assert calls == [("https://cloud.tsinghua.edu.cn/f/abc123/?dl=1", True, "abc123.pth"),
+                     ("https://host/weights/model.pth", True, None)]
+
+
 class NotWeights:
     """Pickled as a class reference: torch.load(weights_only=True) must refuse it."""
 

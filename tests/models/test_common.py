@@ -328,3 +328,25 @@ def test_missing_pretrained_file_is_named(name, tmp_path):
     missing = tmp_path / "absent.pth"
     with pytest.raises(FileNotFoundError, match=re.escape(f"pretrained_cfg_overlay['file']: no weights file at '{missing}'")):
         timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
+
+
+def test_weights_at_a_url_that_names_no_file_download_once_under_the_model_name(tmp_path, monkeypatch):
+    """The official Agent-Attention weights live at ``.../f/<id>/?dl=1``: torch.hub would cache that
+    under an empty file name (the cache directory itself); they are saved as ``<model>.<tag>.pth``."""
+    name = "visionzoo_agent_deit_t"
+    url = timm.models.get_pretrained_cfg(f"{name}.in1k").url
+    assert url.endswith("/?dl=1")
+    source = timm.create_model(name, num_classes=1000)
+    calls = []
+
+    def download(from_url, to_path, progress=True):
+        calls.append((from_url, to_path))
+        torch.save({"model": source.state_dict()}, to_path)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    for _ in range(2):
+        model = timm.create_model(name, pretrained=True)
+        for key, value in source.state_dict().items():
+            assert torch.equal(model.state_dict()[key], value), key
+    assert calls == [(url, str(tmp_path / "hub" / "checkpoints" / f"{name}.in1k.pth"))]

@@ -15,10 +15,11 @@ mmdet, segmentation in mmseg). Nothing here imports mmdet or mmseg, and nothing 
 from __future__ import annotations
 
 import argparse
-
+import os
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -53,7 +54,12 @@ def read_checkpoint(checkpoint: Union[str, Path]) -> Dict[str, torch.Tensor]:
     if checkpoint.startswith("hf-hub:"):  # safetensors when the repository has them, else weights_only
         state = load_state_dict_from_hf(checkpoint[len("hf-hub:"):], weights_only=True)
     elif checkpoint.startswith(("http://", "https://")):
-        state = torch.hub.load_state_dict_from_url(checkpoint, map_location="cpu", weights_only=True)
+        # a URL whose path ends in '/' (``https://host/f/<id>/?dl=1``) names no file: torch.hub would
+        # cache it under an empty name, so it is cached under the path's last part
+        path = urlparse(checkpoint).path
+        file_name = None if os.path.basename(path) else f"{os.path.basename(path.rstrip('/'))}.pth"
+        state = torch.hub.load_state_dict_from_url(checkpoint, map_location="cpu", weights_only=True,
+                                                   file_name=file_name)
     elif checkpoint.endswith(".safetensors") or Path(checkpoint).is_dir():
         state, _ = load_weights(checkpoint)
     else:

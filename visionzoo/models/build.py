@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 from typing import Any, Callable, Dict, Optional, Type
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -30,6 +31,23 @@ def resolve_cfg(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Pretr
     return cfg
 
 
+def _download_unnamed(cfg: PretrainedCfg, kwargs: Dict[str, Any]) -> None:
+    """Download weights whose URL names no file (``https://host/f/<id>/?dl=1``) to
+    ``<torch hub>/checkpoints/<model>.<tag>.pth`` once and point ``pretrained_cfg_overlay['file']`` at it.
+
+    torch.hub caches a download under the URL path's last component, which is empty for such URLs:
+    it would try to load the cache directory itself.
+    """
+    if cfg.file or cfg.hf_hub_id or not cfg.url or os.path.basename(urlparse(cfg.url).path):
+        return
+    name = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", f"{name}.pth")
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.hub.download_url_to_file(cfg.url, path, progress=True)
+    kwargs["pretrained_cfg_overlay"] = {**(kwargs.get("pretrained_cfg_overlay") or {}), "file": path}
+
+
 def build_model(
     model_cls: Type[nn.Module],
     variant: str,
@@ -44,7 +62,9 @@ def build_model(
     apply to every parameter and buffer the model creates, so model classes need not pass them
     down to each layer.
     """
-    resolve_cfg(variant, pretrained, kwargs)
+    cfg = resolve_cfg(variant, pretrained, kwargs)
+    if pretrained:
+        _download_unnamed(cfg, kwargs)
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = build_model_with_cfg(
