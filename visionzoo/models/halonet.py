@@ -20,6 +20,7 @@ layout copies.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import fields, replace
 from functools import partial
@@ -35,7 +36,7 @@ from visionzoo.layers import HaloAttention, check_image
 
 from .build import build_model
 
-__all__ = ["HaloBlock", "HaloNet", "checkpoint_filter_fn"]
+__all__ = ["HaloBlock", "HaloNet", "checkpoint_filter_fn", "fit_blocks", "input_multiple"]
 
 # every HaloNet stem (7x7 conv + max pool, or three 3x3 convs + max pool / a strided last conv)
 STEM_REDUCTION = 4
@@ -71,9 +72,12 @@ def _attention_groups(cfg: ByoModelCfg) -> Iterator[Tuple[int, int, int, ByoBloc
                 yield stage, index, reduction, block_cfg
 
 
+_DEFAULT_BLOCK = inspect.signature(HaloAttention).parameters["block_size"].default
+
+
 def _block_size(cfg: ByoModelCfg, block_cfg: ByoBlockCfg) -> int:
     kwargs = {**cfg.self_attn_kwargs, **(block_cfg.self_attn_kwargs or {})}
-    return kwargs.get("block_size", 8)
+    return kwargs.get("block_size", _DEFAULT_BLOCK)
 
 
 def fit_blocks(cfg: ByoModelCfg, img_size: Tuple[int, int]) -> ByoModelCfg:
