@@ -104,9 +104,9 @@ def test_upernet_beats_predicting_the_background(dense_data, tmp_path, monkeypat
 
     predicting(monkeypatch, lambda path: np.zeros_like(png_labels(path, reduce_zero_label=False)))
     background = runner.test("seg", [str(config), str(work_dir / "iter_30.pth"), "--work-dir", str(tmp_path / "bg")])
-    # background covers most pixels, so pixel accuracy can only rise a little above it (and by how
-    # much varies with the CPU's rounding); the class-averaged IoU is what shows learning
-    assert learned["aAcc"] > background["aAcc"], (learned, background)
+    # background covers most pixels: after 30 iterations pixel accuracy lands a few points either side
+    # of predicting background everywhere (77-83 against 82 across runs), so it shows nothing; the
+    # class-averaged IoU is what shows learning (53-62 against 27)
     assert learned["mIoU"] > background["mIoU"] + 20.0, (learned, background)
 
 

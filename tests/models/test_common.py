@@ -30,6 +30,8 @@ _NAME = re.compile(r"^(?P<family>.+?)_(?P<size>[mtsbl]|\d+)(?P<variant>\d+(?:_[a
 
 
 def _family(name):
+    if re.match(r"visionzoo_(se)?halonet", name):  # timm's halonet26t / sehalonet33ts / 50ts and the paper's h0-h7
+        return "visionzoo_halonet"  # are one network class (timm's ByobNet with halo attention)
     match = _NAME.match(name)
     return match["family"] if match else name.rsplit("_", 1)[0]
 
