@@ -22,7 +22,6 @@ from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     Attention,
     ClassifierHead,
@@ -40,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from visionzoo.layers import AgentAttention, ChannelsLastModel, check_image, resize_agent_biases
 from visionzoo.layers.model_base import feature_take_indices
 
-from .build import build_model, resolve_cfg
+from .agent_common import agent_cfg, create_agent_model
 
 __all__ = ["AgentDeiT"]
 
@@ -300,48 +299,17 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
 
 
 def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentDeiT:
-    # position embedding and agent biases are sized for the weights' resolution unless img_size is given
-    kwargs.setdefault("img_size", tuple(resolve_cfg(variant, pretrained, kwargs).input_size[-2:]))
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model(
-        AgentDeiT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return create_agent_model(AgentDeiT, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
-
-def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (14, 14),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head.fc",
-        "license": "unknown",
-        "paper_ids": "arXiv:2312.08874",
-        "paper_name": "Agent Attention: On the Integration of Softmax and Linear Attention",
-        "origin_url": "https://github.com/LeapLabTHU/Agent-Attention",
-        **kwargs,
-    }
-
-
-_URL = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
 
 default_cfgs = generate_default_cfgs({
-    "visionzoo_agent_deit_t.in1k": _cfg(_URL.format("57e0904221824ee7b7af")),
-    "visionzoo_agent_deit_s.in1k": _cfg(_URL.format("fdd43304372541db8ea7")),
-    "visionzoo_agent_deit_s.in1k_448": _cfg(
-        _URL.format("a228f86241c445f1969b"), input_size=(3, 448, 448), pool_size=(28, 28)
+    "visionzoo_agent_deit_t.in1k": agent_cfg("57e0904221824ee7b7af", pool_size=(14, 14)),
+    "visionzoo_agent_deit_s.in1k": agent_cfg("fdd43304372541db8ea7", pool_size=(14, 14)),
+    "visionzoo_agent_deit_s.in1k_448": agent_cfg(
+        "a228f86241c445f1969b", input_size=(3, 448, 448), pool_size=(28, 28)
     ),
-    "visionzoo_agent_deit_b.in1k": _cfg(_URL.format("5115f15fdd7e4ab58fbc")),
+    "visionzoo_agent_deit_b.in1k": agent_cfg("5115f15fdd7e4ab58fbc", pool_size=(14, 14)),
 })
 
 

@@ -33,13 +33,12 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, calculate_drop_path_rates, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
 from visionzoo.layers import AgentAttention, ChannelsLastModel, Stage, TransformerBlock, resize_agent_biases
 
-from .build import build_model, resolve_cfg
+from .agent_common import agent_cfg, create_agent_model
 from .dense import DenseArch, DenseFamily, register_dense_family
 
 __all__ = ["AgentPVT"]
@@ -217,49 +216,18 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
 
 
 def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> AgentPVT:
-    # position embeddings and agent biases are sized for the weights' resolution unless img_size is given
-    kwargs.setdefault("img_size", tuple(resolve_cfg(variant, pretrained, kwargs).input_size[-2:]))
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (1, 1, 1, 1))))))
-    return build_model(
-        AgentPVT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return create_agent_model(AgentPVT, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
-
-def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head.fc",
-        "license": "unknown",
-        "paper_ids": "arXiv:2312.08874",
-        "paper_name": "Agent Attention: On the Integration of Softmax and Linear Attention",
-        "origin_url": "https://github.com/LeapLabTHU/Agent-Attention",
-        **kwargs,
-    }
-
-
-_URL = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
 
 default_cfgs = generate_default_cfgs({
-    "visionzoo_agent_pvt_t.in1k": _cfg(_URL.format("13fdf0e0a7c5498c934f")),
-    "visionzoo_agent_pvt_s.in1k": _cfg(_URL.format("36b8be9a8863456685a3")),
-    "visionzoo_agent_pvt_m.in1k": _cfg(_URL.format("4d00ecacf18b45f9b88c")),
-    "visionzoo_agent_pvt_m.in1k_256": _cfg(
-        _URL.format("654df734121643b19c52"), input_size=(3, 256, 256), pool_size=(8, 8), crop_pct=0.875
+    "visionzoo_agent_pvt_t.in1k": agent_cfg("13fdf0e0a7c5498c934f"),
+    "visionzoo_agent_pvt_s.in1k": agent_cfg("36b8be9a8863456685a3"),
+    "visionzoo_agent_pvt_m.in1k": agent_cfg("4d00ecacf18b45f9b88c"),
+    "visionzoo_agent_pvt_m.in1k_256": agent_cfg(
+        "654df734121643b19c52", input_size=(3, 256, 256), pool_size=(8, 8), crop_pct=0.875
     ),
-    "visionzoo_agent_pvt_l.in1k": _cfg(_URL.format("040cfe0cfbbe4762ad09")),
+    "visionzoo_agent_pvt_l.in1k": agent_cfg("040cfe0cfbbe4762ad09"),
 })
 
 

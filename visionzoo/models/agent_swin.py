@@ -36,7 +36,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, PatchEmbed, calculate_drop_path_rates, to_2tuple
 from timm.models import generate_default_cfgs, register_model
 
@@ -51,7 +50,7 @@ from visionzoo.layers import (
     resize_agent_biases,
 )
 
-from .build import build_model, resolve_cfg
+from .agent_common import agent_cfg, create_agent_model
 from .dense import DenseArch, DenseFamily, register_dense_family
 from .swin import checkpoint_filter_fn as swin_checkpoint_filter_fn
 
@@ -219,51 +218,20 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: AgentSwinTransformer
 
 
 def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
-    # agent biases and windows are sized for the weights' resolution unless img_size is given
-    kwargs.setdefault("img_size", tuple(resolve_cfg(variant, pretrained, kwargs).input_size[-2:]))
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (1, 1, 1, 1))))))
-    return build_model(
-        AgentSwinTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return create_agent_model(AgentSwinTransformer, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
 
-
-def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head.fc",
-        "license": "unknown",
-        "paper_ids": "arXiv:2312.08874",
-        "paper_name": "Agent Attention: On the Integration of Softmax and Linear Attention",
-        "origin_url": "https://github.com/LeapLabTHU/Agent-Attention",
-        **kwargs,
-    }
-
-
-_URL = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
 
 default_cfgs = generate_default_cfgs({
-    "visionzoo_agent_swin_t.in1k": _cfg(_URL.format("a2ddc1190c224f768a41")),
-    "visionzoo_agent_swin_s.in1k": _cfg(_URL.format("f607172c9fea4d6e99bb")),
+    "visionzoo_agent_swin_t.in1k": agent_cfg("a2ddc1190c224f768a41"),
+    "visionzoo_agent_swin_s.in1k": agent_cfg("f607172c9fea4d6e99bb"),
     # fine-tuned at 288 / 384 and evaluated without a centre crop
-    "visionzoo_agent_swin_s.in1k_288": _cfg(
-        _URL.format("09760394e93b4046a25e"), input_size=(3, 288, 288), pool_size=(9, 9), crop_pct=1.0
+    "visionzoo_agent_swin_s.in1k_288": agent_cfg(
+        "09760394e93b4046a25e", input_size=(3, 288, 288), pool_size=(9, 9), crop_pct=1.0
     ),
-    "visionzoo_agent_swin_b.in1k": _cfg(_URL.format("4fcd2d0114bb490483c3")),
-    "visionzoo_agent_swin_b.in1k_384": _cfg(
-        _URL.format("bb84ee9058954706a557"), input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0
+    "visionzoo_agent_swin_b.in1k": agent_cfg("4fcd2d0114bb490483c3"),
+    "visionzoo_agent_swin_b.in1k_384": agent_cfg(
+        "bb84ee9058954706a557", input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0
     ),
 })
 
