@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, Type
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .build import build_model, resolve_cfg
+from .build import build_model, getter_feature_cfg, resolve_cfg
 
 __all__ = ["agent_cfg", "create_agent_model"]
 
@@ -41,18 +41,19 @@ def create_agent_model(
     variant: str,
     pretrained: bool,
     checkpoint_filter_fn: Callable[..., Dict[str, Any]],
-    default_out_indices: Any,
+    default_out_indices: Any = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build ``variant`` with its position embeddings, agent biases and windows sized for the
-    weights' resolution unless ``img_size`` is given; features by ``forward_intermediates``."""
+    weights' resolution unless ``img_size`` is given; features by ``forward_intermediates`` of
+    ``out_indices`` (default ``default_out_indices``, or every stage when None: :func:`getter_feature_cfg`)."""
     kwargs.setdefault("img_size", tuple(resolve_cfg(variant, pretrained, kwargs).input_size[-2:]))
-    out_indices = kwargs.pop("out_indices", default_out_indices)
+    feature_cfg = getter_feature_cfg(kwargs, default_out_indices)
     return build_model(
         model_cls,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        feature_cfg=feature_cfg,
         **kwargs,
     )

@@ -299,8 +299,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
 
 
 def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentDeiT:
-    out_indices = kwargs.pop("out_indices", 3)
-    return create_agent_model(AgentDeiT, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
+    return create_agent_model(AgentDeiT, variant, pretrained, checkpoint_filter_fn, 3, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

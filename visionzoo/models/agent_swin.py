@@ -218,8 +218,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: AgentSwinTransformer
 
 
 def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (1, 1, 1, 1))))))
-    return create_agent_model(AgentSwinTransformer, variant, pretrained, checkpoint_filter_fn, out_indices, **kwargs)
+    return create_agent_model(AgentSwinTransformer, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from timm.models import PretrainedCfg, build_model_with_cfg, resolve_pretrained_cfg
 
-__all__ = ["build_model", "resolve_cfg"]
+__all__ = ["build_model", "getter_feature_cfg", "resolve_cfg"]
 
 
 def resolve_cfg(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> PretrainedCfg:
@@ -29,6 +29,18 @@ def resolve_cfg(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Pretr
         argument = "pretrained_cfg_overlay['file']" if overlay.get("file") else "pretrained_cfg['file']"
         raise FileNotFoundError(f"{argument}: no weights file at {cfg.file!r}")
     return cfg
+
+
+def getter_feature_cfg(kwargs: Dict[str, Any], default_out_indices: Any = None, **extra: Any) -> Dict[str, Any]:
+    """timm's ``feature_cfg`` for ``features_only`` through the model's ``forward_intermediates``.
+
+    ``out_indices`` is popped from the model keyword arguments ``kwargs`` (the model itself does not
+    take it); without it, ``default_out_indices``, or when that is None every stage: one per entry of
+    ``kwargs['depths']`` (four when the variant gives none). ``extra`` entries are added.
+    """
+    if default_out_indices is None:
+        default_out_indices = tuple(range(len(kwargs.get("depths", (1, 1, 1, 1)))))
+    return dict(out_indices=kwargs.pop("out_indices", default_out_indices), feature_cls="getter", **extra)
 
 
 def _download_unnamed(cfg: PretrainedCfg, kwargs: Dict[str, Any]) -> None:

@@ -47,7 +47,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from visionzoo.kernels import na2d
 from visionzoo.layers import ChannelsLastModel, ConvDownsample, MambaVisionMixer, Stage, TransformerBlock
 
-from .build import build_model
+from .build import build_model, getter_feature_cfg
 from .dense import DenseArch, DenseFamily, register_dense_family
 
 __all__ = ["MambaVision", "attention_blocks", "checkpoint_filter_fn"]
@@ -299,13 +299,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: MambaVision) -> Dict
 
 
 def _create_mambavision(variant: str, pretrained: bool = False, **kwargs) -> MambaVision:
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (1, 1, 1, 1))))))
+    feature_cfg = getter_feature_cfg(kwargs)
     return build_model(
         MambaVision,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        feature_cfg=feature_cfg,
         **kwargs,
     )
 

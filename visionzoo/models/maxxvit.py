@@ -55,7 +55,7 @@ from timm.models import generate_default_cfgs, register_model
 from visionzoo.kernels import na2d
 from visionzoo.layers import ChannelsLastModel, Stage
 
-from .build import build_model
+from .build import build_model, getter_feature_cfg
 from .dense import DenseArch, DenseFamily, register_dense_family
 
 __all__ = ["MaxxVit", "MaxxVitCfg", "MaxxVitConvCfg", "MaxxVitTransformerCfg", "checkpoint_filter_fn"]
@@ -567,13 +567,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: MaxxVit) -> Dict[str
 
 
 def _create_maxxvit(variant: str, cfg: MaxxVitCfg, pretrained: bool = False, **kwargs) -> MaxxVit:
-    out_indices = kwargs.pop("out_indices", tuple(range(len(cfg.depths))))
+    feature_cfg = getter_feature_cfg(kwargs, tuple(range(len(cfg.depths))))
     return build_model(
         MaxxVit,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        feature_cfg=feature_cfg,
         cfg=cfg,
         **kwargs,
     )

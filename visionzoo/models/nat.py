@@ -45,7 +45,7 @@ from visionzoo.layers import (
     create_downsample,
 )
 
-from .build import build_model, resolve_cfg
+from .build import build_model, getter_feature_cfg, resolve_cfg
 from .dense import DenseArch, DenseFamily, register_dense_family
 
 __all__ = ["NAT", "NATIsotropic", "dinat_dilations"]
@@ -347,25 +347,25 @@ def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> NAT:
     # DiNAT's dilations follow the resolution of the weights (e.g. 384 for `.in22k_ft_in1k_384`)
     # unless img_size is given
     kwargs.setdefault("img_size", tuple(resolve_cfg(variant, pretrained, kwargs).input_size[-2:]))
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (1, 1, 1, 1))))))
+    feature_cfg = getter_feature_cfg(kwargs)
     return build_model(
         NAT,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        feature_cfg=feature_cfg,
         **kwargs,
     )
 
 
 def _create_nat_isotropic(variant: str, pretrained: bool = False, **kwargs) -> NATIsotropic:
-    out_indices = kwargs.pop("out_indices", 3)
+    feature_cfg = getter_feature_cfg(kwargs, 3)
     return build_model(
         NATIsotropic,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        feature_cfg=feature_cfg,
         **kwargs,
     )
 

@@ -57,7 +57,7 @@ from visionzoo.layers import (
     resize_rel_pos_table,
 )
 
-from .build import build_model
+from .build import build_model, getter_feature_cfg
 from .dense import DenseArch, DenseFamily, register_dense_family
 
 __all__ = ["FixedSizePatchEmbed", "SwinTransformer", "TokenBatchNorm", "stage_window_sizes"]
@@ -347,13 +347,13 @@ def _create_swin(
     pretrained_filter_fn: Callable[[Dict[str, Any], SwinTransformer], Dict[str, torch.Tensor]] = checkpoint_filter_fn,
     **kwargs,
 ) -> SwinTransformer:
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (1, 1, 1, 1))))))
+    feature_cfg = getter_feature_cfg(kwargs)
     return build_model(
         SwinTransformer,
         variant,
         pretrained,
         pretrained_filter_fn=pretrained_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        feature_cfg=feature_cfg,
         **kwargs,
     )
 

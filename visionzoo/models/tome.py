@@ -18,7 +18,7 @@ from timm.models import generate_default_cfgs, get_pretrained_cfg, register_mode
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 
 from ..layers.token_merging import Schedule, apply_tome, parse_r
-from .build import build_model
+from .build import build_model, getter_feature_cfg
 
 __all__ = []  # models are reached through timm.create_model
 
@@ -26,13 +26,13 @@ __all__ = []  # models are reached through timm.create_model
 def _create_tome_vit(variant: str, pretrained: bool, default_r: Schedule, **kwargs: Any) -> VisionTransformer:
     # the schedule over the full depth: features_only keeps only the blocks up to its last output
     schedule = parse_r(kwargs["depth"], kwargs.pop("tome_r", default_r))
-    out_indices = kwargs.pop("out_indices", 3)
+    feature_cfg = getter_feature_cfg(kwargs, 3, output_fmt="NLC")
     model = build_model(
         VisionTransformer,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter", output_fmt="NLC"),
+        feature_cfg=feature_cfg,
         **kwargs,
     )
     return apply_tome(model, schedule[:sum(isinstance(m, Block) for m in model.modules())])
