@@ -322,7 +322,7 @@ def test_merge2d_presets_keep_the_full_map():
 
 
 def test_merge2d_query_pooling_is_cell_average_and_nearest_upsampling():
-    merge, unmerge = _pool_2d((5, 4), (2, 2))
+    merge, unmerge, positions = _pool_2d((5, 4), (2, 2))
     x = torch.randn(1, 20, 3)
     pooled = merge(x)
     assert pooled.shape == (1, 6, 3)

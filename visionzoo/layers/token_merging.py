@@ -20,9 +20,11 @@ MLP and the features keep the full map. :func:`remove_merge2d` undoes it.
 """
 from __future__ import annotations
 
+import functools
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -30,14 +32,18 @@ import torch.nn.functional as F
 from timm.layers import Attention, register_notrace_module
 from timm.models.vision_transformer import Block
 
+from .agent_attention import AgentAttention
+
 __all__ = [
     "Merge2dBlock",
     "Merge2dConfig",
     "ToMeBlock",
+    "TokenMerge2d",
     "apply_merge2d",
     "apply_tome",
     "bipartite_soft_matching",
     "bipartite_soft_matching_2d",
+    "gathered_rpb",
     "merge2d_preset",
     "merge_source",
     "merge_wavg",
@@ -401,17 +407,25 @@ class Merge2dConfig:
                 raise ValueError(f"Merge2dConfig.{name} must be two cell sizes >= 1, got {cell}")
 
 
-def merge2d_preset(name: str, num_blocks: int) -> List[Merge2dConfig]:
-    """Segformer++'s presets on ``num_blocks`` blocks of one isotropic model.
+def merge2d_preset(name: str, num_blocks: int, early: Optional[Sequence[bool]] = None) -> List[Merge2dConfig]:
+    """Segformer++'s presets on ``num_blocks`` blocks.
 
-    ``hq``: keys/values merged 60% in 2x2 cells in the first half of the blocks (MiT's stages 1-2,
-    at high resolution), queries 80% in 4x4 cells in the second half; ``fast``: queries and
-    keys/values 90% in 4x4 cells everywhere; ``2x2``: queries average-pooled in 2x2 cells everywhere.
+    ``early[i]``: block ``i`` runs at high resolution, as MiT's stages 1-2 (strides 4-8); default:
+    the first ``num_blocks // 2`` blocks, the split of an isotropic ViT. :func:`apply_merge2d` gives
+    the stage-based split of hierarchical models.
+
+    ``hq``: keys/values merged 60% in 2x2 cells in the early blocks, queries 80% in 4x4 cells in the
+    others; ``fast``: queries and keys/values 90% in 4x4 cells everywhere; ``2x2``: queries
+    average-pooled in 2x2 cells everywhere.
     """
+    if early is None:
+        early = [i < num_blocks // 2 for i in range(num_blocks)]
+    elif len(early) != num_blocks:
+        raise ValueError(f"merge2d_preset: early must hold one flag per block ({num_blocks}), got {len(early)}")
     if name == "hq":
         first = Merge2dConfig(kv_ratio=0.6, kv_cell=(2, 2))
         second = Merge2dConfig(q_ratio=0.8, q_cell=(4, 4))
-        return [first if i < num_blocks // 2 else second for i in range(num_blocks)]
+        return [first if is_early else second for is_early in early]
     if name == "fast":
         return [Merge2dConfig(q_ratio=0.9, q_cell=(4, 4), kv_ratio=0.9, kv_cell=(4, 4))] * num_blocks
     if name == "2x2":
@@ -420,6 +434,23 @@ def merge2d_preset(name: str, num_blocks: int) -> List[Merge2dConfig]:
 
 
 Unmerge = Callable[[torch.Tensor], torch.Tensor]
+
+
+class TokenMerge2d(NamedTuple):
+    """One side's merge (queries' or keys/values') on a grid of ``N = H*W`` tokens.
+
+    ``merge`` maps ``[B, N, C] -> [B, N', C]``, ``unmerge`` maps back (each merged token copied to
+    every position it holds); ``positions`` ``[B or 1, N']`` is the raster position each merged
+    token stands at: a merged group's at its destination, the cell's top-left.
+    """
+
+    merge: Callable[[torch.Tensor], torch.Tensor]
+    unmerge: Unmerge
+    positions: torch.Tensor
+
+
+def _unmerged(tokens: int, device: torch.device) -> TokenMerge2d:
+    return TokenMerge2d(_identity, _identity, torch.arange(tokens, device=device)[None])
 
 
 def _cell_split(
@@ -436,23 +467,16 @@ def _cell_split(
     return positions[is_dst.flatten()], positions[~is_dst.flatten()]
 
 
-def bipartite_soft_matching_2d(
-    metric: torch.Tensor, grid: Tuple[int, int], cell: Tuple[int, int], ratio: float
-) -> Tuple[Callable[[torch.Tensor], torch.Tensor], Unmerge]:
-    """(merge, unmerge) of ``metric`` ``[B, H*W, C]`` tokens on ``grid``: mean merge into one token per cell.
-
-    ``r = int(H*W * ratio)`` source tokens (those not at a cell's top-left), capped at their
-    number, are averaged into their most cosine-similar destination. ``merge`` maps
-    ``[B, H*W, C'] -> [B, H*W - r, C']``; ``unmerge`` maps back, each merged token's value
-    copied to all the positions it holds.
-    """
+def _match_2d(metric: torch.Tensor, grid: Tuple[int, int], cell: Tuple[int, int], ratio: float) -> TokenMerge2d:
+    """The merge of :func:`bipartite_soft_matching_2d`, with the merged tokens' positions."""
     batch, tokens, _ = metric.shape
     dst_pos, src_pos = _cell_split(grid, cell, metric.device)
     r = min(int(tokens * ratio), src_pos.numel())
-    if r <= 0:
-        return _identity, _identity
+    if r <= 0 or dst_pos.numel() == 0:  # nothing to merge, or a grid smaller than one cell
+        return _unmerged(tokens, metric.device)
     with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
+        # normalize's eps: the zero tokens of a padded window have no direction
+        metric = F.normalize(metric, dim=-1)
         scores = metric[:, src_pos] @ metric[:, dst_pos].transpose(-1, -2)
         best_score, best_match = scores.max(dim=-1)
         order = best_score.argsort(dim=-1, descending=True)[..., None]
@@ -478,38 +502,137 @@ def bipartite_soft_matching_2d(
         out.scatter_(1, src_positions.gather(1, merged).expand(-1, -1, channels), merged_values)
         return out
 
+    positions = torch.cat([src_pos[kept[..., 0]], dst_pos[None].expand(batch, -1)], dim=1)
+    return TokenMerge2d(merge, unmerge, positions)
+
+
+def bipartite_soft_matching_2d(
+    metric: torch.Tensor, grid: Tuple[int, int], cell: Tuple[int, int], ratio: float
+) -> Tuple[Callable[[torch.Tensor], torch.Tensor], Unmerge]:
+    """(merge, unmerge) of ``metric`` ``[B, H*W, C]`` tokens on ``grid``: mean merge into one token per cell.
+
+    ``r = int(H*W * ratio)`` source tokens (those not at a cell's top-left), capped at their
+    number, are averaged into their most cosine-similar destination. ``merge`` maps
+    ``[B, H*W, C'] -> [B, H*W - r, C']`` (the unmerged sources, then the destinations);
+    ``unmerge`` maps back, each merged token's value copied to all the positions it holds.
+    """
+    merge, unmerge, _ = _match_2d(metric, grid, cell, ratio)
     return merge, unmerge
 
 
-def _pool_2d(grid: Tuple[int, int], cell: Tuple[int, int]) -> Tuple[Callable[[torch.Tensor], torch.Tensor], Unmerge]:
-    """(average pool over ``cell``, nearest upsample back to ``grid``) on ``[B, H*W, C]`` tokens."""
+def _pool_2d(grid: Tuple[int, int], cell: Tuple[int, int], device: Optional[torch.device] = None) -> TokenMerge2d:
+    """Average pool over ``cell`` / nearest upsample back to ``grid`` on ``[B, H*W, C]`` tokens; a
+    pooled token stands at its cell's top-left."""
     height, width = grid
+    pooled = (-(-height // cell[0]), -(-width // cell[1]))
 
     def pool(x: torch.Tensor) -> torch.Tensor:
         image = x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
         return F.avg_pool2d(image, cell, ceil_mode=True).flatten(2).transpose(1, 2)
 
     def upsample(x: torch.Tensor) -> torch.Tensor:
-        pooled = (-(-height // cell[0]), -(-width // cell[1]))
         image = x.transpose(1, 2).reshape(x.shape[0], -1, *pooled)
         image = image.repeat_interleave(cell[0], dim=2).repeat_interleave(cell[1], dim=3)[:, :, :height, :width]
         return image.flatten(2).transpose(1, 2)
 
-    return pool, upsample
+    rows = torch.arange(0, height, cell[0], device=device)[:, None]
+    cols = torch.arange(0, width, cell[1], device=device)[None, :]
+    return TokenMerge2d(pool, upsample, (rows * width + cols).flatten()[None])
 
 
-def _attention(attn: Attention, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """timm ``Attention`` with queries from ``queries`` ``[B, Nq, C]``, keys/values from ``context`` ``[B, Nk, C]``."""
-    batch, num_queries, _ = queries.shape
-    weight_q, weight_kv = attn.qkv.weight.split([attn.attn_dim, 2 * attn.attn_dim])
-    bias = attn.qkv.bias
-    bias_q, bias_kv = bias.split([attn.attn_dim, 2 * attn.attn_dim]) if bias is not None else (None, None)
-    q = F.linear(queries, weight_q, bias_q).reshape(batch, num_queries, attn.num_heads, attn.head_dim).transpose(1, 2)
-    kv = F.linear(context, weight_kv, bias_kv).reshape(batch, -1, 2, attn.num_heads, attn.head_dim)
-    k, v = kv.permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    out = attn.norm(out.transpose(1, 2).reshape(batch, num_queries, attn.attn_dim))
+def _plan(patches: torch.Tensor, grid: Tuple[int, int], config: Merge2dConfig) -> Tuple[TokenMerge2d, TokenMerge2d]:
+    """The queries' and the keys/values' merges of ``patches`` ``[B, H*W, C]`` (also the metric)."""
+    if config.q_pool:
+        queries = _pool_2d(grid, config.q_cell, patches.device)
+    else:
+        queries = _match_2d(patches, grid, config.q_cell, config.q_ratio)
+    return queries, _match_2d(patches, grid, config.kv_cell, config.kv_ratio)
+
+
+def gathered_rpb(
+    rpb: torch.Tensor, grid: Tuple[int, int], q_positions: torch.Tensor, kv_positions: torch.Tensor
+) -> torch.Tensor:
+    """The relative position bias between merged queries and keys: ``[B or 1, heads, Nq, Nk]``.
+
+    ``rpb`` ``[heads, 2H-1, 2W-1]`` is indexed by key minus query (the convention of
+    :func:`visionzoo.kernels.na2d`); ``q_positions`` ``[B or 1, Nq]`` / ``kv_positions``
+    ``[B or 1, Nk]`` are raster positions on the ``grid`` ``(H, W)`` (:class:`TokenMerge2d`).
+    """
+    height, width = grid
+    if tuple(rpb.shape[-2:]) != (2 * height - 1, 2 * width - 1):
+        raise ValueError(
+            f"2D token merging: the relative position bias covers offsets {tuple(rpb.shape[-2:])}, "
+            f"not those of the {height}x{width} grid ({2 * height - 1}, {2 * width - 1})"
+        )
+    q_positions, kv_positions = q_positions[:, :, None], kv_positions[:, None, :]
+    rows = kv_positions // width - q_positions // width + height - 1
+    cols = kv_positions % width - q_positions % width + width - 1
+    return rpb.flatten(1)[:, rows * (2 * width - 1) + cols].transpose(0, 1)
+
+
+def _merged_attention(
+    tokens: torch.Tensor,
+    grid: Tuple[int, int],
+    queries_merge: TokenMerge2d,
+    context_merge: TokenMerge2d,
+    qkv: nn.Linear,
+    num_heads: int,
+    finish: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    head_first: bool = False,
+    prefix: int = 0,
+    rpb: Optional[torch.Tensor] = None,
+    q_norm: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    k_norm: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Self-attention of ``tokens`` ``[B, P + H*W, C]`` (``P = prefix`` tokens, then the ``grid``
+    row-major) with merged queries and keys/values; ``[B, P + H*W, C']``.
+
+    The fused ``qkv`` projection (output channels ``[(q, k, v), heads, d]``, or
+    ``[heads, (q, k, v), d]`` with ``head_first``) is split so that only the merged tokens are
+    projected; prefix tokens take part unmerged. ``rpb`` ``[heads, 2H-1, 2W-1]`` (key minus query,
+    no prefix tokens): the bias between the positions the merged tokens stand at
+    (:func:`gathered_rpb`), an additive mask of the fused attention (no materialised softmax).
+    ``finish(out [B, Nq, heads * d], queries [B, Nq, C])`` maps the merged queries' output (the
+    module's output projection; per token, so it commutes with the unmerge) before it is unmerged
+    to every token.
+    """
+    batch = tokens.shape[0]
+    if rpb is not None and prefix:
+        raise ValueError("2D token merging: a relative position bias with prefix tokens is not supported")
+    head, patches = tokens[:, :prefix], tokens[:, prefix:]
+    queries = torch.cat([head, queries_merge.merge(patches)], dim=1)
+    context = torch.cat([head, context_merge.merge(patches)], dim=1)
+    channels = qkv.in_features
+    head_dim = qkv.out_features // (3 * num_heads)
+    weight = qkv.weight.view(num_heads, 3, head_dim, channels).transpose(0, 1) if head_first else \
+        qkv.weight.view(3, num_heads, head_dim, channels)
+    bias_q = bias_kv = None
+    if qkv.bias is not None:
+        bias = qkv.bias.view(num_heads, 3, head_dim).transpose(0, 1) if head_first else \
+            qkv.bias.view(3, num_heads, head_dim)
+        bias_q, bias_kv = bias[0].reshape(-1), bias[1:].reshape(-1)
+    q = F.linear(queries, weight[0].reshape(-1, channels), bias_q)
+    q = q.view(batch, queries.shape[1], num_heads, head_dim).transpose(1, 2)
+    kv = F.linear(context, weight[1:].reshape(-1, channels), bias_kv)
+    k, v = kv.view(batch, context.shape[1], 2, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k = q_norm(q), k_norm(k)
+    mask = None
+    if rpb is not None:
+        mask = gathered_rpb(rpb, grid, queries_merge.positions, context_merge.positions).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    out = finish(out.transpose(1, 2).reshape(batch, queries.shape[1], num_heads * head_dim), queries)
+    return torch.cat([out[:, :prefix], queries_merge.unmerge(out[:, prefix:])], dim=1)
+
+
+def _is_unmerged(queries: TokenMerge2d, context: TokenMerge2d) -> bool:
+    return queries.merge is _identity and context.merge is _identity
+
+
+def _timm_attention_output(attn: Attention, out: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """What timm's ``Attention`` does after its softmax: norm, gate, projection."""
+    out = attn.norm(out)
     if attn.gate is not None:
         out = out * attn.gate(queries).sigmoid()
     return attn.proj_drop(attn.proj(out))
@@ -541,26 +664,23 @@ class Merge2dBlock(Block):
     ) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("2D token merging: attn_mask and is_causal are not supported")
-        state, config = self._merge2d_state, self._merge2d
+        state, attn = self._merge2d_state, self.attn
         normed = self.norm1(x)
-        prefix, patches = normed[:, :state.num_prefix_tokens], normed[:, state.num_prefix_tokens:]
+        patches = normed[:, state.num_prefix_tokens:]
         if patches.shape[1] != state.grid[0] * state.grid[1]:
             raise ValueError(
                 f"2D token merging: {patches.shape[1]} patch tokens do not fill the {state.grid} patch grid"
             )
-        if config.q_pool:
-            merge_q, unmerge_q = _pool_2d(state.grid, config.q_cell)
+        queries, context = _plan(patches, state.grid, self._merge2d)
+        if _is_unmerged(queries, context):
+            attended = attn(normed)
         else:
-            merge_q, unmerge_q = bipartite_soft_matching_2d(patches, state.grid, config.q_cell, config.q_ratio)
-        merge_kv, _ = bipartite_soft_matching_2d(patches, state.grid, config.kv_cell, config.kv_ratio)
-        if merge_q is _identity and merge_kv is _identity:
-            attended = self.attn(normed)
-        else:
-            queries = torch.cat([prefix, merge_q(patches)], dim=1)
-            context = torch.cat([prefix, merge_kv(patches)], dim=1)
-            attended = _attention(self.attn, queries, context)
-            count = state.num_prefix_tokens
-            attended = torch.cat([attended[:, :count], unmerge_q(attended[:, count:])], dim=1)
+            attended = _merged_attention(
+                normed, state.grid, queries, context, attn.qkv, attn.num_heads,
+                functools.partial(_timm_attention_output, attn),
+                prefix=state.num_prefix_tokens, q_norm=attn.q_norm, k_norm=attn.k_norm,
+                dropout_p=attn.attn_drop.p if attn.training else 0.0,
+            )
         x = x + self.drop_path1(self.ls1(attended))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
@@ -569,35 +689,162 @@ class Merge2dBlock(Block):
 register_notrace_module(Merge2dBlock)
 
 
+# The zoo's attention modules that 2D merging runs, by qualified class name (layers never import
+# models), each taking the tokens of one 2D grid: MambaVision's window attention
+# ([B', window**2, C], the tokens of one window, row-major) and CoAtNet's global attention
+# ([B, H, W, C], partition "global", relative position bias from ``rel_pos.rpb()``).
+_ZOO_ATTENTIONS = (
+    "visionzoo.models.mambavision.WindowSelfAttention",
+    "visionzoo.models.maxxvit.PartitionAttention",
+)
+
+
+def _zoo_attention(module: nn.Module) -> Optional[str]:
+    """Which of :data:`_ZOO_ATTENTIONS` ``module`` is (or derives from), else None."""
+    for cls in type(module).__mro__:
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if name in _ZOO_ATTENTIONS:
+            return name
+    return None
+
+
+class _Merge2dAttention:
+    """Mixed into the class of a zoo attention module patched by :func:`apply_merge2d`: its
+    ``forward`` merges the tokens of its grid (:func:`_merged_attention`); shapes as the module's."""
+
+    _merge2d: Merge2dConfig
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4:  # [B, H, W, C]: one map
+            grid = (x.shape[1], x.shape[2])
+        else:  # [B', window**2, C]: the tokens of one window each
+            grid = (self.window_size, self.window_size)
+            if x.shape[1] != self.window_size**2:
+                raise ValueError(f"2D token merging: {x.shape[1]} tokens do not fill a {grid} window")
+        tokens = x.reshape(x.shape[0], grid[0] * grid[1], x.shape[-1])
+        queries, context = _plan(tokens, grid, self._merge2d)
+        if _is_unmerged(queries, context):
+            return super().forward(x)
+        rel_pos = getattr(self, "rel_pos", None)
+        out = _merged_attention(
+            tokens, grid, queries, context, self.qkv, self.num_heads,
+            lambda out, merged: self.proj_drop(self.proj(out)),
+            head_first=getattr(self, "head_first", False),
+            rpb=None if rel_pos is None else rel_pos.rpb(),
+        )
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+_MERGE2D_CLASSES: dict = {}
+
+
+def _merge2d_class(cls: type) -> type:
+    if issubclass(cls, _Merge2dAttention):
+        return cls
+    if cls not in _MERGE2D_CLASSES:
+        patched = type(f"Merge2d{cls.__name__}", (_Merge2dAttention, cls), {"__module__": __name__})
+        # the merge's token counts depend on the data: a leaf for torch.fx, like the modules patched
+        _MERGE2D_CLASSES[cls] = register_notrace_module(patched)
+    return _MERGE2D_CLASSES[cls]
+
+
+def _unsupported_attention(module: nn.Module) -> Optional[str]:
+    """Why 2D merging leaves ``module`` alone, for the error of a model with nothing to merge."""
+    if _zoo_attention(module) == "visionzoo.models.maxxvit.PartitionAttention" and module.partition != "global":
+        return (
+            "MaxViT's block / grid attention is not merged: a window holds a few tokens (7x7), where the "
+            "attention costs little next to the projections and MLP, and a grid window's tokens lie a whole "
+            "window apart, so a 2D cell of them is no spatial neighbourhood"
+        )
+    if isinstance(module, AgentAttention):
+        return (
+            "agent attention (Agent-PVT / -Swin / -DeiT) is not merged: it is already linear in the tokens, "
+            "and it needs every query (agent pooling, query -> agent step) and every value (depthwise conv) "
+            "at full resolution, so merging could shrink only the key projection and the agent -> key step"
+        )
+    return None
+
+
+def _merge2d_targets(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """``(name, module)`` of what :func:`apply_merge2d` patches: timm ``Block`` s and the zoo's attentions."""
+    targets = []
+    if any(isinstance(module, Block) for module in model.modules()):
+        _global_attention_blocks(model, "apply_merge2d", Merge2dBlock)  # refuses foreign blocks / attentions
+    for name, module in model.named_modules():
+        zoo = _zoo_attention(module)
+        if isinstance(module, Block) or (zoo and _unsupported_attention(module) is None):
+            targets.append((name, module))
+    if not targets:
+        reasons = dict.fromkeys(filter(None, map(_unsupported_attention, model.modules())))
+        raise TypeError(
+            f"apply_merge2d: {type(model).__name__} has no attention that 2D merging runs (timm's ViT Block, "
+            "MambaVision's window attention, CoAtNet's global attention)" + "".join(f"; {r}" for r in reasons)
+        )
+    return targets
+
+
+_STAGE = re.compile(r"(?:^|\.)stages[._](\d+)(?:\.|$)")
+
+
+def _early_blocks(model: nn.Module, names: Sequence[str]) -> Optional[List[bool]]:
+    """Segformer++'s HQ split for a hierarchical model (timm's ``stages.{i}``): a block is early in
+    the first half of the model's stages (MiT's stages 1-2 of 4); None for a model without stages."""
+    stages = [_STAGE.search(name) for name in names]
+    if not all(stages):
+        return None
+    num_stages = sum(1 for name, _ in model.named_modules() if re.fullmatch(r"(?:.*\.)?stages[._]\d+", name))
+    return [int(stage[1]) < num_stages // 2 for stage in stages]
+
+
 def apply_merge2d(model: nn.Module, merging: Union[str, Merge2dConfig, List[Merge2dConfig]]) -> nn.Module:
-    """Patch ``model``'s timm ``Block`` s in place with Segformer++'s 2D merging; returns ``model``.
+    """Patch ``model`` in place with Segformer++'s 2D merging; returns ``model``.
+
+    What merges: timm's ViT ``Block`` s (the patch grid, prefix tokens unmerged), MambaVision's
+    window attention (inside each window's ``window x window`` grid; the dense backbone's larger
+    windows too) and CoAtNet's global attention (its map, with the relative position bias gathered
+    at the positions the merged tokens stand at: a merged group at its destination, the cell's
+    top-left). The merge metric is the attention's input (the block's normed tokens); queries and/or
+    keys/values are merged before their projections and the attention output is unmerged to every
+    token, so the MLP runs at full resolution and features stay maps. Not merged: MaxViT's block /
+    grid window attention and agent attention (the error for such a model says why).
 
     ``merging``: a preset name (:func:`merge2d_preset`: ``hq``, ``fast``, ``2x2``), one
-    :class:`Merge2dConfig` for every block, or one per block. The token count of every block's
-    output is unchanged (the MLP runs at full resolution), so features stay maps. No parameters
-    are added; :func:`remove_merge2d` undoes it. Prefix (class) tokens take part in the attention
-    unmerged.
+    :class:`Merge2dConfig` for every merging module, or one per module (in ``model.modules()``
+    order). The ``hq`` split by resolution: in a hierarchical model (blocks in timm's
+    ``stages.{i}``) the modules in the first half of the stages merge keys/values, the others
+    queries (MambaVision's and CoAtNet's attention is in stages 3-4 of 4: queries); in an isotropic
+    ViT the first half of the blocks. No parameters are added; a ratio of 0 runs the module's own
+    forward, and :func:`remove_merge2d` undoes the patch.
     """
-    blocks = _global_attention_blocks(model, "apply_merge2d", Merge2dBlock)
+    targets = _merge2d_targets(model)
     if isinstance(merging, str):
-        configs = merge2d_preset(merging, len(blocks))
+        configs = merge2d_preset(merging, len(targets), _early_blocks(model, [name for name, _ in targets]))
     elif isinstance(merging, Merge2dConfig):
-        configs = [merging] * len(blocks)
+        configs = [merging] * len(targets)
     else:
         configs = list(merging)
-        if len(configs) != len(blocks) or not all(isinstance(c, Merge2dConfig) for c in configs):
-            raise ValueError(f"apply_merge2d: give one Merge2dConfig per block ({len(blocks)}), got {merging!r}")
-    owner = next((module for module in model.modules() if hasattr(module, "patch_embed")), None)
-    if owner is None:
-        raise TypeError(f"apply_merge2d: {type(model).__name__} has no patch_embed to take the patch grid from")
+        if len(configs) != len(targets) or not all(isinstance(c, Merge2dConfig) for c in configs):
+            raise ValueError(
+                f"apply_merge2d: give one Merge2dConfig per block ({len(targets)} merge), got {merging!r}"
+            )
+    state = None
+    if any(isinstance(module, Block) for _, module in targets):
+        owner = next((module for module in model.modules() if hasattr(module, "patch_embed")), None)
+        if owner is None:
+            raise TypeError(f"apply_merge2d: {type(model).__name__} has no patch_embed to take the patch grid from")
+        state = Merge2dState(
+            num_prefix_tokens=getattr(owner, "num_prefix_tokens", 0), grid=tuple(owner.patch_embed.grid_size)
+        )
     remove_merge2d(model)
-    state = Merge2dState(
-        num_prefix_tokens=getattr(owner, "num_prefix_tokens", 0), grid=tuple(owner.patch_embed.grid_size)
-    )
-    owner.patch_embed.register_forward_hook(state.record_grid)
-    for block, config in zip(blocks, configs):
-        block.__class__ = Merge2dBlock
-        block._merge2d_state, block._merge2d = state, config
+    if state is not None:
+        owner.patch_embed.register_forward_hook(state.record_grid)
+    for (_, module), config in zip(targets, configs):
+        if isinstance(module, Block):
+            module.__class__ = Merge2dBlock
+            module._merge2d_state = state
+        else:
+            module.__class__ = _merge2d_class(type(module))
+        module._merge2d = config
     return model
 
 
@@ -607,6 +854,9 @@ def remove_merge2d(model: nn.Module) -> nn.Module:
         if isinstance(module, Merge2dBlock):
             module.__class__ = Block
             del module._merge2d_state, module._merge2d
+        elif isinstance(module, _Merge2dAttention):
+            module.__class__ = type(module).__bases__[1]
+            del module._merge2d
         hooks = module._forward_hooks
         for key in [key for key, hook in hooks.items() if getattr(hook, "__func__", None) is Merge2dState.record_grid]:
             del hooks[key]
