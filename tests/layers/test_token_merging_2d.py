@@ -1,4 +1,4 @@
-"""2D token merging (Segformer++) on the zoo's own attention modules: MambaVision, CoAtNet.
+"""2D token merging (Segformer++) on the zoo's own attention modules: MambaVision, CoAtNet, agent attention.
 
 The reference below restates merged attention from its description, per image, with explicit
 loops over cells and positions, not from the implementation under test:
@@ -11,14 +11,18 @@ loops over cells and positions, not from the implementation under test:
 - attention between the merged queries and keys/values, with the relative position bias of the
   key's position minus the query's, read from the Swin / CoAtNet query-minus-key table by the
   textbook index ``(qy - ky + H - 1) * (2W - 1) + (qx - kx + W - 1)``; the output projection of a
-  query group is copied to every token of the group.
+  query group is copied to every token of the group;
+- agent attention: the agents are pooled from every query; they attend the merged keys/values
+  (bias column of the group's position), the merged queries attend the agents (bias row of the
+  group's position), the result is copied to the group's tokens and the depthwise conv of the full
+  values is added; a class token takes part unmerged.
 """
 import pytest
 import timm
 import torch
 import torch.nn as nn
 
-from visionzoo.layers import AgentAttention
+from visionzoo.layers import AgentAttention, agent_position_biases
 from visionzoo.layers.token_merging import Merge2dConfig, apply_merge2d, remove_merge2d
 from visionzoo.models.mambavision import WindowSelfAttention
 from visionzoo.models.maxxvit import MaxxVitTransformerCfg, PartitionAttention
@@ -134,6 +138,70 @@ def test_mambavision_window_attention_equals_reference():
     torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@torch.no_grad()
+def _agent_reference(attn, x, config, cls_token=None):
+    """Merged agent attention of ``attn`` on ``x`` [B, H, W, C] (and ``cls_token`` [B, 1, C])."""
+    batch, height, width, channels = x.shape
+    heads, head_dim, prefix = attn.num_heads, attn.head_dim, int(cls_token is not None)
+    agent_bias, query_bias = agent_position_biases(
+        attn.an_bias, attn.na_bias, attn.ah_bias, attn.aw_bias, attn.ha_bias, attn.wa_bias, height, width,
+        getattr(attn, "ac_bias", None), getattr(attn, "ca_bias", None), attn.agent_shape,
+    )
+    out_map, out_cls = torch.empty_like(x), torch.empty(batch, prefix, channels)
+    for b in range(batch):
+        tokens = x[b].reshape(-1, channels)
+        full = tokens if cls_token is None else torch.cat([cls_token[b], tokens])
+        q, k, v = attn._project(full[None])
+        q, k, v = q[0], k[0], v[0]
+        agents = attn.pool(q[prefix:].T.reshape(channels, height, width)).flatten(1).T  # every query
+        if config.q_pool:
+            query_groups = _pooled((height, width), config.q_cell)
+        else:
+            query_groups = _groups(tokens, (height, width), config.q_cell, config.q_ratio)
+        key_groups = _groups(tokens, (height, width), config.kv_cell, config.kv_ratio)
+        # (rows of q / k / v, bias index) of the prefix tokens, then of the groups
+        keys = [([i], i) for i in range(prefix)] + [([prefix + m for m in members], prefix + position)
+                                                     for members, position in key_groups]
+        queries = [([i], i) for i in range(prefix)] + [([prefix + m for m in members], prefix + position)
+                                                        for members, position in query_groups]
+        attended = torch.empty(len(full), channels)
+        for h in range(heads):
+            part = slice(h * head_dim, (h + 1) * head_dim)
+            agent_v = []
+            for a in range(len(agents)):
+                logits = torch.stack([agents[a, part] @ k[rows, part].mean(0) * attn.scale + agent_bias[0, h, a, index]
+                                      for rows, index in keys])
+                agent_v.append(sum(w * v[rows, part].mean(0) for w, (rows, _) in zip(logits.softmax(0), keys)))
+            agent_v = torch.stack(agent_v)
+            for rows, index in queries:
+                logits = torch.stack([q[rows, part].mean(0) @ agents[a, part] * attn.scale + query_bias[0, h, index, a]
+                                      for a in range(len(agents))])
+                attended[rows, part] = logits.softmax(0) @ agent_v
+        grid_v = v[prefix:].T.reshape(1, channels, height, width)
+        attended[prefix:] += attn.dwc(grid_v).flatten(2)[0].T
+        out = attn.proj(attended)
+        out_map[b], out_cls[b] = out[prefix:].reshape(height, width, channels), out[:prefix]
+    return out_map if cls_token is None else (out_map, out_cls)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("class_token", [False, True])
+def test_agent_attention_equals_reference(config, class_token):
+    torch.manual_seed(0)
+    attn = AgentAttention(16, 2, agent_num=4, window_size=(5, 6), split_qkv=not class_token,
+                          class_token=class_token).eval()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 6, 16, generator=generator)
+    cls_token = torch.randn(2, 1, 16, generator=generator) if class_token else None
+    with torch.no_grad():
+        actual = apply_merge2d(attn, config)(x, cls_token) if class_token else apply_merge2d(attn, config)(x)
+        unmerged = remove_merge2d(attn)(x, cls_token) if class_token else remove_merge2d(attn)(x)
+    expected = _agent_reference(attn, x, config, cls_token)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(actual[0] if class_token else actual, unmerged[0] if class_token else unmerged,
+                              atol=1e-3)
+
+
 def _mambavision(window_size=(8, 8, 4, 4)):
     torch.manual_seed(0)
     return timm.create_model(
@@ -147,8 +215,14 @@ def _coatnet():
     return timm.create_model("visionzoo_coatnet_0", img_size=128, depths=(1, 1, 2, 1), num_classes=0).eval()
 
 
-@pytest.mark.parametrize("build", [_mambavision, _coatnet], ids=["mambavision", "coatnet"])
-def test_ratio_0_and_remove_restore_exactly_and_merged_maps_keep_their_shape(build):
+def _agent_pvt():
+    torch.manual_seed(0)
+    return timm.create_model("visionzoo_agent_pvt_t", img_size=128, depths=(1, 1, 1, 1), num_classes=0).eval()
+
+
+@pytest.mark.parametrize("build, first_merged", [(_mambavision, 2), (_coatnet, 2), (_agent_pvt, 0)],
+                         ids=["mambavision", "coatnet", "agent_pvt"])
+def test_ratio_0_and_remove_restore_exactly_and_merged_maps_keep_their_shape(build, first_merged):
     model = build()
     image = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -158,7 +232,7 @@ def test_ratio_0_and_remove_restore_exactly_and_merged_maps_keep_their_shape(bui
         for preset in ("hq", "fast", "2x2"):
             features = apply_merge2d(model, preset).forward_intermediates(image, intermediates_only=True)
             assert [f.shape for f in features] == [f.shape for f in expected]
-            assert torch.equal(features[1], expected[1])  # conv stages: untouched
+            assert all(map(torch.equal, features[:first_merged], expected[:first_merged]))  # conv stages
             assert not torch.allclose(features[-1], expected[-1])
         remove_merge2d(model)
         assert all(map(torch.equal, model.forward_intermediates(image, intermediates_only=True), expected))
@@ -196,8 +270,6 @@ def test_unsupported_modules_are_refused_with_the_reason():
     maxvit = nn.Sequential(PartitionAttention(16, 16, "block", (7, 7), cfg), PartitionAttention(16, 16, "grid", (7, 7), cfg))
     with pytest.raises(TypeError, match="MaxViT's block / grid attention is not merged"):
         apply_merge2d(maxvit, "hq")
-    with pytest.raises(TypeError, match="agent attention .* is not merged: it is already linear"):
-        apply_merge2d(nn.Sequential(AgentAttention(16, 2, 4, 8)), "hq")
     with pytest.raises(TypeError, match="Conv2d has no attention that 2D merging runs"):
         apply_merge2d(nn.Conv2d(3, 8, 3), "hq")
     with pytest.raises(ValueError, match=r"one Merge2dConfig per block \(2 merge\)"):

@@ -18,7 +18,7 @@ agent axis of the biases resized bilinearly from the trained grid.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -219,6 +219,24 @@ class AgentAttention(nn.Module):
         self, x: torch.Tensor, cls_token: Optional[torch.Tensor] = None
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """``x [B, H, W, C]`` -> ``[B, H, W, C]``; with ``class_token``, also ``cls_token [B, 1, C]`` in and out."""
+        return self.attend(x, cls_token)
+
+    def attend(
+        self,
+        x: torch.Tensor,
+        cls_token: Optional[torch.Tensor] = None,
+        queries: Optional[Any] = None,
+        context: Optional[Any] = None,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`forward`, with the map's queries and/or keys/values merged (2D token merging).
+
+        ``queries`` / ``context``: ``(merge, unmerge, positions)`` of the ``H*W`` map tokens
+        (:class:`visionzoo.layers.token_merging.TokenMerge2d`), or None (unmerged). The agents
+        attend the merged keys/values and the merged queries attend the agents, each bias read at
+        the positions the merged tokens stand at; the queries' output is unmerged before the
+        depthwise conv is added. The agents are pooled from every query and the depthwise conv
+        reads every value, as without merging.
+        """
         if self.class_token != (cls_token is not None):
             raise ValueError(f"cls_token must be given exactly when the module has class_token={self.class_token}")
         batch, height, width, channels = x.shape
@@ -230,7 +248,11 @@ class AgentAttention(nn.Module):
         q, k, v = self._project(tokens)
         grid_q = q[:, prefix:].transpose(1, 2).reshape(batch, channels, height, width)
         agents = self.pool(grid_q).flatten(2).transpose(1, 2)  # [B, n, C]
-        q, k, v, agents = self._heads(q), self._heads(k), self._heads(v), self._heads(agents)
+        # merged after the projections (which are linear: the same as projecting merged tokens), as
+        # the agent pooling and the depthwise conv need every query and value
+        q_attend = _merged(queries, q, prefix)
+        k_attend, v_attend = _merged(context, k, prefix), _merged(context, v, prefix)
+        q_attend, k_attend, v_attend, v, agents = (self._heads(t) for t in (q_attend, k_attend, v_attend, v, agents))
 
         agent_bias, query_bias = agent_position_biases(
             self.an_bias,
@@ -245,14 +267,20 @@ class AgentAttention(nn.Module):
             self.ca_bias if self.class_token else None,
             self.agent_shape,
         )
+        if context is not None:
+            agent_bias = _at_positions(agent_bias, context.positions, prefix, dim=3)
+        if queries is not None:
+            query_bias = _at_positions(query_bias, queries.positions, prefix, dim=2)
         dropout = self.attn_drop if self.training else 0.0
         agent_v = F.scaled_dot_product_attention(
-            agents, k, v, attn_mask=agent_bias.to(q.dtype), dropout_p=dropout, scale=self.scale
+            agents, k_attend, v_attend, attn_mask=agent_bias.to(q.dtype), dropout_p=dropout, scale=self.scale
         )
         out = F.scaled_dot_product_attention(
-            q, agents, agent_v, attn_mask=query_bias.to(q.dtype), dropout_p=dropout, scale=self.scale
+            q_attend, agents, agent_v, attn_mask=query_bias.to(q.dtype), dropout_p=dropout, scale=self.scale
         )
-        out = out.transpose(1, 2).reshape(batch, prefix + height * width, channels)
+        out = out.transpose(1, 2).reshape(batch, q_attend.shape[2], channels)
+        if queries is not None:
+            out = torch.cat([out[:, :prefix], queries.unmerge(out[:, prefix:])], dim=1)
 
         grid_v = v[:, :, prefix:].transpose(1, 2).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
         spatial = out[:, prefix:] + self.dwc(grid_v).flatten(2).transpose(1, 2)
@@ -262,3 +290,19 @@ class AgentAttention(nn.Module):
         if cls_token is None:
             return out_map
         return out_map, out[:, :prefix]
+
+
+def _merged(merge: Optional[Any], tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+    """``tokens`` ``[B, P + H*W, C]`` with the map tokens merged by ``merge`` (None: unchanged)."""
+    if merge is None:
+        return tokens
+    return torch.cat([tokens[:, :prefix], merge.merge(tokens[:, prefix:])], dim=1)
+
+
+def _at_positions(bias: torch.Tensor, positions: torch.Tensor, prefix: int, dim: int) -> torch.Tensor:
+    """``bias`` ``[1, heads, ., .]`` whose axis ``dim`` (2 or 3) holds ``prefix`` tokens and then the map
+    tokens, read at the prefix and at the map ``positions`` ``[B or 1, N']``: ``[B or 1, heads, ., .]``."""
+    index = torch.cat([torch.arange(prefix, device=positions.device).expand(positions.shape[0], -1),
+                       positions + prefix], dim=1)
+    bias = bias[0].movedim(dim - 1, 0)[index]  # [B or 1, N'', heads, other]
+    return bias.permute(0, 2, 1, 3) if dim == 2 else bias.permute(0, 2, 3, 1)

@@ -708,11 +708,15 @@ def _zoo_attention(module: nn.Module) -> Optional[str]:
     return None
 
 
-class _Merge2dAttention:
-    """Mixed into the class of a zoo attention module patched by :func:`apply_merge2d`: its
-    ``forward`` merges the tokens of its grid (:func:`_merged_attention`); shapes as the module's."""
+class _Merge2dPatched:
+    """What :func:`apply_merge2d` mixes into the class of a module it patches (undone by :func:`remove_merge2d`)."""
 
     _merge2d: Merge2dConfig
+
+
+class _Merge2dAttention(_Merge2dPatched):
+    """For a zoo attention module of :data:`_ZOO_ATTENTIONS`: ``forward`` merges the tokens of its
+    grid (:func:`_merged_attention`); shapes as the module's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 4:  # [B, H, W, C]: one map
@@ -735,14 +739,32 @@ class _Merge2dAttention:
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+class _Merge2dAgentAttention(_Merge2dPatched):
+    """For :class:`AgentAttention`: its map's queries and/or keys/values merged in the two softmax
+    steps (:meth:`AgentAttention.attend`), the agents pooled from every query as without merging."""
+
+    def forward(self, x: torch.Tensor, cls_token: Optional[torch.Tensor] = None):
+        grid = (x.shape[1], x.shape[2])
+        queries, context = _plan(x.reshape(x.shape[0], grid[0] * grid[1], x.shape[-1]), grid, self._merge2d)
+        if _is_unmerged(queries, context):
+            return super().forward(x, cls_token)
+        return self.attend(
+            x,
+            cls_token,
+            queries=None if queries.merge is _identity else queries,
+            context=None if context.merge is _identity else context,
+        )
+
+
 _MERGE2D_CLASSES: dict = {}
 
 
 def _merge2d_class(cls: type) -> type:
-    if issubclass(cls, _Merge2dAttention):
+    if issubclass(cls, _Merge2dPatched):
         return cls
     if cls not in _MERGE2D_CLASSES:
-        patched = type(f"Merge2d{cls.__name__}", (_Merge2dAttention, cls), {"__module__": __name__})
+        mixin = _Merge2dAgentAttention if issubclass(cls, AgentAttention) else _Merge2dAttention
+        patched = type(f"Merge2d{cls.__name__}", (mixin, cls), {"__module__": __name__})
         # the merge's token counts depend on the data: a leaf for torch.fx, like the modules patched
         _MERGE2D_CLASSES[cls] = register_notrace_module(patched)
     return _MERGE2D_CLASSES[cls]
@@ -756,12 +778,6 @@ def _unsupported_attention(module: nn.Module) -> Optional[str]:
             "attention costs little next to the projections and MLP, and a grid window's tokens lie a whole "
             "window apart, so a 2D cell of them is no spatial neighbourhood"
         )
-    if isinstance(module, AgentAttention):
-        return (
-            "agent attention (Agent-PVT / -Swin / -DeiT) is not merged: it is already linear in the tokens, "
-            "and it needs every query (agent pooling, query -> agent step) and every value (depthwise conv) "
-            "at full resolution, so merging could shrink only the key projection and the agent -> key step"
-        )
     return None
 
 
@@ -772,13 +788,13 @@ def _merge2d_targets(model: nn.Module) -> List[Tuple[str, nn.Module]]:
         _global_attention_blocks(model, "apply_merge2d", Merge2dBlock)  # refuses foreign blocks / attentions
     for name, module in model.named_modules():
         zoo = _zoo_attention(module)
-        if isinstance(module, Block) or (zoo and _unsupported_attention(module) is None):
+        if isinstance(module, (Block, AgentAttention)) or (zoo and _unsupported_attention(module) is None):
             targets.append((name, module))
     if not targets:
         reasons = dict.fromkeys(filter(None, map(_unsupported_attention, model.modules())))
         raise TypeError(
             f"apply_merge2d: {type(model).__name__} has no attention that 2D merging runs (timm's ViT Block, "
-            "MambaVision's window attention, CoAtNet's global attention)" + "".join(f"; {r}" for r in reasons)
+            "MambaVision's window attention, CoAtNet's global attention, agent attention)" + "".join(f"; {r}" for r in reasons)
         )
     return targets
 
@@ -854,7 +870,7 @@ def remove_merge2d(model: nn.Module) -> nn.Module:
         if isinstance(module, Merge2dBlock):
             module.__class__ = Block
             del module._merge2d_state, module._merge2d
-        elif isinstance(module, _Merge2dAttention):
+        elif isinstance(module, _Merge2dPatched):
             module.__class__ = type(module).__bases__[1]
             del module._merge2d
         hooks = module._forward_hooks
