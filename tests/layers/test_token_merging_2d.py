@@ -267,7 +267,7 @@ def test_hq_preset_splits_hierarchical_models_by_stage():
 
 def test_unsupported_modules_are_refused_with_the_reason():
     cfg = MaxxVitTransformerCfg(dim_head=8)
-    maxvit = nn.Sequential(PartitionAttention(16, 16, "block", (7, 7), cfg), PartitionAttention(16, 16, "grid", (7, 7), cfg))
+    maxvit = nn.Sequential(*[PartitionAttention(16, 16, partition, (7, 7), cfg) for partition in ("block", "grid")])
     with pytest.raises(TypeError, match="MaxViT's block / grid attention is not merged"):
         apply_merge2d(maxvit, "hq")
     with pytest.raises(TypeError, match="Conv2d has no attention that 2D merging runs"):

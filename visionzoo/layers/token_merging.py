@@ -13,10 +13,14 @@ Per-forward state (token sizes, source map) is kept in one slot per block, writt
 before it and read by the block itself, so a block recomputed under gradient checkpointing sees
 the same input sizes as in the forward.
 
-:func:`apply_merge2d` is the dense-prediction variant (Segformer++): inside each block's attention,
-queries and/or keys/values of the patch grid are merged (one destination per 2D cell, cosine
+:func:`apply_merge2d` is the dense-prediction variant (Segformer++): inside each attention,
+queries and/or keys/values of a 2D token grid are merged (one destination per 2D cell, cosine
 similarity, mean) or queries pooled, and the attention output is unmerged to every token, so the
-MLP and the features keep the full map. :func:`remove_merge2d` undoes it.
+MLP and the features keep the full map. It runs on timm's ViT blocks and on the zoo's global
+attention: MambaVision's window attention, CoAtNet's global attention (relative position bias
+gathered at the merged tokens' positions) and agent attention (Agent-PVT / -Swin / -DeiT); one
+routine, :func:`_merged_attention`, serves every softmax attention with a fused qkv projection.
+:func:`remove_merge2d` undoes it.
 """
 from __future__ import annotations
 
@@ -794,7 +798,8 @@ def _merge2d_targets(model: nn.Module) -> List[Tuple[str, nn.Module]]:
         reasons = dict.fromkeys(filter(None, map(_unsupported_attention, model.modules())))
         raise TypeError(
             f"apply_merge2d: {type(model).__name__} has no attention that 2D merging runs (timm's ViT Block, "
-            "MambaVision's window attention, CoAtNet's global attention, agent attention)" + "".join(f"; {r}" for r in reasons)
+            "MambaVision's window attention, CoAtNet's global attention, agent attention)"
+            + "".join(f"; {reason}" for reason in reasons)
         )
     return targets
 
@@ -815,22 +820,38 @@ def _early_blocks(model: nn.Module, names: Sequence[str]) -> Optional[List[bool]
 def apply_merge2d(model: nn.Module, merging: Union[str, Merge2dConfig, List[Merge2dConfig]]) -> nn.Module:
     """Patch ``model`` in place with Segformer++'s 2D merging; returns ``model``.
 
-    What merges: timm's ViT ``Block`` s (the patch grid, prefix tokens unmerged), MambaVision's
-    window attention (inside each window's ``window x window`` grid; the dense backbone's larger
-    windows too) and CoAtNet's global attention (its map, with the relative position bias gathered
-    at the positions the merged tokens stand at: a merged group at its destination, the cell's
-    top-left). The merge metric is the attention's input (the block's normed tokens); queries and/or
-    keys/values are merged before their projections and the attention output is unmerged to every
-    token, so the MLP runs at full resolution and features stay maps. Not merged: MaxViT's block /
-    grid window attention and agent attention (the error for such a model says why).
+    What merges (other attention modules of the model are left as they are):
+
+    * timm's ViT ``Block`` s: the patch grid; prefix tokens take part unmerged;
+    * MambaVision's window attention: inside each window's ``window x window`` grid (the dense
+      backbone's larger, zero-padded windows too);
+    * CoAtNet's global attention: its map, with the relative position bias gathered at the
+      positions the merged tokens stand at (a merged group at its destination, the cell's
+      top-left) as an additive mask of the fused attention;
+    * agent attention (Agent-PVT / -Swin / -DeiT, :meth:`AgentAttention.attend`): the agents, still
+      pooled from every query, attend the merged keys/values and the merged queries attend the
+      agents, each bias read at the merged positions; the depthwise conv reads every value. The
+      saving is in the two softmax steps only (q, k and v are projected for every token, as the
+      pooling and the conv need them): worth it where the agents are many (the dense backbones'
+      12x12 to 28x28 grids), little with the 49 agents of classification.
+
+    Not merged: MaxViT's block / grid attention (7x7 windows: the attention costs little next to
+    the projections and MLP, and a grid window's tokens lie a whole window apart, so a 2D cell of
+    them is no neighbourhood); a model with nothing else is refused with that reason.
+
+    The merge metric is the attention's input (the block's normed tokens); queries and/or
+    keys/values are merged (before the projections where one fused qkv serves a softmax attention,
+    :func:`_merged_attention`) and the attention output is unmerged to every token, so the MLP runs
+    at full resolution and features stay maps.
 
     ``merging``: a preset name (:func:`merge2d_preset`: ``hq``, ``fast``, ``2x2``), one
     :class:`Merge2dConfig` for every merging module, or one per module (in ``model.modules()``
-    order). The ``hq`` split by resolution: in a hierarchical model (blocks in timm's
-    ``stages.{i}``) the modules in the first half of the stages merge keys/values, the others
-    queries (MambaVision's and CoAtNet's attention is in stages 3-4 of 4: queries); in an isotropic
-    ViT the first half of the blocks. No parameters are added; a ratio of 0 runs the module's own
-    forward, and :func:`remove_merge2d` undoes the patch.
+    order). The ``hq`` split by resolution: in a hierarchical model (modules in timm's
+    ``stages.{i}``) those in the first half of the stages (MiT's stages 1-2, strides 4-8) merge
+    keys/values, the others queries (MambaVision's and CoAtNet's attention is in stages 3-4 of 4:
+    queries; Agent-PVT: stages 1-2 keys/values, 3-4 queries); in an isotropic model (ViT,
+    Agent-DeiT) the first half of the blocks. No parameters are added; a ratio of 0 runs the
+    module's own forward, and :func:`remove_merge2d` undoes the patch.
     """
     targets = _merge2d_targets(model)
     if isinstance(merging, str):
