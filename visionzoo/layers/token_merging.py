@@ -483,30 +483,29 @@ def _match_2d(metric: torch.Tensor, grid: Tuple[int, int], cell: Tuple[int, int]
         metric = F.normalize(metric, dim=-1)
         scores = metric[:, src_pos] @ metric[:, dst_pos].transpose(-1, -2)
         best_score, best_match = scores.max(dim=-1)
-        order = best_score.argsort(dim=-1, descending=True)[..., None]
-        kept, merged = order[:, r:], order[:, :r]
-        target = best_match[..., None].gather(dim=1, index=merged)
+        order = best_score.argsort(dim=-1, descending=True)
+        kept_pos, merged_pos = src_pos[order[:, r:]], src_pos[order[:, :r]]  # [B, N - D - r], [B, r]
+        target = best_match.gather(dim=1, index=order[:, :r])  # [B, r]: into the destinations
+        count_kept = kept_pos.shape[1]
+        # for every grid position, the merged token holding it: unmerge is one gather
+        holder = torch.empty(batch, tokens, dtype=torch.long, device=metric.device)
+        holder.scatter_(1, kept_pos, torch.arange(count_kept, device=metric.device).expand(batch, -1))
+        holder[:, dst_pos] = count_kept + torch.arange(dst_pos.numel(), device=metric.device)
+        holder.scatter_(1, merged_pos, count_kept + target)
+        group_size = torch.ones(batch, dst_pos.numel(), 1, device=metric.device, dtype=metric.dtype)
+        group_size.scatter_add_(1, target[..., None], torch.ones_like(target[..., None], dtype=metric.dtype))
 
     def merge(x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[-1]
-        src, dst = x[:, src_pos], x[:, dst_pos]
-        unmerged = src.gather(dim=1, index=kept.expand(batch, tokens - dst_pos.numel() - r, channels))
-        sources = src.gather(dim=1, index=merged.expand(batch, r, channels))
-        dst = dst.scatter_reduce(1, target.expand(batch, r, channels), sources, reduce="mean")
-        return torch.cat([unmerged, dst], dim=1)
+        unmerged = x.gather(dim=1, index=kept_pos[..., None].expand(-1, -1, channels))
+        sources = x.gather(dim=1, index=merged_pos[..., None].expand(-1, -1, channels))
+        dst = x[:, dst_pos].scatter_add(1, target[..., None].expand(-1, -1, channels), sources)
+        return torch.cat([unmerged, dst / group_size.to(dst.dtype)], dim=1)
 
     def unmerge(x: torch.Tensor) -> torch.Tensor:
-        channels = x.shape[-1]
-        unmerged, dst = x[:, : kept.shape[1]], x[:, kept.shape[1]:]
-        out = x.new_empty(batch, tokens, channels)
-        out[:, dst_pos] = dst
-        src_positions = src_pos[None, :, None].expand(batch, -1, 1)
-        out.scatter_(1, src_positions.gather(1, kept).expand(-1, -1, channels), unmerged)
-        merged_values = dst.gather(1, target.expand(-1, -1, channels))
-        out.scatter_(1, src_positions.gather(1, merged).expand(-1, -1, channels), merged_values)
-        return out
+        return x.gather(dim=1, index=holder[..., None].expand(-1, -1, x.shape[-1]))
 
-    positions = torch.cat([src_pos[kept[..., 0]], dst_pos[None].expand(batch, -1)], dim=1)
+    positions = torch.cat([kept_pos, dst_pos[None].expand(batch, -1)], dim=1)
     return TokenMerge2d(merge, unmerge, positions)
 
 
@@ -546,11 +545,12 @@ def _pool_2d(grid: Tuple[int, int], cell: Tuple[int, int], device: Optional[torc
 
 def _plan(patches: torch.Tensor, grid: Tuple[int, int], config: Merge2dConfig) -> Tuple[TokenMerge2d, TokenMerge2d]:
     """The queries' and the keys/values' merges of ``patches`` ``[B, H*W, C]`` (also the metric)."""
+    context = _match_2d(patches, grid, config.kv_cell, config.kv_ratio)
     if config.q_pool:
-        queries = _pool_2d(grid, config.q_cell, patches.device)
-    else:
-        queries = _match_2d(patches, grid, config.q_cell, config.q_ratio)
-    return queries, _match_2d(patches, grid, config.kv_cell, config.kv_ratio)
+        return _pool_2d(grid, config.q_cell, patches.device), context
+    if (config.q_cell, config.q_ratio) == (config.kv_cell, config.kv_ratio):  # the same matching (fast)
+        return context, context
+    return _match_2d(patches, grid, config.q_cell, config.q_ratio), context
 
 
 def gathered_rpb(
