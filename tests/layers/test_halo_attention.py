@@ -74,11 +74,13 @@ def test_forward_and_backward_match_definition(case):
     expected = reference_halo_attention(query, key, value, block, halo, rel_height, rel_width, scale, scaled)
     assert out.shape == (batch, height // stride, width // stride, heads, dim_v or dim)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(out)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad(out, leaves, grad)
     expected_grads = torch.autograd.grad(expected, leaves, grad)
     for name, got, want in zip(("query", "key", "value", "rel_height", "rel_width"), grads, expected_grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        # the tables' gradients are float32 sums over every query and key: absolute error grows with them
+        atol = 1e-4 if name.startswith("rel_") else 1e-5
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
     with torch.no_grad():  # the inference path (mask straight into the fused kernel)
         torch.testing.assert_close(
             halo_attention(query, key, value, block, halo, rel_height, rel_width, scale_pos_embed=scaled), out
