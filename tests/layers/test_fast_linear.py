@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from timm.layers import GELUTanh
 from timm.layers import Mlp as TimmMlp
 
-from visionzoo.layers import Mlp, fused_linear_available, linear
+from visionzoo.layers import Mlp, fused_linear_available, linear, split_linear
 from visionzoo.layers.fast_linear import _fast_path
 
 needs_onednn = pytest.mark.skipif(not fused_linear_available(), reason="torch built without oneDNN")
@@ -87,3 +87,17 @@ def test_mlp_traces_with_fx():
     x = torch.randn(3, 8)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), mlp(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_split_linear_equals_chunks(grad):
+    torch.manual_seed(0)
+    layer = nn.Linear(20, 36)
+    x = torch.randn(2, 3, 5, 20)
+    with torch.set_grad_enabled(grad):
+        chunks = split_linear(x, layer, 3)
+    expected = layer(x).chunk(3, dim=-1)
+    assert len(chunks) == 3
+    for got, want in zip(chunks, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert got.is_contiguous() == (not grad and fused_linear_available())

@@ -15,7 +15,7 @@
 * :mod:`.model_base` - timm's model API (features, intermediates, pruning, head) for channels-last models.
 """
 from .agent_attention import AgentAttention, agent_position_biases, resize_agent_biases
-from .fast_linear import Mlp, fused_linear_available, linear
+from .fast_linear import Mlp, fused_linear_available, linear, split_linear
 from .downsample import ConvDownsample, PatchMerging, create_downsample
 from .halo_attention import HaloAttention, halo_attention
 from .mamba_mixer import MambaVisionMixer
@@ -60,5 +60,6 @@ __all__ = [
     "resize_agent_biases",
     "resize_rel_pos_table",
     "rpb_from_query_minus_key_table",
+    "split_linear",
     "vsa_sampling_grid",
 ]

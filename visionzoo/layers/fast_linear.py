@@ -14,7 +14,7 @@ to float32 summation order (relative 1e-7).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -23,7 +23,7 @@ from timm.layers import Mlp as _TimmMlp
 from timm.layers.activations import GELU as _TimmGELU
 from timm.layers.activations import GELUTanh as _TimmGELUTanh
 
-__all__ = ["Mlp", "fused_linear_available", "linear"]
+__all__ = ["Mlp", "fused_linear_available", "linear", "split_linear"]
 
 
 def fused_linear_available() -> bool:
@@ -66,6 +66,20 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: Optional[str] = None) -> tor
         gelu if gelu is not None else "",
     )
     return out.view(*shape[:-1], out.shape[-1])
+
+
+def split_linear(x: torch.Tensor, layer: nn.Linear, chunks: int) -> List[torch.Tensor]:
+    """``layer(x).chunk(chunks, dim=-1)`` (e.g. q, k, v of a fused qkv projection). On oneDNN each chunk is
+    its own GEMM on a slice of the weight, so each comes out contiguous: the attention kernels then read
+    them without the copies that strided views of one output would cost (10-20% of Swin-T's qkv time)."""
+    if not _fast_path(x, layer):
+        return list(layer(x).chunk(chunks, dim=-1))
+    weights = layer.weight.chunk(chunks)
+    biases = layer.bias.chunk(chunks) if layer.bias is not None else (None,) * chunks
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])
+    outs = [torch.ops.mkldnn._linear_pointwise(flat, w, b, "none", [], "") for w, b in zip(weights, biases)]
+    return [out.view(*shape[:-1], out.shape[-1]) for out in outs]
 
 
 class Mlp(_TimmMlp):
