@@ -6,7 +6,7 @@ model = dict(
         type='CoAtNet',
         arch='tiny',
         dense_schedule='seg',
-        drop_path_rate=0.2,
+        drop_path_rate=0.3,
         init_cfg=None),
     decode_head=dict(in_channels=[96, 192, 384, 768]),
     auxiliary_head=dict(in_channels=384))

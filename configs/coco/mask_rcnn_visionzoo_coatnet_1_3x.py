@@ -6,6 +6,6 @@ model = dict(
         type='CoAtNet',
         arch='small',
         dense_schedule='det',
-        drop_path_rate=0.3,
+        drop_path_rate=0.2,
         init_cfg=None),
     neck=dict(in_channels=[96, 192, 384, 768]))

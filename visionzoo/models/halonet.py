@@ -469,8 +469,9 @@ def _no_out_norm(channels: int) -> nn.Module:
 # recipes (the Swin papers') from timm's ImageNet weights (``hf-hub:timm/...``). Stochastic depth, for
 # want of a published dense value: 0.1 for the 12-14M HaloNet-26T / SE-HaloNet-33TS and 0.2 for the 23M
 # HaloNet-50TS in both tasks (mmdet's ResNet configs use none, Swin-T's 28M 0.2 / 0.3). The paper's
-# H0-H7 (no released weights) are backbones without configs. BatchNorm layers train in the backbone as
-# the configs' heads do (SyncBN across GPUs, BN on CPU).
+# H0-H7 (no released weights) are backbones without configs. The backbone's BatchNorm layers (timm's)
+# train on the statistics of each process's batch (2 images per GPU in these recipes), where mmdet's
+# ResNet recipes freeze them (norm_eval), which the backbone wrapper has no option for.
 register_dense_family(DenseFamily(
     name="halonet",
     type_names=("HaloNet",),

@@ -763,15 +763,15 @@ register_dense_family(DenseFamily(
 # CoAtNet's paper has no dense-prediction setting and no weights were released (timm's coatnet_*_224
 # are untrained too): the configs name no pretrained start (init_cfg=None; point it at your ImageNet
 # checkpoint, timm's or this model's layout). Sizes by parameters next to Swin's (0 ~ T, 1 ~ S, 2 ~ B,
-# 3 ~ L; arch '0'..'3' works too), with Swin's dense stochastic depth per size (Mask R-CNN T 0.2,
-# S / B 0.3; UperNet 0.3), capped at the paper's ImageNet-1K rates (0.2, 0.3, 0.5, 0.7): 0 keeps
-# 0.2 for both tasks.
+# 3 ~ L; arch '0'..'3' works too), at Swin's official dense stochastic depth: UperNet 0.3 for every
+# size, Mask R-CNN 0.2 for 0 and 1 (Swin-T / S); Swin-B / L have no Mask R-CNN config, and 2 and 3
+# take 0.3 (their ImageNet-1K rates, 0.5 and 0.7, are well above 0 / 1's 0.2 / 0.3).
 register_dense_family(DenseFamily(
     name="coatnet",
     type_names=("CoAtNet",),
     archs={
-        "tiny": DenseArch("visionzoo_coatnet_0", "", dict(det=0.2, seg=0.2)),
-        "small": DenseArch("visionzoo_coatnet_1", "", dict(det=0.3, seg=0.3)),
+        "tiny": DenseArch("visionzoo_coatnet_0", "", dict(det=0.2, seg=0.3)),
+        "small": DenseArch("visionzoo_coatnet_1", "", dict(det=0.2, seg=0.3)),
         "base": DenseArch("visionzoo_coatnet_2", "", dict(det=0.3, seg=0.3)),
         "large": DenseArch("visionzoo_coatnet_3", "", dict(det=0.3, seg=0.3)),
     },
