@@ -41,6 +41,15 @@ def test_backbone_returns_the_four_stages_at_any_size(registry, arch, channels):
         (1, c, math.ceil(100 / s), math.ceil(140 / s)) for c, s in zip(channels, (4, 8, 16, 32))]
 
 
+def test_frozen_stages_are_the_stem_and_the_first_stages():
+    """The dense taps' stages (``stages.{i}``, not timm's stem tap) are what ``frozen_stages`` counts."""
+    backbone = DET_MODELS.build(dict(type="HaloNet", arch="halonet26t", frozen_stages=2, **SMALL)).train()
+    frozen = {".".join(name.split(".")[:3 if name.startswith("model.stages") else 2])
+              for name, p in backbone.named_parameters() if not p.requires_grad}
+    assert frozen == {"model.stem", "model.stages.0", "model.stages.1"}
+    assert not backbone.model.stages[1].training and backbone.model.stages[2].training
+
+
 def test_timm_state_dict_gives_timm_stage_outputs(tmp_path):
     """timm's own SE-HaloNet-33TS (random weights) saved as a checkpoint: every backbone key loads
     (its final conv and classifier are reported unused), no output norm, and on a 256 input (whole
