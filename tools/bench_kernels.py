@@ -19,6 +19,7 @@ back), the same for every method.
     python tools/bench_kernels.py --isa avx2        # the C++ kernels built for another instruction set
     python tools/bench_kernels.py --selective-scan  # the selective scan at MambaVision's shapes (below)
     OMP_NUM_THREADS=1 python tools/bench_kernels.py --selective-scan --cpu-time  # the same on a busy machine
+    python tools/bench_kernels.py --window          # Swin's window attention vs SDPA on pre-cut windows
 
 ``--selective-scan`` times ``visionzoo.kernels.selective_scan`` instead: forward and forward+backward
 (gradients of every input) at MambaVision's mixer shapes (batch 8, 196 and 49 tokens per window, the
@@ -26,6 +27,14 @@ channels of one branch, d_state 8, dt through softplus with its bias, D), for ``
 and ``torch`` (the chunked scan), or ``triton`` and ``torch`` on CUDA, against the sequential
 ``reference``, and mambapy's parallel scan (``mambapy.pscan``) when it imports; the ratios are the
 reference's time over each method's, measured in the same run.
+
+``--window`` times Swin's (shifted) window attention at Swin-T's four stages (batch 8, 224):
+``neighborhood_attention(kernel_size = stride = window, shift, rpb)`` on q / k / v read in place from
+the packed ``[B, H, W, 3, heads, D]`` qkv map (``cpu`` and ``torch``), against ATen's SDPA on the same
+work with everything else done beforehand and untimed: q / k / v rolled and cut into windows
+``[B * windows, heads, 49, D]``, and the bias-plus-shift mask materialised per window. That is the
+speed of light of this op (density x dense time is the same work); its forward+backward gives q / k / v
+gradients only, while the op also returns the gradient of the bias table.
 
 Peak memory is measured as in ``tools/benchmark.py``: on CPU the growth of the process's peak
 resident set (Linux VmHWM, reset before each run), on CUDA ``torch.cuda.max_memory_allocated``.
@@ -518,6 +527,153 @@ def bench_selective_scan(device: torch.device, args) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# Swin's (shifted) window attention
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class WindowShape:
+    batch: int
+    size: int
+    heads: int
+    window: int
+    shift: int
+    head_dim: int = 32
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        text = f"[{self.batch}, {self.size}x{self.size}, {self.heads}h, {self.head_dim}] w{self.window}"
+        return text + (f" shift {self.shift}" if self.shift else "") + (f" ({self.note})" if self.note else "")
+
+
+# Swin-T's four stages at 224, batch 8 (the last stage is one window and never shifts)
+WINDOW_SHAPES = [
+    WindowShape(8, 56, 3, 7, 0, note="Swin-T stage 1"),
+    WindowShape(8, 56, 3, 7, 3),
+    WindowShape(8, 28, 6, 7, 0, note="stage 2"),
+    WindowShape(8, 28, 6, 7, 3),
+    WindowShape(8, 14, 12, 7, 0, note="stage 3"),
+    WindowShape(8, 14, 12, 7, 3),
+    WindowShape(8, 7, 24, 7, 0, note="stage 4"),
+]
+QUICK_WINDOW_SHAPES = [WindowShape(2, 14, 2, 7, 3)]
+
+
+def _cut_windows(x: torch.Tensor, window: int, shift: int) -> torch.Tensor:
+    """``[B, S, S, heads, D]`` -> ``[B * windows, heads, window**2, D]`` after Swin's cyclic roll by ``-shift``."""
+    batch, size, _, heads, dim = x.shape
+    if shift:
+        x = x.roll((-shift, -shift), dims=(1, 2))
+    cells = size // window
+    x = x.reshape(batch, cells, window, cells, window, heads, dim).permute(0, 1, 3, 5, 2, 4, 6)
+    return x.reshape(batch * cells * cells, heads, window * window, dim).contiguous()
+
+
+def _window_mask(shape: WindowShape, rpb: torch.Tensor) -> torch.Tensor:
+    """Swin's additive mask on the cut windows: the relative position bias (query minus key offsets of
+    the table read at key minus query, as the op reads it) plus -100 between regions of a shifted window."""
+    window, cells = shape.window, shape.size // shape.window
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    offset = coords[:, None, :] - coords[:, :, None] + window - 1  # [2, query, key]: key minus query
+    bias = rpb[:, offset[0], offset[1]]  # [heads, N, N]
+    region = torch.zeros(shape.size, shape.size, dtype=torch.long)
+    if shape.shift:
+        bounds = (0, shape.size - window, shape.size - shape.shift, shape.size)
+        for i, (top, bottom) in enumerate(zip(bounds, bounds[1:])):
+            for j, (left, right) in enumerate(zip(bounds, bounds[1:])):
+                region[top:bottom, left:right] = 3 * i + j
+    region = region.reshape(cells, window, cells, window).transpose(1, 2).reshape(cells * cells, window * window)
+    apart = (region[:, :, None] != region[:, None, :]).to(rpb.dtype) * -100.0  # [windows, N, N]
+    mask = bias[None] + apart[:, None]  # [windows, heads, N, N]
+    return mask.repeat(shape.batch, 1, 1, 1)
+
+
+def _check_window_equal(shape: WindowShape, qkv, rpb, cut, mask, scale, backends) -> None:
+    """The methods timed compute the same attention: SDPA's windows put back equal the op's output."""
+    batch, size, window, cells = shape.batch, shape.size, shape.window, shape.size // shape.window
+    with torch.no_grad():
+        out = F.scaled_dot_product_attention(*cut, attn_mask=mask, scale=scale)
+        out = out.reshape(batch, cells, cells, shape.heads, window, window, shape.head_dim)
+        out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, size, size, shape.heads, shape.head_dim)
+        out = out.roll((shape.shift, shape.shift), dims=(1, 2))
+        for backend in backends:
+            ours = neighborhood_attention(*qkv.unbind(3), kernel_size=window, stride=window, shift=shape.shift,
+                                          rpb=rpb, scale=scale, backend=backend)
+            torch.testing.assert_close(ours, out, rtol=1e-4, atol=1e-4, msg=f"{backend} vs SDPA on {shape.label}")
+
+
+def bench_window(device: torch.device, args) -> str:
+    """Swin's window attention: ``na2d(kernel_size = stride = window, shift, rpb)`` on q / k / v read in
+    place from the packed qkv map, against SDPA on windows cut beforehand with the mask built beforehand
+    (the copies and the mask are not timed: the dense kernel doing only the work the windows need)."""
+    shapes = QUICK_WINDOW_SHAPES if args.quick else WINDOW_SHAPES
+    backends = ["cpu", "torch"] if native.available() else ["torch"]
+    backends = [name for name in backends if name not in set(args.skip or [])]
+    lines = [
+        "| shape | method | fwd ms | fwd+bwd ms | method / SDPA on cut windows (fwd, fwd+bwd) |",
+        "|---|---|---|---|---|",
+    ]
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    for index, shape in enumerate(shapes):
+        print(f"[{index + 1}/{len(shapes)}] window attention {shape.label}", file=sys.stderr)
+        generator = torch.Generator().manual_seed(index)
+        size, heads, dim = shape.size, shape.heads, shape.head_dim
+        qkv = torch.randn(shape.batch, size, size, 3, heads, dim, generator=generator).to(device)
+        rpb = torch.randn(heads, 2 * shape.window - 1, 2 * shape.window - 1, generator=generator).to(device)
+        grad = torch.randn(shape.batch, size, size, heads, dim, generator=generator).to(device)
+        cut = [_cut_windows(x, shape.window, shape.shift) for x in qkv.unbind(3)]
+        cut_grad = torch.randn_like(cut[0])
+        mask = _window_mask(shape, rpb)
+        scale = dim ** -0.5
+        _check_window_equal(shape, qkv, rpb, cut, mask, scale, backends)
+
+        def ours(backend):
+            leaf_qkv, leaf_rpb = qkv.clone().requires_grad_(), rpb.clone().requires_grad_()
+
+            def forward():
+                with torch.no_grad():
+                    q, k, v = qkv.unbind(3)
+                    neighborhood_attention(q, k, v, kernel_size=shape.window, stride=shape.window, shift=shape.shift,
+                                           rpb=rpb, scale=scale, backend=backend)
+
+            def forward_backward():
+                q, k, v = leaf_qkv.unbind(3)
+                neighborhood_attention(q, k, v, kernel_size=shape.window, stride=shape.window, shift=shape.shift,
+                                       rpb=leaf_rpb, scale=scale, backend=backend).backward(grad)
+                leaf_qkv.grad = leaf_rpb.grad = None
+
+            return forward, forward_backward
+
+        def sdpa_cut():
+            leaves = [x.clone().requires_grad_() for x in cut]
+
+            def forward():
+                with torch.no_grad():
+                    F.scaled_dot_product_attention(*cut, attn_mask=mask, scale=scale)
+
+            def forward_backward():
+                F.scaled_dot_product_attention(*leaves, attn_mask=mask, scale=scale).backward(cut_grad)
+                for leaf in leaves:
+                    leaf.grad = None
+
+            return forward, forward_backward
+
+        timings = {f"ours: {name}": ours(name) for name in backends}
+        timings["SDPA on cut windows"] = sdpa_cut()
+        measured = {name: ([], []) for name in timings}
+        for _ in range(args.rounds):  # the methods take turns
+            for name, (forward, forward_backward) in timings.items():
+                for target, fn in zip(measured[name], (forward, forward_backward)):
+                    target.extend(samples(fn, device, args.min_time / args.rounds, args.max_runs, clock))
+        light = [median(m) for m in measured["SDPA on cut windows"]]
+        for name in timings:
+            fwd, fwd_bwd = (median(m) for m in measured[name])
+            lines.append(f"| {shape.label} | {name} | {fwd * 1e3:.2f} | {fwd_bwd * 1e3:.2f} | "
+                         f"{fwd / light[0]:.2f}x, {fwd_bwd / light[1]:.2f}x |")
+            print(f"  {name:20s} fwd {fwd * 1e3:9.2f} ms   fwd+bwd {fwd_bwd * 1e3:9.2f} ms", file=sys.stderr)
+    return "\n".join(lines)
+
+
 def _scan_call(u, delta, A, B, C, D, delta_bias, backend):
     return selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True, backend=backend)
 
@@ -540,8 +696,10 @@ def main(argv=None) -> None:
                         help="instruction set of the C++ kernels (default: the best this CPU executes)")
     parser.add_argument("--selective-scan", action="store_true",
                         help="time the selective scan at MambaVision's shapes instead (see above)")
+    parser.add_argument("--window", action="store_true",
+                        help="time Swin's (shifted) window attention against SDPA on pre-cut windows instead (see above)")
     parser.add_argument("--cpu-time", action="store_true",
-                        help="--selective-scan: time by the process's CPU time (all threads) instead of wall time, "
+                        help="--selective-scan / --window: time by the process's CPU time (all threads) instead of wall time, "
                              "which a busy shared machine inflates for calls longer than a scheduler time slice")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's malloc thresholds alone (see the module docstring)")
@@ -549,7 +707,7 @@ def main(argv=None) -> None:
     if args.isa:
         os.environ["VISIONZOO_NATIVE_ISA"] = args.isa
 
-    if args.selective_scan:
+    if args.selective_scan or args.window:
         device = torch.device(args.device)
         if device.type == "cuda":
             device_name = torch.cuda.get_device_name(device)
@@ -559,9 +717,10 @@ def main(argv=None) -> None:
             if not args.default_allocator and steady_allocator():
                 device_name += "; glibc malloc thresholds raised (freed buffers are reused)"
         clock = "process CPU time" if args.cpu_time else "wall time"
-        text = (f"Selective scan. Device: {device_name}; torch {torch.__version__}; float32, medians in ms of "
+        title, bench = ("Window attention", bench_window) if args.window else ("Selective scan", bench_selective_scan)
+        text = (f"{title}. Device: {device_name}; torch {torch.__version__}; float32, medians in ms of "
                 f"{clock}.\n\n"
-                + bench_selective_scan(device, args))
+                + bench(device, args))
         print(text)
         if args.markdown:
             with open(args.markdown, "w") as handle:

@@ -567,6 +567,8 @@ def main(argv=None):
         plot(rows, output)
     machine = machine_description(device)
     print(f"\nmachine: {machine}\nresults: {output / 'benchmark.csv'}")
+    if args.clock == "cpu":
+        machine += "; images per second of the process's CPU time (not wall time)"
     if args.update_cards:
         backend = os.environ.get("VISIONZOO_ATTN_BACKEND")
         command = ("VISIONZOO_ATTN_BACKEND=" + backend + " " if backend else "") + "python tools/benchmark.py " + \

@@ -48,9 +48,13 @@ RECIPES = [
 
 
 @lru_cache(maxsize=None)
-def stage_channels(model_name: str) -> List[int]:
+def stage_channels(family_name: str, model_name: str, task: str) -> List[int]:
+    """The output channels of the backbone, built with the family's options for ``task`` (which may
+    change its taps: HaloNet's dense layout drops timm's stem tap)."""
+    family = DENSE_FAMILIES[family_name]
+    kwargs = family.dense_kwargs(model_name, task) if family.task_kwargs is not None else {}
     with torch.device("meta"):  # only the feature_info is needed
-        model = timm.create_model(model_name, pretrained=False, num_classes=0)
+        model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
     return [info["num_chs"] for info in model.feature_info]
 
 
@@ -63,7 +67,7 @@ def checkpoint_url(name: str) -> str:
 
 def render(family: DenseFamily, arch: str, spec: DenseArch, base: str, task: str, rate_key: str, title: str) -> str:
     model_name = spec.model_name
-    channels = stage_channels(model_name)
+    channels = stage_channels(family.name, model_name, task)
     type_name = family.type_names[0]
     backbone = [f"type='{type_name}'", f"arch='{arch}'"]
     if family.task_kwargs is not None:

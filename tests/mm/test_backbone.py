@@ -74,7 +74,8 @@ class Records(logging.Handler):
 def test_registered_in_mmdet_and_mmseg(registry, task):
     assert registry.get("VisionZooBackbone") is VisionZooBackbone
     # the type names of today's configs, each from its family's declaration
-    for name, family in (("NAT", "nat"), ("DiNAT", "dinat"), ("DiNAT_s", "dinats"), ("DiNATs", "dinats")):
+    for name, family in (("NAT", "nat"), ("DiNAT", "dinat"), ("DiNAT_s", "dinats"), ("DiNATs", "dinats"),
+                         ("MaxViT", "maxvit"), ("CoAtNet", "coatnet"), ("HaloNet", "halonet")):
         registered = registry.get(name)
         assert issubclass(registered, BACKBONES[name]) and registered.task == task
         assert registered.family is DENSE_FAMILIES[family] and getattr(visionzoo.mm, name) is BACKBONES[name]
@@ -89,7 +90,8 @@ WITHOUT_DENSE_SUPPORT = ()
 
 def _takes_any_size(name):
     """Not ``fixed_input_size`` (Swin-Free-BR's norms fix it), or of any size with its family's dense
-    options (MaxViT pads its maps to the windows), run on the meta device at an odd size."""
+    options (MaxViT and CoAtNet pad their maps to the windows, HaloNet to the blocks), run on the
+    meta device at an odd size: every tap at ``ceil(side / reduction)``."""
     if not timm.models.get_pretrained_cfg(name).fixed_input_size:
         return True
     family = dense_family_of(name)
@@ -99,7 +101,8 @@ def _takes_any_size(name):
         model = timm.create_model(name, num_classes=0, **dense_kwargs(name, "det"))
     # outside the device context: the op's geometry tables stay on the CPU
     features = model.forward_intermediates(torch.empty(1, 3, 100, 140, device="meta"), intermediates_only=True)
-    return features[-1].shape[-2:] == (math.ceil(100 / 32), math.ceil(140 / 32))
+    return [f.shape[-2:] for f in features] == [
+        (math.ceil(100 / info["reduction"]), math.ceil(140 / info["reduction"])) for info in model.feature_info]
 
 
 def test_every_hierarchical_model_is_declared_for_dense_prediction():

@@ -36,12 +36,13 @@ def test_configs_are_those_of_the_declarations():
     # every size with an official dense config: NAT, DiNAT, DiNAT_s (mini variants included, 13),
     # Swin (UperNet 6, Mask R-CNN 2), Agent-Swin (UperNet 3, Mask R-CNN 2), Agent-PVT (Mask R-CNN 4),
     # MambaVision T / S / B (3 of each, Cascade Mask R-CNN too), MaxViT T / S / B (the paper's COCO
-    # sizes) in both recipes; Swin-Free has neither; Swin-VSA (T, S) on Swin's recipes without weights
+    # sizes) in both recipes; Swin-Free has neither; Swin-VSA (T, S) on Swin's recipes without weights;
+    # CoAtNet 0-3 without weights and timm's trained HaloNet-26T, SE-HaloNet-33TS, HaloNet-50TS in both
     seg = {spec.model_name for _, _, spec in DECLARED.values() if "seg" in spec.drop_path_rate}
     det = {spec.model_name for _, _, spec in DECLARED.values() if "det" in spec.drop_path_rate}
     cascade = {spec.model_name for _, _, spec in DECLARED.values() if "det_cascade" in spec.drop_path_rate}
-    assert len(SEG_CONFIGS) == len(seg) == 13 + 6 + 3 + 2 + 3 + 3
-    assert len(DET_CONFIGS) == 2 * len(det) == 2 * (13 + 2 + 2 + 4 + 2 + 3 + 3)
+    assert len(SEG_CONFIGS) == len(seg) == 13 + 6 + 3 + 2 + 3 + 3 + 4 + 3
+    assert len(DET_CONFIGS) == 2 * len(det) == 2 * (13 + 2 + 2 + 4 + 2 + 3 + 3 + 4 + 3)
     assert len(CASCADE_CONFIGS) == len(cascade) == 3
 
 
@@ -97,14 +98,23 @@ def check_backbone(cfg, backbone, name, task, rate_key=None):
             assert any(agent_shapes)
         if "window_size" in expected:  # MambaVision: the official dense windows of the windowed stages
             assert [stage.window_size for stage in backbone.model.stages[2:]] == list(expected["window_size"][2:])
-        if "pad_to_window" in expected:  # MaxViT: the 7x7 windows and grid of its weights, maps padded
+        if "transformer_window_size" in expected:  # MaxViT: the 7x7 windows and grid of its weights, maps padded
             assert expected == {"pad_to_window": True, "transformer_window_size": (7, 7)}
             assert backbone.model.stem.stage_rules == ()
             windows = {block.attn_block.attn.window_size for stage in backbone.model.stages for block in stage.blocks}
             assert windows == {(7, 7)}
+        elif "pad_to_window" in expected:  # CoAtNet: windows of the 224 stage maps (14x14, 7x7), maps padded
+            assert expected == {"pad_to_window": True} and backbone.model.stem.stage_rules == ()
+            windows = [{block.attn.window_size for block in stage.blocks} for stage in backbone.model.stages[2:]]
+            assert windows == [{(14, 14)}, {(7, 7)}]
+        if "pad_to_block" in expected:  # HaloNet: maps padded to the blocks, the four stages as outputs
+            assert expected == {"pad_to_block": True, "stem_feature": False}
+            halo = [m for m in backbone.model.modules() if type(m).__name__ == "HaloAttention"]
+            assert halo and all(m.pad_to_block for m in halo) and backbone.strides == [4, 8, 16, 32]
         assert set(expected) in ({"dilations"}, {"pad_before_shift"}, {"agent_shapes"},
                                  {"agent_shapes", "pad_before_shift"}, {"window_size"},
-                                 {"pad_to_window", "transformer_window_size"})
+                                 {"pad_to_window", "transformer_window_size"}, {"pad_to_window"},
+                                 {"pad_to_block", "stem_feature"})
     agent_biases = ("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias")
     assert dict(cfg.optim_wrapper.paramwise_cfg.custom_keys) == {
         "rpb": dict(decay_mult=0.0), "relative_position_bias_table": dict(decay_mult=0.0),

@@ -1,7 +1,6 @@
 """MaxViT as an mmdet / mmseg backbone: the windows and grid of its 224 weights at every input size
 (maps padded), the classification model's features where no padding is needed, and a few training
-steps of Mask R-CNN and UperNet through the generated configs. CoAtNet has no dense declaration
-(its paper has no dense-prediction setting)."""
+steps of Mask R-CNN and UperNet through the generated configs."""
 import math
 
 import numpy as np
@@ -17,7 +16,6 @@ from mmseg.registry import MODELS as SEG_MODELS  # noqa: E402
 
 import visionzoo.mm  # noqa: E402, F401
 from tests.mm.conftest import det_config, seg_config, train_losses  # noqa: E402
-from visionzoo.models.dense import dense_family_of  # noqa: E402
 from visionzoo.mm import runner  # noqa: E402
 
 # a reduced MaxViT-T (the registered variant's windows, bias layout and block structure)
@@ -44,10 +42,6 @@ def test_backbone_keeps_7x7_windows_and_takes_any_size(registry):
         got = backbone(image)
     for norm, feature, output in zip((backbone.norm0, backbone.norm1, backbone.norm2, backbone.norm3), expected, got):
         torch.testing.assert_close(output, norm(feature))
-
-
-def test_coatnet_is_not_a_dense_backbone():
-    assert dense_family_of("visionzoo_coatnet_0") is None and dense_family_of("visionzoo_maxvit_t") is not None
 
 
 @pytest.mark.parametrize("task", ["det", "seg"])

@@ -108,3 +108,33 @@ def test_input_size_rule():
     # built for 64 px: stage 3 blocks of 4 (4x4 map), stage 4 blocks of 2
     blocks = [m.block_size for m in small.modules() if isinstance(m, HaloAttention)]
     assert blocks == [4, 2, 2] and small.input_multiple == 64
+
+
+@pytest.mark.parametrize("name", ["visionzoo_halonet26t", "visionzoo_sehalonet33ts"])
+def test_dense_layout_takes_any_size_and_returns_the_four_stages(name):
+    """``pad_to_block`` + ``stem_feature=False``: on whole blocks the classification model's stage
+    outputs (the last before the final conv: SE-HaloNet-33TS widens it 1536 -> 1280); any other
+    size runs, at ceil(side / stride); features_only and pruning take the same four taps."""
+    overlay = dict(self_attn_kwargs=dict(block_size=2, halo_size=1), width_factor=0.25)
+    torch.manual_seed(0)
+    strict = timm.create_model(name, **overlay).eval()
+    dense = timm.create_model(name, pad_to_block=True, stem_feature=False, **overlay).eval()
+    dense.load_state_dict(strict.state_dict())
+    channels = [64, 128, 256, 512 if name == "visionzoo_halonet26t" else 384]
+    assert [(f["module"], f["reduction"], f["num_chs"]) for f in dense.feature_info] == [
+        (f"stages.{i}", 4 * 2**i, c) for i, c in enumerate(channels)]
+    image = _image(64)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(image), strict(image))
+        expected = strict.forward_intermediates(image, intermediates_only=True, exclude_final_conv=True)[1:]
+        for got, want in zip(dense.forward_intermediates(image, intermediates_only=True), expected):
+            torch.testing.assert_close(got, want)
+        with pytest.raises(ValueError, match="50x70 input"):
+            strict(torch.randn(1, 3, 50, 70))
+        features = dense.forward_intermediates(torch.randn(1, 3, 50, 70), indices=[1, 3], intermediates_only=True)
+    assert [tuple(f.shape[1:]) for f in features] == [(channels[1], 7, 9), (channels[3], 2, 3)]
+    extractor = timm.create_model(name, features_only=True, pad_to_block=True, stem_feature=False, **overlay)
+    assert [tuple(f.shape[1:]) for f in extractor(torch.randn(1, 3, 50, 70))] == [
+        (c, -(-50 // s), -(-70 // s)) for c, s in zip(channels, (4, 8, 16, 32))]
+    assert dense.prune_intermediate_layers([0, 1, 2]) == [0, 1, 2]
+    assert len(dense.stages) == 3 and isinstance(dense.final_conv, torch.nn.Identity) and dense.num_features == 256

@@ -173,5 +173,72 @@ def test_pad_to_window_takes_any_input_size_and_changes_nothing_where_maps_fit()
             strict(_image(100, 140))
         features = padded.forward_intermediates(_image(100, 140), intermediates_only=True)
     assert [f.shape[-2:] for f in features] == [(25, 35), (13, 18), (7, 9), (4, 5)]
-    with pytest.raises(ValueError, match="pad_to_window needs block / grid attention"):
-        timm.create_model("visionzoo_coatnet_0", pad_to_window=True)
+
+
+# a reduced CoAtNet-0 (the registered variant's block types, head-first qkv and query-minus-key tables)
+COATNET_SMALL = dict(depths=(1, 1, 2, 1), embed_dim=(32, 32, 64, 64), stem_width=16)
+
+
+def _coatnet_window_reference(attn, x):
+    """Independent of the op and of ``RelPosBias``: zero pad ``x [B, H, W, C]`` to whole windows of
+    ``attn.window_size``, dense softmax attention inside each window with Swin's bias lookup
+    ``table[(qy - ky + h - 1) * (2w - 1) + qx - kx + w - 1]`` (CoAtNet's flat query-minus-key table),
+    qkv channels ``[heads, (q, k, v), dim_head]``; windows put back, cropped, projected."""
+    batch, height, width, _ = x.shape
+    win_h, win_w = attn.window_size
+    padded = torch.nn.functional.pad(x, (0, 0, 0, -width % win_w, 0, -height % win_h))
+    size_h, size_w = padded.shape[1:3]
+    heads, dim_head = attn.num_heads, attn.dim_head
+    qkv = attn.qkv(padded).view(batch, size_h // win_h, win_h, size_w // win_w, win_w, heads, 3, dim_head)
+    qkv = qkv.permute(6, 0, 1, 3, 5, 2, 4, 7).reshape(3, -1, heads, win_h * win_w, dim_head)
+    q, k, v = qkv.unbind(0)  # [windows, heads, tokens, dim_head]
+    rows, cols = torch.meshgrid(torch.arange(win_h), torch.arange(win_w), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    index = (rows[:, None] - rows[None, :] + win_h - 1) * (2 * win_w - 1) + cols[:, None] - cols[None, :] + win_w - 1
+    bias = attn.rel_pos.relative_position_bias_table[index].permute(2, 0, 1)  # [heads, query, key]
+    out = ((q @ k.transpose(-1, -2)) * dim_head ** -0.5 + bias).softmax(-1) @ v
+    out = out.view(batch, size_h // win_h, size_w // win_w, heads, win_h, win_w, dim_head)
+    out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, size_h, size_w, -1)[:, :height, :width]
+    return attn.proj(out)
+
+
+@pytest.mark.parametrize("size", [(4, 4), (9, 6), (3, 13)])
+def test_coatnet_dense_layout_runs_global_attention_in_padded_windows_of_the_trained_map(size):
+    """Stage 3 of a CoAtNet built for 64 px has a 4x4 bias table: in the dense layout a 9x6 map is
+    padded to 12x8 and cut into six 4x4 windows, each attending within itself with the table as
+    trained; (4, 4) is the trained map (one window, the classification attention)."""
+    torch.manual_seed(0)
+    model = timm.create_model("visionzoo_coatnet_0", img_size=64, pad_to_window=True, **COATNET_SMALL)
+    attn = model.stages[2].blocks[1].attn
+    assert (attn.partition, attn.window_size, attn.rel_pos.layout) == ("global", (4, 4), "query_minus_key")
+    with torch.no_grad():
+        attn.rel_pos.relative_position_bias_table.normal_()  # a bias that shows a wrong offset
+        x = torch.randn(2, *size, 64)
+        torch.testing.assert_close(attn(x), _coatnet_window_reference(attn, x), rtol=1e-5, atol=1e-5)
+
+
+def test_coatnet_dense_layout_takes_any_size_and_keeps_the_classification_model():
+    torch.manual_seed(0)
+    strict = timm.create_model("visionzoo_coatnet_0", **COATNET_SMALL).eval()
+    padded = timm.create_model("visionzoo_coatnet_0", pad_to_window=True, **COATNET_SMALL).eval()
+    padded.load_state_dict(strict.state_dict())  # classification weights load unchanged
+    windows = [block.attn.window_size for stage in padded.stages[2:] for block in stage.blocks]
+    assert windows == [(14, 14), (14, 14), (7, 7)]  # the stage maps at 224
+    with torch.no_grad():
+        torch.testing.assert_close(padded(_image(224)), strict(_image(224)))
+        with pytest.raises(ValueError, match="input 100x140"):
+            strict(_image(100, 140))
+        # odd sizes: the stride-2 pools keep the last row / column as the convolutions do
+        for (height, width), maps in (((100, 140), [(25, 35), (13, 18), (7, 9), (4, 5)]),
+                                      ((97, 131), [(25, 33), (13, 17), (7, 9), (4, 5)]),
+                                      ((480, 352), [(120, 88), (60, 44), (30, 22), (15, 11)])):
+            features = padded.forward_intermediates(_image(height, width), intermediates_only=True)
+            assert [tuple(f.shape[-2:]) for f in features] == maps
+    extractor = timm.create_model("visionzoo_coatnet_0", features_only=True, pad_to_window=True, **COATNET_SMALL)
+    extractor.model.load_state_dict(strict.state_dict(), strict=False)  # its pruned head has no weights
+    with torch.no_grad():
+        features = extractor.eval()(_image(97, 131))
+        expected = padded.forward_intermediates(_image(97, 131), intermediates_only=True)
+    assert [f.shape[1] for f in features] == [32, 32, 64, 64]
+    for got, want in zip(features, expected):
+        torch.testing.assert_close(got, want)

@@ -56,6 +56,12 @@ def test_config_parses_and_names_a_registered_model(train_tool, config):
         assert (args.mixup, args.cutmix, args.smoothing, args.reprob, args.aa) == (0.8, 0.0, 0.1, 0.0, "rand-m15-n2")
         assert (args.model_ema, args.model_ema_decay, args.clip_grad, args.epochs) == (True, 0.9999, 1.0, 300)
         assert 0 < args.drop_path <= 0.6
+    elif args.model.startswith("visionzoo_coatnet_"):  # the CoAtNet paper's ImageNet-1K recipe
+        assert (args.opt, args.sched, args.weight_decay, args.lr_base, args.lr_base_size) == ("adamw", "cosine", 0.05,
+                                                                                             1e-3, 4096)
+        assert (args.mixup, args.cutmix, args.smoothing, args.reprob, args.aa) == (0.8, 0.0, 0.1, 0.0, "rand-m15-n2")
+        assert (args.model_ema, args.clip_grad, args.epochs) == (False, 1.0, 300)
+        assert args.drop_path == {"0": 0.2, "1": 0.3, "2": 0.5, "3": 0.7}[args.model[-1]]
     else:  # the papers' recipe (specs/training.md)
         assert (args.opt, args.sched, args.weight_decay, args.lr_base, args.lr_base_size) == ("adamw", "cosine", 0.05,
                                                                                              1e-3, 1024)

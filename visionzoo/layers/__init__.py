@@ -6,6 +6,7 @@
 * :mod:`.agent_attention` - agent attention (Agent-Swin / PVT / DeiT);
 * :mod:`.halo_attention` - HaloNet's halo attention (blocked queries, zero-padded halo windows);
 * :mod:`.mamba_mixer` - MambaVision's selective-scan token mixer;
+* :mod:`.fast_linear` - linear layers and MLP on oneDNN for CPU inference;
 * :mod:`.transformer_block` - pre-norm block around any channels-last attention module;
 * :mod:`.downsample` - NAT's conv downsampler, Swin's patch merging;
 * :mod:`.stage` - downsampler + blocks, with gradient checkpointing;
@@ -14,6 +15,7 @@
 * :mod:`.model_base` - timm's model API (features, intermediates, pruning, head) for channels-last models.
 """
 from .agent_attention import AgentAttention, agent_position_biases, resize_agent_biases
+from .fast_linear import Mlp, fused_linear_available, linear, split_linear
 from .downsample import ConvDownsample, PatchMerging, create_downsample
 from .halo_attention import HaloAttention, halo_attention
 from .mamba_mixer import MambaVisionMixer
@@ -37,6 +39,7 @@ __all__ = [
     "ConvDownsample",
     "HaloAttention",
     "MambaVisionMixer",
+    "Mlp",
     "NeighborhoodAttention2d",
     "PatchMerging",
     "Stage",
@@ -49,11 +52,14 @@ __all__ = [
     "crop_rel_pos_table",
     "fit_window",
     "fit_window_shift",
+    "fused_linear_available",
     "halo_attention",
+    "linear",
     "relative_position_index_key_minus_query",
     "relative_position_index_query_minus_key",
     "resize_agent_biases",
     "resize_rel_pos_table",
     "rpb_from_query_minus_key_table",
+    "split_linear",
     "vsa_sampling_grid",
 ]

@@ -250,8 +250,13 @@ class HaloAttention(nn.Module):
             output when ``avg_down`` or ``block_size`` is odd.
         num_heads; dim_head: q / k channels per head, ``make_divisible(dim_out * qk_ratio, 8) // num_heads``
             if None. Values have ``dim_out // num_heads`` per head.
-        block_size, halo_size: ``b`` and ``h``; H and W must be multiples of ``b``.
+        block_size, halo_size: ``b`` and ``h``; H and W must be multiples of ``b`` unless
+            ``pad_to_block``.
         qkv_bias; scale_pos_embed: scale the relative logits with q . k.
+        pad_to_block: zero pad a map at the bottom / right to a multiple of ``b`` and crop the output
+            to ``ceil(H / stride) x ceil(W / stride)`` (the dense-prediction layout; not timm's). The
+            padded positions are zero inputs: without ``qkv_bias`` (timm's default) their keys and
+            values are zero, as those of the halo's own zero padding at the map borders.
         device, dtype: of the parameters (timm's factory arguments).
 
     The output is NCHW in channels-last memory (the attention is computed heads-last); values are
@@ -272,6 +277,7 @@ class HaloAttention(nn.Module):
         qkv_bias: bool = False,
         avg_down: bool = False,
         scale_pos_embed: bool = False,
+        pad_to_block: bool = False,
         device=None,
         dtype=None,
     ):
@@ -292,6 +298,8 @@ class HaloAttention(nn.Module):
         self.block_size = block_size
         self.halo_size = halo_size
         self.window = block_size + 2 * halo_size
+        self.stride = stride
+        self.pad_to_block = pad_to_block
         use_avg_pool = stride > 1 and (avg_down or block_size % stride != 0)
         self.block_stride = stride if stride > 1 and not use_avg_pool else 1
         self.q = nn.Conv2d(dim, num_heads * self.dim_head_qk, 1, stride=self.block_stride, bias=qkv_bias, **dd)
@@ -301,7 +309,8 @@ class HaloAttention(nn.Module):
         self.reset_parameters()
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, block_size={self.block_size}, halo_size={self.halo_size}"
+        return (f"num_heads={self.num_heads}, block_size={self.block_size}, halo_size={self.halo_size}"
+                + (", pad_to_block=True" if self.pad_to_block else ""))
 
     def reset_parameters(self) -> None:
         std = self.q.weight.shape[1] ** -0.5  # fan-in
@@ -310,6 +319,14 @@ class HaloAttention(nn.Module):
         self.pos_embed.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        pad_height, pad_width = -height % self.block_size, -width % self.block_size
+        if not self.pad_to_block or not (pad_height or pad_width):
+            return self._forward_blocks(x)
+        out = self._forward_blocks(F.pad(x, (0, pad_width, 0, pad_height)))
+        return out[..., : -(-height // self.stride), : -(-width // self.stride)]
+
+    def _forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
         check_halo_map(height, width, self.block_size)
         # 1x1 convolutions as matmuls on the channels-last view (no copy when x is channels-last)

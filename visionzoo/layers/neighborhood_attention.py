@@ -14,6 +14,7 @@ from timm.layers import register_notrace_module, to_2tuple, trunc_normal_
 
 from visionzoo.kernels import na2d
 
+from .fast_linear import linear, split_linear
 from .relative_position import crop_rel_pos_table
 
 __all__ = ["NeighborhoodAttention2d", "fit_window"]
@@ -102,8 +103,7 @@ class NeighborhoodAttention2d(nn.Module):
         batch, height, width, channels = x.shape
         kernel_size, dilation = fit_window((height, width), self.kernel_size, self.dilation)
         rpb = self.rpb if kernel_size == self.kernel_size else crop_rel_pos_table(self.rpb, kernel_size)
-        qkv = self.qkv(x).reshape(batch, height, width, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(3)
+        q, k, v = (t.view(batch, height, width, self.num_heads, self.head_dim) for t in split_linear(x, self.qkv, 3))
         x = na2d(q, k, v, kernel_size, dilation=dilation, scale=self.scale, rpb=rpb)
-        x = self.proj(x.reshape(batch, height, width, channels))
+        x = linear(x.reshape(batch, height, width, channels), self.proj)
         return self.proj_drop(x)

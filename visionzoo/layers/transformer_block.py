@@ -5,7 +5,9 @@ from typing import Optional, Type
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, LayerScale, Mlp
+from timm.layers import DropPath, LayerScale
+
+from .fast_linear import Mlp
 
 __all__ = ["TransformerBlock"]
 
@@ -29,7 +31,7 @@ class TransformerBlock(nn.Module):
         norm_layer: normalization over the last dimension.
 
     Submodules are ``norm1, attn, ls1, drop_path1, norm2, mlp (fc1, fc2), ls2, drop_path2``, as
-    timm's ViT / Swin blocks name them.
+    timm's ViT / Swin blocks name them. The MLP runs CPU inference on oneDNN (:mod:`.fast_linear`).
     """
 
     def __init__(

@@ -21,6 +21,7 @@ from timm.layers import register_notrace_module, to_2tuple, trunc_normal_
 
 from visionzoo.kernels import na2d
 
+from .fast_linear import linear, split_linear
 from .relative_position import crop_rel_pos_table, rpb_from_query_minus_key_table
 
 __all__ = ["WindowAttention", "fit_window_shift"]
@@ -161,11 +162,11 @@ class WindowAttention(nn.Module):
             if layout is not None:
                 x = _pad(x, dim, layout)
         padded_height, padded_width = x.shape[1:3]
-        qkv = self.qkv(x).reshape(batch, padded_height, padded_width, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(3)
+        q, k, v = (t.view(batch, padded_height, padded_width, self.num_heads, self.head_dim)
+                   for t in split_linear(x, self.qkv, 3))
         x = na2d(q, k, v, kernel_size=window, stride=window, scale=self.scale, rpb=rpb, shift=shift)
         for dim, layout in enumerate(layouts, start=1):
             if layout is not None:
                 x = x.index_select(dim, layout[1].to(x.device))
-        x = self.proj(x.reshape(batch, height, width, channels))
+        x = linear(x.reshape(batch, height, width, channels), self.proj)
         return self.proj_drop(x)

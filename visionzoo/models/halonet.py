@@ -24,17 +24,21 @@ import inspect
 import math
 from dataclasses import fields, replace
 from functools import partial
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
+import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import make_divisible, register_notrace_function, to_2tuple
 from timm.models import generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
 from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg, SelfAttnBlock, expand_blocks_cfg, interleave_blocks
 
 from visionzoo.layers import HaloAttention, check_image
 
 from .build import build_model
+from .dense import DenseArch, DenseFamily, register_dense_family
 
 __all__ = ["HaloBlock", "HaloNet", "checkpoint_filter_fn", "fit_blocks", "input_multiple"]
 
@@ -127,20 +131,40 @@ class HaloNet(ByobNet):
             :class:`visionzoo.layers.HaloAttention` as ``self_attn_layer``).
         img_size: if given, blocks larger than their stage's map at this size shrink to it (the
             relative tables with them), so that small inputs run; the default keeps the variant's blocks.
+        pad_to_block: every halo attention zero pads its map at the bottom / right to a multiple of
+            its block and crops its output (``HaloAttention(pad_to_block=True)``), so that any input
+            size runs; where the maps are multiples of the blocks nothing changes.
+        stem_feature: ``feature_info`` / ``forward_intermediates`` / ``prune_intermediate_layers``
+            index timm's taps: the stem's stride-2 map, stages 1-3, and stage 4 through the final 1x1
+            conv. ``False``: the four stages at strides 4-32, the last before the final conv (the
+            layout of dense-prediction backbones).
         Other arguments: timm's ``ByobNet``'s; fields of ``cfg`` given as keywords replace its values.
 
     Inputs: height and width multiples of :attr:`input_multiple` (256 for the timm variants at their
-    blocks); others raise a ValueError naming the size.
+    blocks, 1 with ``pad_to_block``); others raise a ValueError naming the size.
     """
 
-    def __init__(self, cfg: ByoModelCfg, img_size: Optional[Union[int, Tuple[int, int]]] = None, **kwargs: Any):
+    def __init__(self, cfg: ByoModelCfg, img_size: Optional[Union[int, Tuple[int, int]]] = None,
+                 pad_to_block: bool = False, stem_feature: bool = True, **kwargs: Any):
         # timm's overlay of cfg fields (timm.create_model(name, self_attn_kwargs=...)), applied here so
         # that the block fitting and input rule see it
         cfg = replace(cfg, **{name: kwargs.pop(name) for name in list(kwargs) if name in _CFG_FIELDS})
         if img_size is not None:
             cfg = fit_blocks(cfg, to_2tuple(img_size))
         super().__init__(cfg, img_size=img_size, **kwargs)
-        self.input_multiple = input_multiple(cfg)
+        self.pad_to_block = pad_to_block
+        if pad_to_block:
+            # on the modules: timm's block-level self_attn_kwargs replace the model-level ones
+            for module in self.modules():
+                if isinstance(module, HaloAttention):
+                    module.pad_to_block = True
+        self.input_multiple = 1 if pad_to_block else input_multiple(cfg)
+        self.stem_feature = stem_feature
+        if not stem_feature:
+            last = self.feature_info[-1]
+            last_chs = last["num_chs"] if isinstance(self.final_conv, nn.Identity) else self.final_conv.conv.in_channels
+            self.feature_info = self.feature_info[1:-1] + [
+                dict(last, num_chs=last_chs, module=f"stages.{len(self.stages) - 1}")]
         self.to(memory_format=torch.channels_last)
 
     @torch.jit.ignore
@@ -160,9 +184,52 @@ class HaloNet(ByobNet):
         # of the traced forward's module)
         return self.forward_head(self.forward_features(x))
 
-    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any):
-        """timm's ``ByobNet.forward_intermediates`` after the input check."""
-        return super().forward_intermediates(self._prepare(x), *args, **kwargs)
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        **kwargs: Any,
+    ):
+        """timm's ``ByobNet.forward_intermediates`` after the input check; without ``stem_feature``
+        the ``[B, C, H, W]`` outputs of the stages ``indices`` index (timm's conventions for them)."""
+        x = self._prepare(x)
+        if self.stem_feature:
+            return super().forward_intermediates(x, indices, norm, stop_early, output_fmt, intermediates_only,
+                                                 **kwargs)
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        stages = self.stages[: max_index + 1] if stop_early else self.stages
+        x = self.stem(x)
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = checkpoint_seq(stage, x) if self.grad_checkpointing and not torch.jit.is_scripting() else stage(x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return self.final_conv(x), intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> List[int]:
+        """timm's; without ``stem_feature``, ``indices`` index the stages, and the final conv goes
+        with the head (the stage outputs do not pass through it)."""
+        if self.stem_feature:
+            return super().prune_intermediate_layers(indices, prune_norm, prune_head)
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        self.stages = self.stages[: max_index + 1]
+        self.final_conv = nn.Identity()
+        self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        self.reset_classifier(0, "", reset_other=True)
+        return take_indices
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: HaloNet) -> Dict[str, torch.Tensor]:
@@ -171,12 +238,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: HaloNet) -> Dict[str
 
 
 def _create_halonet(variant: str, cfg: ByoModelCfg, pretrained: bool = False, **kwargs) -> HaloNet:
+    feature_cfg = dict(flatten_sequential=True)
+    if kwargs.get("stem_feature") is False:  # four taps instead of timm's default five
+        feature_cfg["out_indices"] = (0, 1, 2, 3)
     return build_model(
         HaloNet,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True),
+        feature_cfg=feature_cfg,
         cfg=cfg,
         **kwargs,
     )
@@ -374,3 +444,44 @@ def visionzoo_halonet_h6(pretrained: bool = False, **kwargs) -> HaloNet:
 def visionzoo_halonet_h7(pretrained: bool = False, **kwargs) -> HaloNet:
     """HaloNet-H7: b 10, h 3, rv 4, rb 3.5, l3 26, df 2048 (the paper's 600 px as 640: a multiple of 320)."""
     return _create_halonet("visionzoo_halonet_h7", model_cfgs["halonet_h7"], pretrained, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# dense prediction: what visionzoo.mm registers (mmdet / mmseg backbones) and configs/ are written from
+# ----------------------------------------------------------------------------------------------
+def _dense_layout(model: HaloNet, task: str) -> Dict[str, Any]:
+    """``task_kwargs``: the four stages at strides 4-32 as outputs (timm's ``ByobNet`` lists the stem
+    first and passes stage 4 through the final 1x1 conv), and every attention map zero padded at the
+    bottom / right to a multiple of its block, so that any input size runs. Zero padding is what halo
+    attention already does at the map borders (its halo windows reach past them into zero keys and
+    values), so the padded layer sees the same kind of border, a block further out; where the maps are
+    multiples of the blocks (256 x n for the timm variants) nothing changes."""
+    return {"pad_to_block": True, "stem_feature": False}
+
+
+def _no_out_norm(channels: int) -> nn.Module:
+    # a ResNet-like network with BatchNorm in every block: dense ResNet backbones add no output norm
+    return nn.Identity()
+
+
+# The paper reports COCO Mask R-CNN with hybrid backbones (no code or configs released). The configs
+# written from this declaration put timm's trained hybrids into the project's Mask R-CNN and UperNet
+# recipes (the Swin papers') from timm's ImageNet weights (``hf-hub:timm/...``). Stochastic depth, for
+# want of a published dense value: 0.1 for the 12-14M HaloNet-26T / SE-HaloNet-33TS and 0.2 for the 23M
+# HaloNet-50TS in both tasks (mmdet's ResNet configs use none, Swin-T's 28M 0.2 / 0.3). The paper's
+# H0-H7 (no released weights) are backbones without configs. The backbone's BatchNorm layers (timm's)
+# train on the statistics of each process's batch (2 images per GPU in these recipes), where mmdet's
+# ResNet recipes freeze them (norm_eval), which the backbone wrapper has no option for.
+register_dense_family(DenseFamily(
+    name="halonet",
+    type_names=("HaloNet",),
+    archs={
+        "halonet26t": DenseArch("visionzoo_halonet26t", "a1h_in1k", dict(det=0.1, seg=0.1)),
+        "sehalonet33ts": DenseArch("visionzoo_sehalonet33ts", "ra2_in1k", dict(det=0.1, seg=0.1)),
+        "halonet50ts": DenseArch("visionzoo_halonet50ts", "a1h_in1k", dict(det=0.2, seg=0.2)),
+        **{f"h{i}": DenseArch(f"visionzoo_halonet_h{i}") for i in range(8)},
+    },
+    task_kwargs=_dense_layout,
+    checkpoint_filter=checkpoint_filter_fn,
+    out_norm=_no_out_norm,
+))

@@ -14,7 +14,9 @@ Every attention runs on the shared op :func:`visionzoo.kernels.na2d` with its ``
 * block attention: ``kernel_size = stride = window`` (disjoint windows);
 * grid attention: ``kernel_size = stride = grid``, ``dilation = map / grid``: the tokens of a grid
   window are ``map / grid`` apart, i.e. one block of the dilated sub-map;
-* global attention: ``kernel_size = stride = map`` (one block covering the map).
+* global attention: ``kernel_size = stride = map`` (one block covering the map); in the dense
+  layout (``pad_to_window``) the window stays the map size the bias tables were trained at, and a
+  larger map is zero padded to whole windows and cut into them (see the declaration at the end).
 
 The module and parameter names are timm's (``timm/models/maxxvit.py``), so the state dicts of timm's
 ``maxvit_*_tf_224`` and ``coatnet_{0..3}_224`` load through :func:`checkpoint_filter_fn` (which only
@@ -149,7 +151,8 @@ class PartitionAttention(nn.Module):
 
     ``partition`` says which windows: ``"block"`` (disjoint ``window_size`` blocks), ``"grid"``
     (``window_size`` tokens spread evenly over the map, ``map / window`` apart) or ``"global"`` (the
-    map is one window, ``window_size`` must be its size). All three are one :func:`na2d` call.
+    map is one window of ``window_size``; CoAtNet's dense layout gives it other maps, which are then
+    padded and cut into ``window_size`` blocks as ``"block"``). All three are one :func:`na2d` call.
 
     Args:
         dim: input channels. dim_out: output channels (CoAtNet widens in the first block of a stage).
@@ -188,8 +191,8 @@ class PartitionAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, H, W, dim]`` -> ``[B, H, W, dim_out]``.
 
-        A map that is not a multiple of the window (block) or grid (grid) is zero padded at the
-        bottom / right first (the dense layout, ``MaxxVit(pad_to_window=True)``; the classification
+        A map that is not a multiple of the window (block, global) or grid (grid) is zero padded at
+        the bottom / right first (the dense layout, ``MaxxVit(pad_to_window=True)``; the classification
         model refuses such inputs): padded tokens take part as keys, as in Swin's detection backbone.
         """
         batch, height, width, _ = x.shape
@@ -230,7 +233,9 @@ class Downsample(nn.Module):
 
     def __init__(self, dim: int, dim_out: int, padding: str = ""):
         super().__init__()
-        self.pool = create_pool2d("avg", 2, padding=padding or 0)
+        # ceil_mode: an odd map keeps its last row / column (averaged alone), as the stride-2
+        # convolution beside it does; even maps pool as timm's
+        self.pool = create_pool2d("avg", 2, padding=padding) if padding else nn.AvgPool2d(2, ceil_mode=True)
         self.expand = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -420,14 +425,15 @@ class MaxxVit(ChannelsLastModel):
             ``img_size // 32`` unless ``cfg.transformer_cfg.window_size`` is set; CoAtNet: the bias
             tables cover the stage maps at this size).
         in_chans, num_classes, global_pool, drop_rate, drop_path_rate: as in timm.
-        pad_to_window: MaxViT only: zero pad each attention's map at the bottom / right to a multiple
-            of its window (block attention) or grid (grid attention) instead of refusing the input
-            (the dense-prediction layout, see the declaration at the end of this file).
+        pad_to_window: zero pad each attention's map at the bottom / right to a multiple of its
+            window (block attention; CoAtNet's global attention, whose window is its stage map at
+            ``img_size``) or grid (grid attention) instead of refusing the input (the dense-prediction
+            layout, see the declarations at the end of this file).
         cfg_overrides: fields of ``cfg`` to replace, ``transformer_<field>`` / ``conv_<field>`` for
             its sub-configs (timm's overlay: ``timm.create_model(name, depths=(1, 1, 1, 1))``).
 
     Inputs: MaxViT takes any size whose stage maps are multiples of the window (224, 448, ... at
-    window 7), any size with ``pad_to_window``; CoAtNet the size it was built for. Others raise a
+    window 7); CoAtNet the size it was built for; both any size with ``pad_to_window``. Others raise a
     ValueError naming the size.
     """
 
@@ -464,9 +470,6 @@ class MaxxVit(ChannelsLastModel):
         window = tcfg.window_size or tuple(s // tcfg.partition_ratio for s in self.img_size)
         if min(window) < 1:
             raise ValueError(f"img_size {self.img_size} gives windows {window}: it must be at least {tcfg.partition_ratio}")
-        if pad_to_window and "T" in cfg.block_type:
-            raise ValueError(f"pad_to_window needs block / grid attention in every attention stage (MaxViT), got "
-                             f"block_type {cfg.block_type}: CoAtNet's bias tables cover one map size")
         self.window_size = tuple(window)
 
         sizes, size = [], _halve(self.img_size)
@@ -475,7 +478,7 @@ class MaxxVit(ChannelsLastModel):
             sizes.append(size)
         stage_rules = tuple((t, size if t == "T" else window) for t, size in zip(cfg.block_type, sizes))
 
-        # with pad_to_window no stage constrains the input (every stage is MaxViT's)
+        # with pad_to_window no stage constrains the input
         self.stem = Stem(in_chans, cfg.stem_width, cfg.stem_bias, cfg.conv_cfg, () if pad_to_window else stage_rules)
         dpr = calculate_drop_path_rates(drop_path_rate, list(cfg.depths), stagewise=True)
         stages, self.feature_info = [], []
@@ -720,10 +723,22 @@ def visionzoo_maxvit_l(pretrained: bool = False, **kwargs) -> MaxxVit:
 # dense prediction: what visionzoo.mm registers (mmdet / mmseg backbones) and configs/ are written from
 # ----------------------------------------------------------------------------------------------
 def _dense_windows(model: MaxxVit, task: str) -> Dict[str, Any]:
-    """``task_kwargs``: the windows and grid of the 224 weights (7x7) kept at every input size and
-    maps zero padded to a multiple of them. The paper's COCO runs (896x896 inputs) keep window and grid
-    at 7 too; there every stage map is a multiple of 7, and padding only changes other sizes."""
+    """MaxViT's ``task_kwargs``: the windows and grid of the 224 weights (7x7) kept at every input size
+    and maps zero padded to a multiple of them. The paper's COCO runs (896x896 inputs) keep window and
+    grid at 7 too; there every stage map is a multiple of 7, and padding only changes other sizes."""
     return {"pad_to_window": True, "transformer_window_size": model.window_size}
+
+
+def _dense_global_windows(model: MaxxVit, task: str) -> Dict[str, Any]:
+    """CoAtNet's ``task_kwargs``: global attention becomes window attention whose window is the
+    stage map of the training size (14x14 in stage 3, 7x7 in stage 4 at 224), maps zero padded to
+    whole windows (as MaxViT's). The bias tables are used as trained (no resizing), the cost stays
+    linear in the image area, and the classification weights load unchanged; a 224 input is one
+    window per stage, the classification model's attention exactly. (The alternative, global
+    attention over the whole map with bicubically resized tables as timm does for other sizes, costs
+    quadratically in the area: stage 3 of an 800x1333 image has 4200 tokens, 19x the logits of its 24
+    padded 14x14 windows; and it applies the tables to offsets they were never trained at.)"""
+    return {"pad_to_window": True}
 
 
 # MaxViT's published dense setting is COCO detection (Cascade Mask R-CNN at 896x896, T / S / B from
@@ -732,8 +747,6 @@ def _dense_windows(model: MaxxVit, task: str) -> Dict[str, Any]:
 # recipes (the Swin papers'), at the stochastic depth of the official ImageNet-1K training configs
 # (1 - survival_prob of google-research/maxvit maxvit/models/hp/vision_i1k.py: 0.2, 0.3, 0.4). L is a
 # backbone without configs (not in the paper's COCO table).
-# CoAtNet is not declared: its paper has no dense-prediction setting, and its global attention's
-# bias tables cover one map size.
 register_dense_family(DenseFamily(
     name="maxvit",
     type_names=("MaxViT",),
@@ -744,5 +757,24 @@ register_dense_family(DenseFamily(
         "large": DenseArch("visionzoo_maxvit_l", "in1k"),
     },
     task_kwargs=_dense_windows,
+    checkpoint_filter=checkpoint_filter_fn,
+))
+
+# CoAtNet's paper has no dense-prediction setting and no weights were released (timm's coatnet_*_224
+# are untrained too): the configs name no pretrained start (init_cfg=None; point it at your ImageNet
+# checkpoint, timm's or this model's layout). Sizes by parameters next to Swin's (0 ~ T, 1 ~ S, 2 ~ B,
+# 3 ~ L; arch '0'..'3' works too), at Swin's official dense stochastic depth: UperNet 0.3 for every
+# size, Mask R-CNN 0.2 for 0 and 1 (Swin-T / S); Swin-B / L have no Mask R-CNN config, and 2 and 3
+# take 0.3 (their ImageNet-1K rates, 0.5 and 0.7, are well above 0 / 1's 0.2 / 0.3).
+register_dense_family(DenseFamily(
+    name="coatnet",
+    type_names=("CoAtNet",),
+    archs={
+        "tiny": DenseArch("visionzoo_coatnet_0", "", dict(det=0.2, seg=0.3)),
+        "small": DenseArch("visionzoo_coatnet_1", "", dict(det=0.2, seg=0.3)),
+        "base": DenseArch("visionzoo_coatnet_2", "", dict(det=0.3, seg=0.3)),
+        "large": DenseArch("visionzoo_coatnet_3", "", dict(det=0.3, seg=0.3)),
+    },
+    task_kwargs=_dense_global_windows,
     checkpoint_filter=checkpoint_filter_fn,
 ))

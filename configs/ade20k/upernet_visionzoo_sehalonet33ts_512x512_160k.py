@@ -1,0 +1,12 @@
+# HaloNet sehalonet33ts (visionzoo_sehalonet33ts.ra2_in1k): UperNet, ADE20K 512x512 crops, 160k iterations.
+# Written by tools/make_mm_configs.py from the family's dense declaration: edit that, not this file.
+_base_ = '../_base_/upernet_visionzoo_512x512_160k_ade20k.py'
+model = dict(
+    backbone=dict(
+        type='HaloNet',
+        arch='sehalonet33ts',
+        dense_schedule='seg',
+        drop_path_rate=0.1,
+        init_cfg=dict(type='Pretrained', checkpoint='hf-hub:timm/sehalonet33ts.ra2_in1k')),
+    decode_head=dict(in_channels=[256, 512, 1024, 1536]),
+    auxiliary_head=dict(in_channels=1024))

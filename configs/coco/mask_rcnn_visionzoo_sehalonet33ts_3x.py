@@ -1,0 +1,11 @@
+# HaloNet sehalonet33ts (visionzoo_sehalonet33ts.ra2_in1k): Mask R-CNN + FPN, COCO, 3x (36 epochs), multi-scale resize and crop.
+# Written by tools/make_mm_configs.py from the family's dense declaration: edit that, not this file.
+_base_ = '../_base_/mask_rcnn_visionzoo_fpn_ms-crop-3x_coco.py'
+model = dict(
+    backbone=dict(
+        type='HaloNet',
+        arch='sehalonet33ts',
+        dense_schedule='det',
+        drop_path_rate=0.1,
+        init_cfg=dict(type='Pretrained', checkpoint='hf-hub:timm/sehalonet33ts.ra2_in1k')),
+    neck=dict(in_channels=[256, 512, 1024, 1536]))
