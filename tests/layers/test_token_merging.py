@@ -20,7 +20,6 @@ import math
 import pytest
 import timm
 import torch
-import torch.nn as nn
 
 from visionzoo import apply_tome, remove_tome
 from visionzoo.layers.token_merging import (

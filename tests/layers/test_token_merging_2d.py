@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from visionzoo.layers import AgentAttention, agent_position_biases
-from visionzoo.layers.token_merging import Merge2dConfig, apply_merge2d, remove_merge2d
+from visionzoo.layers.token_merging import Merge2dConfig, apply_merge2d, gathered_rpb, remove_merge2d
 from visionzoo.models.mambavision import WindowSelfAttention
 from visionzoo.models.maxxvit import MaxxVitTransformerCfg, PartitionAttention
 
@@ -239,6 +239,25 @@ def test_ratio_0_and_remove_restore_exactly_and_merged_maps_keep_their_shape(bui
     assert not any("Merge2d" in type(module).__name__ for module in model.modules())
 
 
+def test_coatnet_dense_layout_merges_each_padded_window():
+    attn = apply_merge2d(_coatnet_attention((4, 4)), CONFIGS[0])
+    x = torch.randn(2, 6, 7, 16, generator=torch.Generator().manual_seed(1))  # padded to 2 x 2 windows of 4 x 4
+    padded = torch.nn.functional.pad(x, (0, 0, 0, 1, 0, 2))
+    with torch.no_grad():
+        actual = attn(x)
+        windows = [attn(padded[:, i:i + 4, j:j + 4]) for i in (0, 4) for j in (0, 4)]
+    expected = torch.cat([torch.cat(windows[:2], 2), torch.cat(windows[2:], 2)], 1)[:, :6, :7]
+    torch.testing.assert_close(actual, expected)
+    model = timm.create_model("visionzoo_coatnet_0", img_size=64, depths=(1, 1, 1, 1), num_classes=0,
+                              pad_to_window=True).eval()
+    image = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(image)
+        assert torch.equal(apply_merge2d(model, Merge2dConfig())(image), expected)
+        merged = apply_merge2d(model, "fast")(image)
+    assert merged.shape == expected.shape and not torch.allclose(merged, expected)
+
+
 def test_mambavision_padded_dense_windows_merge():
     model = _mambavision(window_size=(8, 8, 8, 8))  # 64 px: 4 x 4 and 2 x 2 maps padded to 8 x 8 windows
     image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -274,8 +293,8 @@ def test_unsupported_modules_are_refused_with_the_reason():
         apply_merge2d(nn.Conv2d(3, 8, 3), "hq")
     with pytest.raises(ValueError, match=r"one Merge2dConfig per block \(2 merge\)"):
         apply_merge2d(_mambavision(), [Merge2dConfig()])
-    attn = apply_merge2d(_coatnet_attention((4, 4)), CONFIGS[0])
+    positions = torch.arange(32)[None]
     with pytest.raises(ValueError, match="bias covers offsets .* not those of the 4x8 grid"):
-        attn(torch.randn(1, 4, 8, 16))
+        gathered_rpb(torch.zeros(2, 7, 7), (4, 8), positions, positions)
     with pytest.raises(ValueError, match="35 tokens do not fill a"):
         apply_merge2d(WindowSelfAttention(16, 2, window_size=6), CONFIGS[0])(torch.randn(1, 35, 16))

@@ -694,9 +694,9 @@ register_notrace_module(Merge2dBlock)
 
 
 # The zoo's attention modules that 2D merging runs, by qualified class name (layers never import
-# models), each taking the tokens of one 2D grid: MambaVision's window attention
-# ([B', window**2, C], the tokens of one window, row-major) and CoAtNet's global attention
-# ([B, H, W, C], partition "global", relative position bias from ``rel_pos.rpb()``).
+# models): MambaVision's window attention ([B', window**2, C], the tokens of one window, row-major)
+# and CoAtNet's global attention ([B, H, W, C], partition "global": the map is one window, or in
+# the dense layout is padded and cut into windows; relative position bias from ``rel_pos.rpb()``).
 _ZOO_ATTENTIONS = (
     "visionzoo.models.mambavision.WindowSelfAttention",
     "visionzoo.models.maxxvit.PartitionAttention",
@@ -718,29 +718,51 @@ class _Merge2dPatched:
     _merge2d: Merge2dConfig
 
 
+def _window_partition(
+    x: torch.Tensor, window: Tuple[int, int]
+) -> Tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``[B, H, W, C]`` zero padded at the bottom / right to whole windows -> ``[B * rows * cols,
+    h * w, C]`` (windows and their tokens row-major), and the inverse ``[B * rows * cols, h * w, C']
+    -> [B, H, W, C']`` (the padding cropped). A map of one window is only reshaped."""
+    batch, height, width, channels = x.shape
+    pad_height, pad_width = -height % window[0], -width % window[1]
+    if pad_height or pad_width:
+        x = F.pad(x, (0, 0, 0, pad_width, 0, pad_height))
+    rows, cols = (height + pad_height) // window[0], (width + pad_width) // window[1]
+    windows = x.reshape(batch, rows, window[0], cols, window[1], channels).transpose(2, 3)
+
+    def restore(out: torch.Tensor) -> torch.Tensor:
+        out = out.reshape(batch, rows, cols, window[0], window[1], -1).transpose(2, 3)
+        return out.reshape(batch, rows * window[0], cols * window[1], -1)[:, :height, :width]
+
+    return windows.reshape(-1, window[0] * window[1], channels), restore
+
+
 class _Merge2dAttention(_Merge2dPatched):
-    """For a zoo attention module of :data:`_ZOO_ATTENTIONS`: ``forward`` merges the tokens of its
-    grid (:func:`_merged_attention`); shapes as the module's."""
+    """For a zoo attention module of :data:`_ZOO_ATTENTIONS`: ``forward`` merges the tokens of each
+    window's grid (:func:`_merged_attention`); shapes as the module's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 4:  # [B, H, W, C]: one map
-            grid = (x.shape[1], x.shape[2])
-        else:  # [B', window**2, C]: the tokens of one window each
-            grid = (self.window_size, self.window_size)
+        if x.ndim == 4:
+            # [B, H, W, C], CoAtNet: a map of one window, or (the dense layout) padded and cut into windows
+            window = tuple(self.window_size)
+            tokens, restore = _window_partition(x, window)
+        else:  # [B', window**2, C], MambaVision: the tokens of one window each
+            window = (self.window_size, self.window_size)
             if x.shape[1] != self.window_size**2:
-                raise ValueError(f"2D token merging: {x.shape[1]} tokens do not fill a {grid} window")
-        tokens = x.reshape(x.shape[0], grid[0] * grid[1], x.shape[-1])
-        queries, context = _plan(tokens, grid, self._merge2d)
+                raise ValueError(f"2D token merging: {x.shape[1]} tokens do not fill a {window} window")
+            tokens, restore = x, None
+        queries, context = _plan(tokens, window, self._merge2d)
         if _is_unmerged(queries, context):
             return super().forward(x)
         rel_pos = getattr(self, "rel_pos", None)
         out = _merged_attention(
-            tokens, grid, queries, context, self.qkv, self.num_heads,
+            tokens, window, queries, context, self.qkv, self.num_heads,
             lambda out, merged: self.proj_drop(self.proj(out)),
             head_first=getattr(self, "head_first", False),
             rpb=None if rel_pos is None else rel_pos.rpb(),
         )
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return out if restore is None else restore(out)
 
 
 class _Merge2dAgentAttention(_Merge2dPatched):
@@ -825,9 +847,10 @@ def apply_merge2d(model: nn.Module, merging: Union[str, Merge2dConfig, List[Merg
     * timm's ViT ``Block`` s: the patch grid; prefix tokens take part unmerged;
     * MambaVision's window attention: inside each window's ``window x window`` grid (the dense
       backbone's larger, zero-padded windows too);
-    * CoAtNet's global attention: its map, with the relative position bias gathered at the
-      positions the merged tokens stand at (a merged group at its destination, the cell's
-      top-left) as an additive mask of the fused attention;
+    * CoAtNet's global attention: its map (in the dense layout, each window of the trained map
+      size), with the relative position bias gathered at the positions the merged tokens stand at
+      (a merged group at its destination, the cell's top-left) as an additive mask of the fused
+      attention;
     * agent attention (Agent-PVT / -Swin / -DeiT, :meth:`AgentAttention.attend`): the agents, still
       pooled from every query, attend the merged keys/values and the merged queries attend the
       agents, each bias read at the merged positions; the depthwise conv reads every value. The
