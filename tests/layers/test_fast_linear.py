@@ -101,3 +101,13 @@ def test_split_linear_equals_chunks(grad):
     for got, want in zip(chunks, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert got.is_contiguous() == (not grad and fused_linear_available())
+
+
+def test_flop_counting_sees_every_linear():
+    """FlopCounterMode counts ATen's ops: under it the linear layers must not move to oneDNN."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mlp = Mlp(32, 64).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        mlp(torch.randn(10, 32))
+    assert counter.get_total_flops() == 2 * 10 * 32 * 64 * 2

@@ -8,9 +8,9 @@ core (``tools/benchmark.py``): Swin-T's MLP ``[25088, 96] -> 384`` + GELU 59 -> 
 27 -> 20 ms; the GEMMs are 70% of a Swin-T forward.
 
 It has no backward, so it runs only where nothing needs a gradient (``torch.no_grad`` /
-``inference_mode`` or frozen weights and inputs), on float32 CPU tensors, outside tracing and
-compilation; everywhere else :func:`linear` is ``F.linear``. The results equal ``F.linear``'s up
-to float32 summation order (relative 1e-7).
+``inference_mode`` or frozen weights and inputs), on float32 CPU tensors, outside tracing,
+compilation and dispatch modes (FLOP counting); everywhere else :func:`linear` is ``F.linear``.
+The results equal ``F.linear``'s up to float32 summation order (relative 1e-7).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from timm.layers import Mlp as _TimmMlp
 from timm.layers.activations import GELU as _TimmGELU
 from timm.layers.activations import GELUTanh as _TimmGELUTanh
@@ -36,6 +37,8 @@ _AVAILABLE = fused_linear_available()
 
 def _fast_path(x: torch.Tensor, layer: nn.Linear) -> bool:
     if not _AVAILABLE or torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        return False
+    if is_in_torch_dispatch_mode():  # e.g. FlopCounterMode, which counts aten::addmm, not oneDNN's op
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or layer.weight.dtype != torch.float32:
         return False

@@ -38,7 +38,6 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     DropPath,
     LayerNorm2d,
-    Mlp,
     NormMlpClassifierHead,
     calculate_drop_path_rates,
     create_attn,
@@ -55,7 +54,7 @@ from timm.layers import (
 from timm.models import generate_default_cfgs, register_model
 
 from visionzoo.kernels import na2d
-from visionzoo.layers import ChannelsLastModel, Stage
+from visionzoo.layers import ChannelsLastModel, Mlp, Stage, linear, split_linear
 
 from .build import build_model, getter_feature_cfg
 from .dense import DenseArch, DenseFamily, register_dense_family
@@ -200,11 +199,12 @@ class PartitionAttention(nn.Module):
         if pad_height or pad_width:
             x = F.pad(x, (0, 0, 0, pad_width, 0, pad_height))
         padded_height, padded_width = height + pad_height, width + pad_width
-        qkv = self.qkv(x)
         if self.head_first:
-            q, k, v = qkv.view(batch, padded_height, padded_width, self.num_heads, 3, self.dim_head).unbind(4)
+            qkv = linear(x, self.qkv).view(batch, padded_height, padded_width, self.num_heads, 3, self.dim_head)
+            q, k, v = qkv.unbind(4)
         else:
-            q, k, v = qkv.view(batch, padded_height, padded_width, 3, self.num_heads, self.dim_head).unbind(3)
+            q, k, v = (t.view(batch, padded_height, padded_width, self.num_heads, self.dim_head)
+                       for t in split_linear(x, self.qkv, 3))
         dilation = (1, 1)
         if self.partition == "grid":
             dilation = (padded_height // self.window_size[0], padded_width // self.window_size[1])
@@ -217,7 +217,7 @@ class PartitionAttention(nn.Module):
         )
         if pad_height or pad_width:
             x = x[:, :height, :width]
-        return self.proj_drop(self.proj(x.reshape(batch, height, width, -1)))
+        return self.proj_drop(linear(x.reshape(batch, height, width, -1), self.proj))
 
 
 def _nchw(x: torch.Tensor) -> torch.Tensor:
