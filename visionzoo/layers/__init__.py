@@ -6,9 +6,11 @@
 * :mod:`.agent_attention` - agent attention (Agent-Swin / PVT / DeiT);
 * :mod:`.halo_attention` - HaloNet's halo attention (blocked queries, zero-padded halo windows);
 * :mod:`.mamba_mixer` - MambaVision's selective-scan token mixer;
+* :mod:`.conv_norm` - convolution + BatchNorm folded into one convolution at inference;
 * :mod:`.fast_linear` - linear layers and MLP on oneDNN for CPU inference;
 * :mod:`.transformer_block` - pre-norm block around any channels-last attention module;
 * :mod:`.downsample` - NAT's conv downsampler, Swin's patch merging;
+* :mod:`.windows` - cutting a map into windows and back;
 * :mod:`.stage` - downsampler + blocks, with gradient checkpointing;
 * :mod:`.relative_position` - relative position bias indices (Swin's and NAT's conventions),
   cropping and resizing tables;
@@ -16,6 +18,7 @@
 """
 from .agent_attention import AgentAttention, agent_position_biases, resize_agent_biases
 from .fast_linear import Mlp, fused_linear_available, linear, split_linear
+from .conv_norm import FoldedConvNormAct, fold_batch_norm, fold_conv_norm_act
 from .downsample import ConvDownsample, PatchMerging, create_downsample
 from .halo_attention import HaloAttention, halo_attention
 from .mamba_mixer import MambaVisionMixer
@@ -32,11 +35,13 @@ from .stage import Stage
 from .transformer_block import TransformerBlock
 from .vsa_attention import VSAWindowAttention, vsa_sampling_grid
 from .window_attention import WindowAttention, fit_window_shift
+from .windows import window_partition, window_reverse
 
 __all__ = [
     "AgentAttention",
     "ChannelsLastModel",
     "ConvDownsample",
+    "FoldedConvNormAct",
     "HaloAttention",
     "MambaVisionMixer",
     "Mlp",
@@ -52,6 +57,8 @@ __all__ = [
     "crop_rel_pos_table",
     "fit_window",
     "fit_window_shift",
+    "fold_batch_norm",
+    "fold_conv_norm_act",
     "fused_linear_available",
     "halo_attention",
     "linear",
@@ -62,4 +69,6 @@ __all__ = [
     "rpb_from_query_minus_key_table",
     "split_linear",
     "vsa_sampling_grid",
+    "window_partition",
+    "window_reverse",
 ]

@@ -37,6 +37,7 @@ from timm.layers import Attention, register_notrace_module
 from timm.models.vision_transformer import Block
 
 from .agent_attention import AgentAttention
+from .windows import window_partition, window_reverse
 
 __all__ = [
     "Merge2dBlock",
@@ -718,26 +719,6 @@ class _Merge2dPatched:
     _merge2d: Merge2dConfig
 
 
-def _window_partition(
-    x: torch.Tensor, window: Tuple[int, int]
-) -> Tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """``[B, H, W, C]`` zero padded at the bottom / right to whole windows -> ``[B * rows * cols,
-    h * w, C]`` (windows and their tokens row-major), and the inverse ``[B * rows * cols, h * w, C']
-    -> [B, H, W, C']`` (the padding cropped). A map of one window is only reshaped."""
-    batch, height, width, channels = x.shape
-    pad_height, pad_width = -height % window[0], -width % window[1]
-    if pad_height or pad_width:
-        x = F.pad(x, (0, 0, 0, pad_width, 0, pad_height))
-    rows, cols = (height + pad_height) // window[0], (width + pad_width) // window[1]
-    windows = x.reshape(batch, rows, window[0], cols, window[1], channels).transpose(2, 3)
-
-    def restore(out: torch.Tensor) -> torch.Tensor:
-        out = out.reshape(batch, rows, cols, window[0], window[1], -1).transpose(2, 3)
-        return out.reshape(batch, rows * window[0], cols * window[1], -1)[:, :height, :width]
-
-    return windows.reshape(-1, window[0] * window[1], channels), restore
-
-
 class _Merge2dAttention(_Merge2dPatched):
     """For a zoo attention module of :data:`_ZOO_ATTENTIONS`: ``forward`` merges the tokens of each
     window's grid (:func:`_merged_attention`); shapes as the module's."""
@@ -746,7 +727,9 @@ class _Merge2dAttention(_Merge2dPatched):
         if x.ndim == 4:
             # [B, H, W, C], CoAtNet: a map of one window, or (the dense layout) padded and cut into windows
             window = tuple(self.window_size)
-            tokens, restore = _window_partition(x, window)
+            height, width = x.shape[1:3]
+            tokens = window_partition(x, window)
+            restore = functools.partial(window_reverse, window=window, height=height, width=width)
         else:  # [B', window**2, C], MambaVision: the tokens of one window each
             window = (self.window_size, self.window_size)
             if x.shape[1] != self.window_size**2:

@@ -35,7 +35,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg, SelfAttnBlock, expand_blocks_cfg, interleave_blocks
 
-from visionzoo.layers import HaloAttention, check_image
+from visionzoo.layers import HaloAttention, check_image, fold_conv_norm_act
 
 from .build import build_model
 from .dense import DenseArch, DenseFamily, register_dense_family
@@ -165,6 +165,7 @@ class HaloNet(ByobNet):
             last_chs = last["num_chs"] if isinstance(self.final_conv, nn.Identity) else self.final_conv.conv.in_channels
             self.feature_info = self.feature_info[1:-1] + [
                 dict(last, num_chs=last_chs, module=f"stages.{len(self.stages) - 1}")]
+        fold_conv_norm_act(self)  # inference runs conv + BatchNorm as one conv (keys unchanged)
         self.to(memory_format=torch.channels_last)
 
     @torch.jit.ignore

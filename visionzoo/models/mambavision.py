@@ -33,19 +33,25 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     ClassifierHead,
     DropPath,
     calculate_drop_path_rates,
-    register_notrace_function,
     register_notrace_module,
 )
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from visionzoo.kernels import na2d
-from visionzoo.layers import ChannelsLastModel, ConvDownsample, MambaVisionMixer, Stage, TransformerBlock
+from visionzoo.layers import (
+    ChannelsLastModel,
+    ConvDownsample,
+    MambaVisionMixer,
+    Stage,
+    TransformerBlock,
+    window_partition,
+    window_reverse,
+)
 
 from .build import build_model, getter_feature_cfg
 from .dense import DenseArch, DenseFamily, register_dense_family
@@ -59,28 +65,6 @@ def attention_blocks(depth: int) -> range:
     """Indices of a windowed stage's self-attention blocks: its second half (the middle block of an
     odd depth is a mixer), the official placement."""
     return range(depth // 2 + 1 if depth % 2 else depth // 2, depth)
-
-
-@register_notrace_function  # pads to the input's shape: a leaf for torch.fx
-def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
-    """``[B, H, W, C]`` zero padded at the bottom / right to multiples of ``window`` ->
-    ``[B * rows * cols, window * window, C]``, windows row-major, tokens row-major inside each."""
-    batch, height, width, channels = x.shape
-    pad_h, pad_w = -height % window, -width % window
-    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    rows, cols = (height + pad_h) // window, (width + pad_w) // window
-    x = x.reshape(batch, rows, window, cols, window, channels).transpose(2, 3)
-    return x.reshape(batch * rows * cols, window * window, channels)
-
-
-@register_notrace_function  # reads the windows' shape: a leaf for torch.fx
-def window_reverse(windows: torch.Tensor, window: int, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: ``[B * rows * cols, window * window, C]`` -> ``[B, H, W, C]``
-    without the padding."""
-    rows, cols = -(-height // window), -(-width // window)
-    channels = windows.shape[-1]
-    x = windows.reshape(-1, rows, cols, window, window, channels).transpose(2, 3)
-    return x.reshape(-1, rows * window, cols * window, channels)[:, :height, :width]
 
 
 @register_notrace_module  # BatchNorm checks its input's rank: a leaf for torch.fx, as torch's own norms
