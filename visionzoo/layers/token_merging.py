@@ -28,7 +28,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -54,6 +54,7 @@ __all__ = [
     "merge_wavg",
     "parse_r",
     "patch_token_ids",
+    "register_merge2d_attention",
     "remove_merge2d",
     "remove_tome",
 ]
@@ -694,23 +695,32 @@ class Merge2dBlock(Block):
 register_notrace_module(Merge2dBlock)
 
 
-# The zoo's attention modules that 2D merging runs, by qualified class name (layers never import
-# models): MambaVision's window attention ([B', window**2, C], the tokens of one window, row-major)
-# and CoAtNet's global attention ([B, H, W, C], partition "global": the map is one window, or in
-# the dense layout is padded and cut into windows; relative position bias from ``rel_pos.rpb()``).
-_ZOO_ATTENTIONS = (
-    "visionzoo.models.mambavision.WindowSelfAttention",
-    "visionzoo.models.maxxvit.PartitionAttention",
-)
+# The zoo's attention modules that 2D merging runs, registered by their model files with
+# :func:`register_merge2d_attention` (layers never import models).
+_MERGE2D_ATTENTIONS: Dict[type, Callable[[nn.Module], Optional[str]]] = {}
 
 
-def _zoo_attention(module: nn.Module) -> Optional[str]:
-    """Which of :data:`_ZOO_ATTENTIONS` ``module`` is (or derives from), else None."""
-    for cls in type(module).__mro__:
-        name = f"{cls.__module__}.{cls.__qualname__}"
-        if name in _ZOO_ATTENTIONS:
-            return name
-    return None
+def register_merge2d_attention(
+    cls: Optional[type] = None, *, unsupported: Optional[Callable[[nn.Module], Optional[str]]] = None
+):
+    """Class decorator: :func:`apply_merge2d` merges the tokens of this attention module.
+
+    The module is softmax attention over one 2D grid: ``[B', h * w, C]`` tokens of one ``window_size``
+    window (row-major), or a ``[B, H, W, C]`` map padded and cut into ``window_size`` windows; a fused
+    ``qkv`` linear (``[(q, k, v), heads, d]`` channels, or ``[heads, (q, k, v), d]`` with ``head_first``),
+    ``num_heads``, ``proj`` / ``proj_drop`` and optionally ``rel_pos.rpb()`` (``[heads, 2h-1, 2w-1]``,
+    key minus query). ``unsupported(module)`` says why an instance is left alone (None: it is merged).
+    """
+    def register(cls: type) -> type:
+        _MERGE2D_ATTENTIONS[cls] = unsupported or (lambda module: None)
+        return cls
+
+    return register(cls) if cls is not None else register
+
+
+def _zoo_attention(module: nn.Module) -> Optional[type]:
+    """The registered class ``module`` is (or derives from), else None."""
+    return next((cls for cls in type(module).__mro__ if cls in _MERGE2D_ATTENTIONS), None)
 
 
 class _Merge2dPatched:
@@ -720,7 +730,7 @@ class _Merge2dPatched:
 
 
 class _Merge2dAttention(_Merge2dPatched):
-    """For a zoo attention module of :data:`_ZOO_ATTENTIONS`: ``forward`` merges the tokens of each
+    """For a zoo attention module of :func:`register_merge2d_attention`: ``forward`` merges the tokens of each
     window's grid (:func:`_merged_attention`); shapes as the module's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -780,14 +790,9 @@ def _merge2d_class(cls: type) -> type:
 
 
 def _unsupported_attention(module: nn.Module) -> Optional[str]:
-    """Why 2D merging leaves ``module`` alone, for the error of a model with nothing to merge."""
-    if _zoo_attention(module) == "visionzoo.models.maxxvit.PartitionAttention" and module.partition != "global":
-        return (
-            "MaxViT's block / grid attention is not merged: a window holds a few tokens (7x7), where the "
-            "attention costs little next to the projections and MLP, and a grid window's tokens lie a whole "
-            "window apart, so a 2D cell of them is no spatial neighbourhood"
-        )
-    return None
+    """Why 2D merging leaves a registered ``module`` alone (None for one it merges or one not registered)."""
+    cls = _zoo_attention(module)
+    return None if cls is None else _MERGE2D_ATTENTIONS[cls](module)
 
 
 def _merge2d_targets(model: nn.Module) -> List[Tuple[str, nn.Module]]:

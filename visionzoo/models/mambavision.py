@@ -52,6 +52,7 @@ from visionzoo.layers import (
     window_partition,
     window_reverse,
 )
+from visionzoo.layers.token_merging import register_merge2d_attention
 
 from .build import build_model, getter_feature_cfg
 from .dense import DenseArch, DenseFamily, register_dense_family
@@ -109,6 +110,7 @@ class ConvBlock(nn.Module):
         return x + self.drop_path(self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x))))))
 
 
+@register_merge2d_attention
 @register_notrace_module  # the window op checks its inputs' shapes: a leaf for torch.fx
 class WindowSelfAttention(nn.Module):
     """Multi-head self-attention over the tokens of one window: ``[B', window**2, dim]`` in and out,

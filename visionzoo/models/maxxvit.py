@@ -55,6 +55,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from visionzoo.kernels import na2d
 from visionzoo.layers import ChannelsLastModel, Mlp, Stage, linear, split_linear
+from visionzoo.layers.token_merging import register_merge2d_attention
 
 from .build import build_model, getter_feature_cfg
 from .dense import DenseArch, DenseFamily, register_dense_family
@@ -144,6 +145,15 @@ class RelPosBias(nn.Module):
         return self.relative_position_bias_table.t().reshape(self.num_heads, height, width).flip(1, 2)
 
 
+def _unmerged_partitions(module: "PartitionAttention") -> Optional[str]:
+    if module.partition == "global":
+        return None
+    return ("MaxViT's block / grid attention is not merged: a window holds a few tokens (7x7), where the "
+            "attention costs little next to the projections and MLP, and a grid window's tokens lie a whole "
+            "window apart, so a 2D cell of them is no spatial neighbourhood")
+
+
+@register_merge2d_attention(unsupported=_unmerged_partitions)  # CoAtNet's global attention
 @register_notrace_module  # derives the grid's dilation from the input's shape: a leaf for torch.fx
 class PartitionAttention(nn.Module):
     """Multi-head attention with a relative position bias inside windows of a ``[B, H, W, C]`` map.
