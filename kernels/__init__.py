@@ -25,6 +25,7 @@ Layout, top down:
   (custom ops), ``selective_scan_native.py`` + ``csrc/scan_kernels.cpp`` (C++),
   ``selective_scan_triton.py`` (Triton).
 """
+from .activations import gelu_tanh
 from .checks import NeighborhoodParams, make_params
 from .dispatch import ALIASES, BACKENDS, can_run, get_backend, resolve_backend, set_backend, use_backend
 from .functional import block_sparse_attention, na1d, na2d, na3d, neighborhood_attention
@@ -32,6 +33,7 @@ from .indexing import attention_density, neighborhood_mask, window_bounds
 from .selective_scan_functional import selective_scan
 
 __all__ = [
+    "gelu_tanh",
     "ALIASES",
     "BACKENDS",
     "NeighborhoodParams",

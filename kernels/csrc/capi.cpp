@@ -80,4 +80,17 @@ void vz_scan_backward_f64(const double* u, const double* delta, const double* A,
                         double* dB, double* dC, double* dD, double* dz, double* dbias, const int64_t* geom, int threads) {
   vz::scan_backward<double>(u, delta, A, B, C, D, z, bias, dout, dlast, du, ddelta, dA, dB, dC, dD, dz, dbias, geom, threads);
 }
+
+void vz_gelu_tanh_forward_f32(const float* x, float* y, int64_t n, int threads) {
+  vz::gelu_tanh_forward<float>(x, y, n, threads);
+}
+void vz_gelu_tanh_backward_f32(const float* dy, const float* x, float* dx, int64_t n, int threads) {
+  vz::gelu_tanh_backward<float>(dy, x, dx, n, threads);
+}
+void vz_gelu_tanh_forward_f64(const double* x, double* y, int64_t n, int threads) {
+  vz::gelu_tanh_forward<double>(x, y, n, threads);
+}
+void vz_gelu_tanh_backward_f64(const double* dy, const double* x, double* dx, int64_t n, int threads) {
+  vz::gelu_tanh_backward<double>(dy, x, dx, n, threads);
+}
 }  // extern "C"

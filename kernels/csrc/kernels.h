@@ -56,4 +56,11 @@ void scan_backward(const T* u, const T* delta, const T* A, const T* B, const T* 
                    const T* bias, const T* dout, const T* dlast, T* du, T* ddelta, T* dA, T* dB, T* dC, T* dD, T* dz,
                    T* dbias, const int64_t* geom, int threads);
 
+// tanh-approximated GELU over n contiguous values (act_kernels.cpp)
+template <typename T>
+void gelu_tanh_forward(const T* x, T* y, int64_t n, int threads);
+
+template <typename T>
+void gelu_tanh_backward(const T* dy, const T* x, T* dx, int64_t n, int threads);
+
 }  // namespace vz

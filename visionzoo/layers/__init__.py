@@ -3,6 +3,7 @@
 * :mod:`.neighborhood_attention` - NAT / DiNAT attention;
 * :mod:`.window_attention` - Swin's (shifted) window attention;
 * :mod:`.vsa_attention` - varied-size window attention (VSA);
+* :mod:`.activations` - tanh-GELU on the C++ kernel;
 * :mod:`.agent_attention` - agent attention (Agent-Swin / PVT / DeiT);
 * :mod:`.halo_attention` - HaloNet's halo attention (blocked queries, zero-padded halo windows);
 * :mod:`.mamba_mixer` - MambaVision's selective-scan token mixer;
@@ -16,6 +17,7 @@
   cropping and resizing tables;
 * :mod:`.model_base` - timm's model API (features, intermediates, pruning, head) for channels-last models.
 """
+from .activations import GELUTanh, use_fast_gelu_tanh
 from .agent_attention import AgentAttention, agent_position_biases, resize_agent_biases
 from .fast_linear import Mlp, fused_linear_available, linear, split_linear
 from .conv_norm import FoldedConvNormAct, fold_batch_norm, fold_conv_norm_act
@@ -42,6 +44,7 @@ __all__ = [
     "ChannelsLastModel",
     "ConvDownsample",
     "FoldedConvNormAct",
+    "GELUTanh",
     "HaloAttention",
     "MambaVisionMixer",
     "Mlp",
@@ -68,6 +71,7 @@ __all__ = [
     "resize_rel_pos_table",
     "rpb_from_query_minus_key_table",
     "split_linear",
+    "use_fast_gelu_tanh",
     "vsa_sampling_grid",
     "window_partition",
     "window_reverse",

@@ -46,6 +46,7 @@ from visionzoo.kernels import na2d
 from visionzoo.layers import (
     ChannelsLastModel,
     ConvDownsample,
+    GELUTanh,
     MambaVisionMixer,
     Stage,
     TransformerBlock,
@@ -101,7 +102,7 @@ class ConvBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(dim, dim, 3, padding=1)
         self.norm1 = nn.BatchNorm2d(dim)
-        self.act1 = nn.GELU(approximate="tanh")
+        self.act1 = GELUTanh()
         self.conv2 = nn.Conv2d(dim, dim, 3, padding=1)
         self.norm2 = nn.BatchNorm2d(dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

@@ -54,7 +54,7 @@ from timm.layers import (
 from timm.models import generate_default_cfgs, register_model
 
 from visionzoo.kernels import na2d
-from visionzoo.layers import ChannelsLastModel, Mlp, Stage, linear, split_linear
+from visionzoo.layers import ChannelsLastModel, Mlp, Stage, linear, split_linear, use_fast_gelu_tanh
 from visionzoo.layers.token_merging import register_merge2d_attention
 
 from .build import build_model, getter_feature_cfg
@@ -520,6 +520,7 @@ class MaxxVit(ChannelsLastModel):
         )
         self.head_hidden_size = self.head.num_features
         self.apply(self._init_weights)
+        use_fast_gelu_tanh(self)  # the C++ tanh-GELU (modules and keys unchanged)
 
     @property
     def patch_embed(self) -> nn.Module:
