@@ -23,6 +23,17 @@ SMALLEST = {"nat": "visionzoo_nat_m", "dinat": "visionzoo_dinat_m", "dinats": "v
 IMAGE_SIZE = 64
 
 
+def narrow_backbone_config(config: Path, task: str, backbone: dict, channels) -> Path:
+    """A config next to ``config`` whose backbone takes ``backbone``'s keyword overrides (a reduced
+    model) and whose neck / heads read its ``channels``."""
+    channels = list(channels)
+    heads = (f"neck=dict(in_channels={channels})" if task == "det" else
+             f"decode_head=dict(in_channels={channels}), auxiliary_head=dict(in_channels={channels[2]})")
+    path = config.with_name(f"{config.stem}_tiny.py")
+    path.write_text(f"_base_ = {str(config)!r}\nmodel = dict(backbone=dict(**{backbone!r}), {heads})\n")
+    return path
+
+
 def load_tool(name: str):
     """Import ``tools/<name>.py`` as a module (tools/ is scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"visionzoo_tools_{name}", TOOLS / f"{name}.py")

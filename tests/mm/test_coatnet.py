@@ -15,7 +15,7 @@ from mmdet.registry import MODELS as DET_MODELS  # noqa: E402
 from mmseg.registry import MODELS as SEG_MODELS  # noqa: E402
 
 import visionzoo.mm  # noqa: E402, F401
-from tests.mm.conftest import det_config, seg_config, train_losses  # noqa: E402
+from tests.mm.conftest import det_config, narrow_backbone_config, seg_config, train_losses  # noqa: E402
 from visionzoo.mm import runner  # noqa: E402
 
 # a reduced CoAtNet-0 (the registered variant's block types, bias layout and windows)
@@ -45,15 +45,6 @@ def test_backbone_keeps_the_224_windows_and_takes_any_size(registry):
         torch.testing.assert_close(output, getattr(backbone, f"norm{i}")(feature))
 
 
-def tiny(config, task):
-    """``config`` with the reduced backbone (and the channels its heads read)."""
-    heads = (f"neck=dict(in_channels={CHANNELS})" if task == "det" else
-             f"decode_head=dict(in_channels={CHANNELS}), auxiliary_head=dict(in_channels={CHANNELS[2]})")
-    path = config.with_name(f"{config.stem}_tiny.py")
-    path.write_text(f"_base_ = {str(config)!r}\nmodel = dict(backbone=dict(**{SMALL!r}), {heads})\n")
-    return path
-
-
 @pytest.mark.parametrize("task", ["det", "seg"])
 def test_a_few_training_steps_through_the_generated_config(task, dense_data, tmp_path):
     """Reduced CoAtNet-0 in the shipped Mask R-CNN 1x / UperNet 160k configs on 64x64 images: the 4x4
@@ -65,7 +56,7 @@ def test_a_few_training_steps_through_the_generated_config(task, dense_data, tmp
     else:
         config = seg_config(tmp_path / "upernet.py", dense_data, "visionzoo_coatnet_0", max_iters=3, train_images=2)
         key = "loss"
-    trained = runner.train(task, [str(tiny(config, task)), "--work-dir", str(tmp_path / "work")])
+    trained = runner.train(task, [str(narrow_backbone_config(config, task, SMALL, CHANNELS)), "--work-dir", str(tmp_path / "work")])
     assert trained.iter == 3 and type(trained.model.backbone).__name__ == "CoAtNet"
     assert trained.model.backbone.num_features == CHANNELS
     losses = train_losses(trained, key)

@@ -16,7 +16,7 @@ from mmdet.registry import MODELS as DET_MODELS  # noqa: E402
 from mmseg.registry import MODELS as SEG_MODELS  # noqa: E402
 
 import visionzoo.mm  # noqa: E402, F401
-from tests.mm.conftest import det_config, seg_config, train_losses  # noqa: E402
+from tests.mm.conftest import det_config, narrow_backbone_config, seg_config, train_losses  # noqa: E402
 from visionzoo.layers import HaloAttention  # noqa: E402
 from visionzoo.mm import runner  # noqa: E402
 
@@ -72,16 +72,6 @@ def test_timm_state_dict_gives_timm_stage_outputs(tmp_path):
         assert [tuple(o.shape[-2:]) for o in backbone(torch.randn(1, 3, 200, 264))] == [(50, 66), (25, 33), (13, 17), (7, 9)]
 
 
-def tiny(config, task, channels=(64, 128, 256, 512)):
-    """``config`` with the narrower backbone (and the channels its heads read)."""
-    channels = list(channels)
-    heads = (f"neck=dict(in_channels={channels})" if task == "det" else
-             f"decode_head=dict(in_channels={channels}), auxiliary_head=dict(in_channels={channels[2]})")
-    path = config.with_name(f"{config.stem}_tiny.py")
-    path.write_text(f"_base_ = {str(config)!r}\nmodel = dict(backbone=dict(**{SMALL!r}), {heads})\n")
-    return path
-
-
 @pytest.mark.parametrize("task", ["det", "seg"])
 def test_a_few_training_steps_through_the_generated_config(task, dense_data, tmp_path):
     """HaloNet-26T at a quarter width in the shipped Mask R-CNN 1x / UperNet 160k configs on 64x64
@@ -93,7 +83,7 @@ def test_a_few_training_steps_through_the_generated_config(task, dense_data, tmp
     else:
         config = seg_config(tmp_path / "upernet.py", dense_data, "visionzoo_halonet26t", max_iters=3, train_images=2)
         key = "loss"
-    trained = runner.train(task, [str(tiny(config, task)), "--work-dir", str(tmp_path / "work")])
+    trained = runner.train(task, [str(narrow_backbone_config(config, task, SMALL, (64, 128, 256, 512))), "--work-dir", str(tmp_path / "work")])
     assert trained.iter == 3 and type(trained.model.backbone).__name__ == "HaloNet"
     losses = train_losses(trained, key)
     assert len(losses) == 3 and np.isfinite(train_losses(trained)).all()
