@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_module
 from timm.layers.activations import GELUTanh as _TimmGELUTanh
 
 from visionzoo.kernels import gelu_tanh
@@ -10,6 +11,7 @@ from visionzoo.kernels import gelu_tanh
 __all__ = ["GELUTanh", "use_fast_gelu_tanh"]
 
 
+@register_notrace_module  # a leaf for torch.fx: the traced graph runs the kernel as eager does
 class GELUTanh(_TimmGELUTanh):
     """timm's ``GELUTanh`` (``F.gelu(x, approximate="tanh")``) on the C++ kernel on CPU
     (:func:`visionzoo.kernels.gelu_tanh`: 2.4x ATen's forward and backward on a Zen 4 core)."""

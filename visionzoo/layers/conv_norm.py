@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import BatchNormAct2d, ConvNormAct
+from timm.layers import BatchNormAct2d, ConvNormAct, register_notrace_module
 
 __all__ = ["FoldedConvNormAct", "fold_batch_norm", "fold_conv_norm_act"]
 
@@ -36,6 +36,7 @@ def fold_batch_norm(
     return weight * scale.view(-1, *(1,) * (weight.dim() - 1)), shift
 
 
+@register_notrace_module  # a leaf for torch.fx: the traced graph runs the folded conv as eager does
 class FoldedConvNormAct(ConvNormAct):
     """timm's ``ConvNormAct`` (same submodules and keys) that, in eval mode, runs its conv with the
     BatchNorm folded in, then the norm's activation; in training mode it is timm's."""
