@@ -115,6 +115,7 @@ train_cfg = dict(max_iters={max_iters}, val_interval={max_iters})
 param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=2)]
 default_hooks = dict(
     logger=dict(interval=1), checkpoint=dict(interval={max_iters}), visualization=dict(draw=False))
+randomness = dict(seed=0)  # the initialisation and the sampling: a run is reproducible on one machine
 """)
     return path
 
@@ -166,6 +167,7 @@ optim_wrapper = dict(optimizer=dict(lr=1e-3))
 train_cfg = dict(max_epochs={max_epochs}, val_interval={max_epochs})
 param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=2)]
 default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval={max_epochs}), visualization=dict(draw=False))
+randomness = dict(seed=0)  # the initialisation and the sampling: a run is reproducible on one machine
 """)
     return path
 
