@@ -11,20 +11,15 @@ autograd and torch.compile see one op), and ``F.gelu(x, approximate="tanh")`` ev
 """
 from __future__ import annotations
 
-import ctypes
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import native
 from .build import library
+from .native import _ptr, _suffix
 
 __all__ = ["gelu_tanh"]
-
-
-def _suffix(dtype: torch.dtype) -> str:
-    return "f64" if dtype == torch.float64 else "f32"
 
 
 def _dense(x: Tensor) -> bool:
@@ -35,7 +30,7 @@ def _dense(x: Tensor) -> bool:
 def _gelu_tanh(x: Tensor) -> Tensor:
     out = torch.empty_like(x)  # the same strides: both are walked as one flat array
     getattr(library(), f"vz_gelu_tanh_forward_{_suffix(x.dtype)}")(
-        ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(out.data_ptr()), x.numel(), torch.get_num_threads()
+        _ptr(x), _ptr(out), x.numel(), torch.get_num_threads()
     )
     return out
 
@@ -51,8 +46,7 @@ def _gelu_tanh_backward(grad: Tensor, x: Tensor) -> Tensor:
         grad = torch.empty_like(x).copy_(grad)
     out = torch.empty_like(x)
     getattr(library(), f"vz_gelu_tanh_backward_{_suffix(x.dtype)}")(
-        ctypes.c_void_p(grad.data_ptr()), ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(out.data_ptr()),
-        x.numel(), torch.get_num_threads(),
+        _ptr(grad), _ptr(x), _ptr(out), x.numel(), torch.get_num_threads(),
     )
     return out
 

@@ -8,20 +8,12 @@ gradients are added up here.
 """
 from __future__ import annotations
 
-import ctypes
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
 from .build import library, vector_bytes
-
-
-def _ptr(x: Optional[torch.Tensor]):
-    return None if x is None else ctypes.c_void_p(x.data_ptr())
-
-
-def _suffix(dtype: torch.dtype) -> str:
-    return "f64" if dtype == torch.float64 else "f32"
+from .native import _ptr, _suffix
 
 
 def _geometry(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, delta_softplus: bool) -> torch.Tensor:

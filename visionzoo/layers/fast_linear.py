@@ -58,17 +58,22 @@ def _gelu_algorithm(act: nn.Module) -> Optional[str]:
     return None
 
 
-def linear(x: torch.Tensor, layer: nn.Linear, gelu: Optional[str] = None) -> torch.Tensor:
-    """``layer(x)`` (then GELU with ``approximate=gelu`` when given), on oneDNN where it may run (module docstring)."""
-    if not _fast_path(x, layer):
-        out = layer(x)
-        return F.gelu(out, approximate=gelu) if gelu is not None else out
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gelu: Optional[str] = None):
+    """``x @ weight.T + bias`` (then GELU with ``approximate=gelu``) on oneDNN, ``x`` of any rank."""
     shape = x.shape
     out = torch.ops.mkldnn._linear_pointwise(
-        x.reshape(-1, shape[-1]), layer.weight, layer.bias, "gelu" if gelu is not None else "none", [],
+        x.reshape(-1, shape[-1]), weight, bias, "gelu" if gelu is not None else "none", [],
         gelu if gelu is not None else "",
     )
     return out.view(*shape[:-1], out.shape[-1])
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, gelu: Optional[str] = None) -> torch.Tensor:
+    """``layer(x)`` (then GELU with ``approximate=gelu`` when given), on oneDNN where it may run (module docstring)."""
+    if _fast_path(x, layer):
+        return _onednn(x, layer.weight, layer.bias, gelu)
+    out = layer(x)
+    return F.gelu(out, approximate=gelu) if gelu is not None else out
 
 
 def split_linear(x: torch.Tensor, layer: nn.Linear, chunks: int) -> List[torch.Tensor]:
@@ -77,12 +82,8 @@ def split_linear(x: torch.Tensor, layer: nn.Linear, chunks: int) -> List[torch.T
     them without the copies that strided views of one output would cost (10-20% of Swin-T's qkv time)."""
     if not _fast_path(x, layer):
         return list(layer(x).chunk(chunks, dim=-1))
-    weights = layer.weight.chunk(chunks)
     biases = layer.bias.chunk(chunks) if layer.bias is not None else (None,) * chunks
-    shape = x.shape
-    flat = x.reshape(-1, shape[-1])
-    outs = [torch.ops.mkldnn._linear_pointwise(flat, w, b, "none", [], "") for w, b in zip(weights, biases)]
-    return [out.view(*shape[:-1], out.shape[-1]) for out in outs]
+    return [_onednn(x, weight, bias) for weight, bias in zip(layer.weight.chunk(chunks), biases)]
 
 
 class Mlp(_TimmMlp):
@@ -95,4 +96,4 @@ class Mlp(_TimmMlp):
         if (gelu is None or dropping or not isinstance(self.norm, nn.Identity) or not isinstance(self.fc1, nn.Linear)
                 or not _fast_path(x, self.fc1)):
             return super().forward(x)
-        return linear(linear(x, self.fc1, gelu), self.fc2)
+        return linear(_onednn(x, self.fc1.weight, self.fc1.bias, gelu), self.fc2)
