@@ -26,6 +26,7 @@ Layout, top down:
   ``selective_scan_triton.py`` (Triton).
 """
 from .activations import gelu_tanh
+from .batch_norm import batch_norm_act, batch_norm_act_supported
 from .checks import NeighborhoodParams, make_params
 from .dispatch import ALIASES, BACKENDS, can_run, get_backend, resolve_backend, set_backend, use_backend
 from .functional import block_sparse_attention, na1d, na2d, na3d, neighborhood_attention
@@ -33,6 +34,8 @@ from .indexing import attention_density, neighborhood_mask, window_bounds
 from .selective_scan_functional import selective_scan
 
 __all__ = [
+    "batch_norm_act",
+    "batch_norm_act_supported",
     "gelu_tanh",
     "ALIASES",
     "BACKENDS",

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("block_kernels.cpp", "window_kernels.cpp", "scan_kernels.cpp", "act_kernels.cpp", "capi.cpp")
+SOURCES = ("block_kernels.cpp", "window_kernels.cpp", "scan_kernels.cpp", "act_kernels.cpp", "norm_kernels.cpp", "capi.cpp")
 ABI_VERSION = int(re.search(r"#define VZ_ABI_VERSION (\d+)", (CSRC / "abi.h").read_text()).group(1))
 ISAS = ("avx512", "avx2", "neon", "scalar")
 COMPILE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno",
@@ -189,6 +189,9 @@ def _bind(path: Path) -> ctypes.CDLL:
         getattr(lib, f"vz_scan_backward_{suffix}").argtypes = [p] * 19 + [i]
         getattr(lib, f"vz_gelu_tanh_forward_{suffix}").argtypes = [p] * 2 + [ctypes.c_int64, i]
         getattr(lib, f"vz_gelu_tanh_backward_{suffix}").argtypes = [p] * 3 + [ctypes.c_int64, i]
+        getattr(lib, f"vz_batch_norm_act_forward_{suffix}").argtypes = [p] * 8 + [ctypes.c_int64] * 2 + [
+            ctypes.c_double, i, i]
+        getattr(lib, f"vz_batch_norm_act_backward_{suffix}").argtypes = [p] * 11 + [ctypes.c_int64] * 2 + [i, i]
     lib.vz_block_bias_chunks.restype = ctypes.c_int64
     lib.vz_isa.restype = ctypes.c_char_p
     lib.vector_bytes, lib.isa = lib.vz_vector_bytes(), lib.vz_isa().decode()  # read once: asked on every call

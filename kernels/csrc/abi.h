@@ -2,4 +2,4 @@
 // differs from the number below, which it reads from this file. Bump it with any change to the
 // signatures or to the meaning of an argument.
 #pragma once
-#define VZ_ABI_VERSION 9
+#define VZ_ABI_VERSION 10

@@ -93,4 +93,26 @@ void vz_gelu_tanh_forward_f64(const double* x, double* y, int64_t n, int threads
 void vz_gelu_tanh_backward_f64(const double* dy, const double* x, double* dx, int64_t n, int threads) {
   vz::gelu_tanh_backward<double>(dy, x, dx, n, threads);
 }
+void vz_batch_norm_act_forward_f32(const float* x, const float* weight, const float* bias, const float* residual, float* y,
+                                   float* mean, float* var, float* invstd, int64_t rows, int64_t channels, double eps, int act,
+                                   int threads) {
+  vz::batch_norm_act_forward<float>(x, weight, bias, residual, y, mean, var, invstd, rows, channels, eps, act, threads);
+}
+void vz_batch_norm_act_backward_f32(const float* dy, const float* x, const float* y, const float* weight, const float* bias,
+                                    const float* mean, const float* invstd, float* dx, float* dweight, float* dbias,
+                                    float* dresidual, int64_t rows, int64_t channels, int act, int threads) {
+  vz::batch_norm_act_backward<float>(dy, x, y, weight, bias, mean, invstd, dx, dweight, dbias, dresidual, rows, channels,
+                                  act, threads);
+}
+void vz_batch_norm_act_forward_f64(const double* x, const double* weight, const double* bias, const double* residual, double* y,
+                                   double* mean, double* var, double* invstd, int64_t rows, int64_t channels, double eps, int act,
+                                   int threads) {
+  vz::batch_norm_act_forward<double>(x, weight, bias, residual, y, mean, var, invstd, rows, channels, eps, act, threads);
+}
+void vz_batch_norm_act_backward_f64(const double* dy, const double* x, const double* y, const double* weight, const double* bias,
+                                    const double* mean, const double* invstd, double* dx, double* dweight, double* dbias,
+                                    double* dresidual, int64_t rows, int64_t channels, int act, int threads) {
+  vz::batch_norm_act_backward<double>(dy, x, y, weight, bias, mean, invstd, dx, dweight, dbias, dresidual, rows, channels,
+                                  act, threads);
+}
 }  // extern "C"

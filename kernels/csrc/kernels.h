@@ -63,4 +63,16 @@ void gelu_tanh_forward(const T* x, T* y, int64_t n, int threads);
 template <typename T>
 void gelu_tanh_backward(const T* dy, const T* x, T* dx, int64_t n, int threads);
 
+// training-mode BatchNorm (+ residual) + activation (0: identity, 1: ReLU) over a [rows, channels]
+// row-major array (norm_kernels.cpp); weight / bias may be null (1 / 0), residual too (none), and
+// dweight / dbias / dresidual (not computed)
+template <typename T>
+void batch_norm_act_forward(const T* x, const T* weight, const T* bias, const T* residual, T* y, T* mean, T* var,
+                            T* invstd, int64_t rows, int64_t channels, double eps, int act, int threads);
+
+template <typename T>
+void batch_norm_act_backward(const T* dy, const T* x, const T* y, const T* weight, const T* bias, const T* mean,
+                             const T* invstd, T* dx, T* dweight, T* dbias, T* dresidual, int64_t rows,
+                             int64_t channels, int act, int threads);
+
 }  // namespace vz

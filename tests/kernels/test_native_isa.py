@@ -275,3 +275,24 @@ def test_neon_cross_build(tmp_path):
     for name, want in zip(("out", "dq", "dk", "dv"), (expected, *grads)):
         got = torch.from_numpy(__import__("numpy").fromfile(tmp_path / name, dtype="float32")).reshape(q.shape)
         torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 37, 5, 7), (2, 64, 4, 4)])  # a period of several rows; whole vectors
+def test_batch_norm_act_kernel_against_aten(isa, shape, dtype):
+    from visionzoo.kernels import batch_norm_act
+
+    generator = torch.Generator().manual_seed(0)
+    x, residual = (torch.randn(shape, generator=generator, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                   for _ in range(2))
+    weight, bias = (torch.randn(shape[1], generator=generator, dtype=dtype) for _ in range(2))
+    leaves = [t.requires_grad_() for t in (x, weight, bias, residual)]
+    out = batch_norm_act(x, weight, bias, 1e-5, "relu", residual=residual)[0]
+    assert native.isa() == isa
+    pre = torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, 1e-5) + residual
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(out, pre.relu(), rtol=tolerance, atol=tolerance)
+    grad = torch.randn(shape, generator=generator, dtype=dtype)
+    expected = pre * (out > 0)  # the same ReLU mask (values within rounding of 0 may fall either side)
+    for got, want in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(expected, leaves, grad)):
+        torch.testing.assert_close(got, want, rtol=tolerance * 10, atol=tolerance * 10)

@@ -8,6 +8,7 @@
 * :mod:`.halo_attention` - HaloNet's halo attention (blocked queries, zero-padded halo windows);
 * :mod:`.mamba_mixer` - MambaVision's selective-scan token mixer;
 * :mod:`.conv_norm` - convolution + BatchNorm folded into one convolution at inference;
+* :mod:`.norm_act` - BatchNorm + ReLU on the fused training kernel;
 * :mod:`.fast_linear` - linear layers and MLP on oneDNN for CPU inference;
 * :mod:`.transformer_block` - pre-norm block around any channels-last attention module;
 * :mod:`.downsample` - NAT's conv downsampler, Swin's patch merging;
@@ -26,6 +27,7 @@ from .halo_attention import HaloAttention, halo_attention
 from .mamba_mixer import MambaVisionMixer
 from .model_base import ChannelsLastModel, check_image
 from .neighborhood_attention import NeighborhoodAttention2d, fit_window
+from .norm_act import FusedBatchNormAct2d, conv_norm_add_act, use_fused_batch_norm
 from .relative_position import (
     crop_rel_pos_table,
     relative_position_index_key_minus_query,
@@ -44,6 +46,7 @@ __all__ = [
     "ChannelsLastModel",
     "ConvDownsample",
     "FoldedConvNormAct",
+    "FusedBatchNormAct2d",
     "GELUTanh",
     "HaloAttention",
     "MambaVisionMixer",
@@ -56,6 +59,7 @@ __all__ = [
     "WindowAttention",
     "agent_position_biases",
     "check_image",
+    "conv_norm_add_act",
     "create_downsample",
     "crop_rel_pos_table",
     "fit_window",
@@ -72,6 +76,7 @@ __all__ = [
     "rpb_from_query_minus_key_table",
     "split_linear",
     "use_fast_gelu_tanh",
+    "use_fused_batch_norm",
     "vsa_sampling_grid",
     "window_partition",
     "window_reverse",

@@ -33,23 +33,46 @@ from timm.layers import make_divisible, register_notrace_function, to_2tuple
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
-from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg, SelfAttnBlock, expand_blocks_cfg, interleave_blocks
+from timm.models.byobnet import (
+    BottleneckBlock, ByoBlockCfg, ByobNet, ByoModelCfg, SelfAttnBlock, expand_blocks_cfg, interleave_blocks,
+)
 
-from visionzoo.layers import HaloAttention, check_image, fold_conv_norm_act
+from visionzoo.layers import HaloAttention, check_image, conv_norm_add_act, fold_conv_norm_act, use_fused_batch_norm
 
 from .build import build_model
 from .dense import DenseArch, DenseFamily, register_dense_family
 
-__all__ = ["HaloBlock", "HaloNet", "checkpoint_filter_fn", "fit_blocks", "input_multiple"]
+__all__ = ["Bottleneck", "HaloBlock", "HaloNet", "checkpoint_filter_fn", "fit_blocks", "input_multiple"]
 
 # every HaloNet stem (7x7 conv + max pool, or three 3x3 convs + max pool / a strided last conv)
 STEM_REDUCTION = 4
 
 
+class Bottleneck(BottleneckBlock):
+    """timm's ``BottleneckBlock`` whose end (last 1x1 conv + BatchNorm, shortcut added, ReLU) runs
+    through :func:`visionzoo.layers.conv_norm_add_act` (one kernel for norm, addition and ReLU in
+    training) when nothing sits between the norm and the addition."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shortcut is None or type(self.attn_last) is not nn.Identity or type(self.drop_path) is not nn.Identity:
+            return super().forward(x)
+        shortcut = self.shortcut(x)
+        x = self.attn(self.conv2b_kxk(self.conv2_kxk(self.conv1_1x1(x))))
+        return conv_norm_add_act(self.conv3_1x1, x, shortcut, self.act)
+
+
 class HaloBlock(SelfAttnBlock):
     """timm's self-attention bottleneck (1x1 -> halo attention -> BN-act -> 1x1, plus shortcut) whose
     attention returns ``value_ratio`` times the bottleneck width (the paper's ``rv``; queries and keys
-    keep the bottleneck width). With ``value_ratio = 1`` it is timm's ``SelfAttnBlock``."""
+    keep the bottleneck width). With ``value_ratio = 1`` it is timm's ``SelfAttnBlock``. Its end runs
+    through :func:`visionzoo.layers.conv_norm_add_act` as :class:`Bottleneck`'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shortcut is None or type(self.drop_path) is not nn.Identity:
+            return super().forward(x)
+        shortcut = self.shortcut(x)
+        x = self.post_attn(self.self_attn(self.conv2_kxk(self.conv1_1x1(x))))
+        return conv_norm_add_act(self.conv3_1x1, x, shortcut, self.act)
 
     def __init__(self, in_chs: int, out_chs: int, stride: int = 1, value_ratio: float = 1.0, layers=None, **kwargs):
         super().__init__(in_chs, out_chs, stride=stride, layers=layers, **kwargs)
@@ -166,6 +189,12 @@ class HaloNet(ByobNet):
             self.feature_info = self.feature_info[1:-1] + [
                 dict(last, num_chs=last_chs, module=f"stages.{len(self.stages) - 1}")]
         fold_conv_norm_act(self)  # inference runs conv + BatchNorm as one conv (keys unchanged)
+        use_fused_batch_norm(self)  # training runs BatchNorm + ReLU as one kernel (keys unchanged)
+        for module in self.modules():
+            if type(module) is BottleneckBlock:
+                module.__class__ = Bottleneck
+            elif type(module) is SelfAttnBlock:
+                module.__class__ = HaloBlock
         self.to(memory_format=torch.channels_last)
 
     @torch.jit.ignore
