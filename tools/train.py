@@ -12,8 +12,9 @@
 
 A config is YAML whose keys are this script's argument names (``drop_path`` or ``drop-path``);
 command-line arguments override it. Data, augmentation, optimizer, scheduler, losses and EMA are
-timm's (``create_dataset`` / ``create_loader``, ``Mixup``, ``create_optimizer_v2``,
-``create_scheduler_v2``, ``SoftTargetCrossEntropy``, ``ModelEmaV3``).
+timm's (``create_dataset`` / ``create_loader`` with its ``RepeatAugSampler``, ``Mixup``,
+``create_optimizer_v2``, ``create_scheduler_v2``, ``SoftTargetCrossEntropy`` / ``BinaryCrossEntropy``,
+``ModelEmaV3``).
 
 The run folder (``--output``) receives ``args.yaml``, ``checkpoints/epoch_XXXX/`` (see
 :mod:`visionzoo.checkpoint`), ``metrics.csv`` (per epoch), ``steps.csv`` (per optimizer step),
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from timm.data import Mixup, create_loader, resolve_data_config
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, ParseKwargs, dispatch_clip_grad, random_seed
@@ -116,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--mixup-mode", default="batch")
     group.add_argument("--mixup-off-epoch", type=int, default=0, help="turn mixup/cutmix off from this epoch")
     group.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    group.add_argument("--bce-loss", action="store_true",
+                       help="binary cross-entropy on the (mixed / smoothed) targets instead of cross-entropy "
+                            "(timm's BinaryCrossEntropy; validation loss stays cross-entropy)")
+    group.add_argument("--bce-target-thresh", type=float, default=None,
+                       help="with --bce-loss: targets above this become 1, the rest 0")
+    group.add_argument("--bce-pos-weight", type=float, default=None,
+                       help="with --bce-loss: weight of the positive term of every class")
+    group.add_argument("--aug-repeats", type=int, default=0,
+                       help="repeated augmentation: each image this many times per epoch, differently augmented, "
+                            "on different processes (distributed runs only; timm's RepeatAugSampler)")
 
     group = parser.add_argument_group("optimizer")
     group.add_argument("--opt", default="adamw")
@@ -181,6 +192,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--model is required (or a config with 'model:')")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         parser.error("mixup / cutmix pair samples within a batch: --batch-size must be even")
+    if not 0.0 <= args.smoothing < 1.0:
+        parser.error(f"--smoothing must be in [0, 1), got {args.smoothing}")
+    for flag in ("bce_target_thresh", "bce_pos_weight"):
+        if getattr(args, flag) is not None and not args.bce_loss:
+            parser.error(f"--{flag.replace('_', '-')} only acts on --bce-loss, which is off")
+    if args.bce_target_thresh is not None and not 0.0 <= args.bce_target_thresh < 1.0:
+        parser.error(f"--bce-target-thresh must be in [0, 1), got {args.bce_target_thresh}")
+    if args.aug_repeats < 0:
+        parser.error(f"--aug-repeats must be >= 0, got {args.aug_repeats}")
     return args
 
 
@@ -192,6 +212,8 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
         raise SystemExit(f"{path}: expected a mapping of argument names to values")
     known = {action.dest for action in parser._actions}
     config = {key.replace("-", "_"): value for key, value in config.items()}
+    # a run's args.yaml also records the loss its arguments resolved to: derived, not an argument
+    config.pop("train_loss", None)
     unknown = sorted(set(config) - known)
     if unknown:
         raise SystemExit(f"{path}: unknown keys {', '.join(unknown)} (see tools/train.py --help)")
@@ -275,6 +297,40 @@ def open_tensorboard(run_dir: Path, purge_step, disabled: bool):
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
+def build_train_loss(args, num_classes: int):
+    """The training loss and the Mixup / CutMix target transform (None when both are off), as timm's
+    train.py pairs them: with Mixup, label smoothing is applied by Mixup to the dense targets it makes,
+    so the loss itself does not smooth; without it the loss smooths the class indices.
+    ``--bce-loss`` without smoothing is BCE on one-hot targets (timm's train.py falls back to
+    cross-entropy there, silently dropping the flag)."""
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                      switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
+                      num_classes=num_classes)
+        if args.bce_loss:
+            return BinaryCrossEntropy(smoothing=0.0, target_threshold=args.bce_target_thresh,
+                                      pos_weight=args.bce_pos_weight), mixup
+        return SoftTargetCrossEntropy(), mixup
+    if args.bce_loss:
+        return BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh,
+                                  pos_weight=args.bce_pos_weight), None
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing), None
+    return torch.nn.CrossEntropyLoss(), None
+
+
+def describe_train_loss(loss_fn, mixup) -> str:
+    """``BinaryCrossEntropy(target_threshold=0.2) on Mixup / CutMix targets smoothed by 0.1``."""
+    settings = {name: getattr(loss_fn, name) for name in ("smoothing", "target_threshold")
+                if getattr(loss_fn, name, None) not in (None, 0.0)}
+    if getattr(loss_fn, "pos_weight", None) is not None:
+        settings["pos_weight"] = float(loss_fn.pos_weight)
+    text = f"{type(loss_fn).__name__}({', '.join(f'{k}={v:g}' for k, v in settings.items())})"
+    if mixup is not None:
+        text += f" on Mixup / CutMix targets smoothed by {mixup.label_smoothing:g}"
+    return text
+
+
 def train_one_epoch(epoch, model, loader, optimizer, loss_fn, scheduler, ema, mixup, scaler, autocast, args,
                     device, num_updates, on_step, progress):
     """One pass over ``loader``; returns (mean loss, updates so far, images seen)."""
@@ -353,6 +409,10 @@ def main(argv=None) -> dict:
     device = torch.device(dist_info["device"])
     rank, world_size, distributed = dist_info["global_rank"], dist_info["world_size"], dist_info["distributed"]
     is_main = rank == 0
+    if args.aug_repeats and not distributed:
+        raise SystemExit(f"--aug-repeats {args.aug_repeats}: repeated augmentation sends the copies of each image "
+                         "to different processes of a distributed run (timm's RepeatAugSampler); this run has one "
+                         "process: launch it with torchrun or set --aug-repeats 0")
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
     show_progress = is_main and not args.no_progress
 
@@ -378,6 +438,8 @@ def main(argv=None) -> dict:
         val_set = create_dataset(args.dataset, root=args.data_dir, split=args.val_split,
                                  max_samples=args.max_val_samples)
     num_classes = args.num_classes or dataset_num_classes(train_set)
+    if args.aug_repeats and isinstance(train_set, torch.utils.data.IterableDataset):
+        raise SystemExit(f"--aug-repeats needs a dataset with indices; {args.dataset} is streamed")
 
     # model: the same initial weights on every rank, then per-rank seeds for augmentation
     random_seed(args.seed, 0)
@@ -415,7 +477,7 @@ def main(argv=None) -> dict:
     loader_train = create_loader(
         train_set, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
         re_mode=args.remode, re_count=args.recount, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
-        color_jitter=args.color_jitter, auto_augment=args.aa,
+        color_jitter=args.color_jitter, auto_augment=args.aa, num_aug_repeats=args.aug_repeats,
         **{**loader_common, "interpolation": args.train_interpolation})
     loader_val = None
     if val_set is not None:
@@ -431,16 +493,9 @@ def main(argv=None) -> dict:
         cooldown_epochs=args.cooldown_epochs, warmup_lr=args.warmup_lr, min_lr=args.min_lr,
         step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
 
-    mixup = None
-    if args.mixup > 0 or args.cutmix > 0:
-        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
-                      switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
-                      num_classes=num_classes)
-        train_loss_fn = SoftTargetCrossEntropy()
-    elif args.smoothing > 0:
-        train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        train_loss_fn = torch.nn.CrossEntropyLoss()
+    train_loss_fn, mixup = build_train_loss(args, num_classes)
+    train_loss_fn.to(device)
+    args.train_loss = describe_train_loss(train_loss_fn, mixup)
 
     # resume: weights before DDP and EMA are built from them, the rest after
     start_epoch, num_updates, checkpoint = 0, 0, None

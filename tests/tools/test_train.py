@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
+import yaml
 from safetensors.torch import load_file
+from timm.loss import BinaryCrossEntropy
 
 import visionzoo  # noqa: F401
 from visionzoo.checkpoint import CheckpointError, load_checkpoint, load_weights, read_state, save_checkpoint
@@ -42,6 +46,8 @@ def test_every_zoo_family_size_has_a_config():
     expected = {f"visionzoo_{n}" for n in
                 "nat_m nat_t nat_s nat_b dinat_m dinat_t dinat_s dinat_b dinat_l dinats_t dinats_s dinats_b "
                 "dinats_l nat_iso_s nat_iso_b dinat_iso_s dinat_iso_b".split()}
+    expected |= {f"visionzoo_{n}" for n in "halonet26t sehalonet33ts halonet50ts".split()}
+    expected |= {f"visionzoo_halonet_h{i}" for i in range(8)}
     assert expected <= {p.stem for p in CONFIGS}
 
 
@@ -62,6 +68,18 @@ def test_config_parses_and_names_a_registered_model(train_tool, config):
         assert (args.mixup, args.cutmix, args.smoothing, args.reprob, args.aa) == (0.8, 0.0, 0.1, 0.0, "rand-m15-n2")
         assert (args.model_ema, args.clip_grad, args.epochs) == (False, 1.0, 300)
         assert args.drop_path == {"0": 0.2, "1": 0.3, "2": 0.5, "3": 0.7}[args.model[-1]]
+    elif "halonet" in args.model:  # the A1 procedure of ResNet strikes back (the base of timm's a1h recipe)
+        assert (args.opt, args.sched, args.weight_decay, args.lr_base, args.lr_base_size) == ("lamb", "cosine", 0.01,
+                                                                                             5e-3, 2048)
+        assert (args.epochs, args.warmup_epochs, args.cooldown_epochs, args.clip_grad) == (600, 5, 0, None)
+        assert (args.bce_loss, args.bce_target_thresh, args.smoothing) == (True, 0.2, 0.1)
+        assert (args.mixup, args.cutmix, args.aug_repeats, args.aa) == (0.2, 1.0, 3, "rand-m7-mstd0.5-inc1")
+        assert (args.reprob, args.color_jitter, args.model_ema, args.drop_path) == (0.0, 0.0, False, 0.05)
+        assert args.batch_size * 8 * args.grad_accum_steps == 2048  # the launch command's 8 processes
+        # the resolution and eval transform of the model's own pretrained cfg
+        cfg = timm.models.get_pretrained_cfg(args.model)
+        assert (args.img_size, args.crop_pct, args.interpolation) == (cfg.input_size[-1], cfg.crop_pct,
+                                                                      cfg.interpolation)
     else:  # the papers' recipe (specs/training.md)
         assert (args.opt, args.sched, args.weight_decay, args.lr_base, args.lr_base_size) == ("adamw", "cosine", 0.05,
                                                                                              1e-3, 1024)
@@ -71,6 +89,14 @@ def test_config_parses_and_names_a_registered_model(train_tool, config):
         assert 0 < args.drop_path <= 0.5
     # command-line arguments override the file
     assert train_tool.parse_args(["-c", str(config), "--epochs", "3"]).epochs == 3
+
+
+def test_run_args_reload_as_a_config(finished_run, train_tool):
+    """args.yaml records the resolved loss beside the arguments, and still reads back as a config."""
+    recorded = yaml.safe_load((finished_run / "args.yaml").read_text())
+    assert recorded["train_loss"] == "SoftTargetCrossEntropy() on Mixup / CutMix targets smoothed by 0.1"
+    reloaded = train_tool.parse_args(["-c", str(finished_run / "args.yaml")])
+    assert (reloaded.model, reloaded.mixup, reloaded.lr) == (MODEL, 0.8, 5e-4)
 
 
 def test_config_with_unknown_key_is_an_error(train_tool, tmp_path):
@@ -127,19 +153,90 @@ def test_resume_after_kill_equals_uninterrupted_run(finished_run, image_folder, 
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_training_learns_a_separable_folder(image_folder, tmp_path):
+# BCE starts from its constant-prediction level (0.56 for 4 classes, against ln 4 for cross-entropy) and
+# needs a larger lr to fall as far in 5 epochs
+@pytest.mark.parametrize("loss_args", [["--lr", "1e-3"], ["--lr", "3e-3", "--bce-loss", "--bce-target-thresh", "0.2"]],
+                         ids=["ce", "bce"])
+def test_training_learns_a_separable_folder(image_folder, tmp_path, loss_args):
     """Without augmentation, a few epochs on the 4 colour / stripe classes: the training loss falls
     and held-out top-1 is far above chance (25 %); constant predictions reach 25 %."""
     run_tool("train", "--model", "test_vit", "--img-size", "32", "--workers", "0", "--epochs", "5",
-             "--warmup-epochs", "0", "--lr", "1e-3", "--batch-size", "8", "--drop-path", "0", "--smoothing", "0",
+             "--warmup-epochs", "0", "--batch-size", "8", "--drop-path", "0", "--smoothing", "0",
              "--scale", "1", "1", "--no-progress", "--no-tensorboard", "--no-plot", "--data-dir", image_folder,
-             "--output", tmp_path / "run")
+             "--output", tmp_path / "run", *loss_args)
     metrics = read_rows(tmp_path / "run" / "metrics.csv")
     losses = [float(r["train_loss"]) for r in metrics]
     assert losses[-1] < 0.75 * losses[0], losses
     assert float(metrics[-1]["top1"]) >= 75.0, metrics[-1]
     steps = [float(r["loss"]) for r in read_rows(tmp_path / "run" / "steps.csv")]
     assert sum(steps[-4:]) < sum(steps[:4]), steps
+    loss = "BinaryCrossEntropy(target_threshold=0.2)" if "--bce-loss" in loss_args else "CrossEntropyLoss()"
+    assert yaml.safe_load((tmp_path / "run" / "args.yaml").read_text())["train_loss"] == loss
+
+
+# ----------------------------------------------------------------------------------------------
+# losses and repeated augmentation
+# ----------------------------------------------------------------------------------------------
+def test_bce_loss_with_mixup_thresholds_the_smoothed_mixed_targets(train_tool):
+    """With Mixup, smoothing is Mixup's and the BCE only thresholds (timm's train.py): the loss equals
+    BCE-with-logits on the mixed, smoothed targets binarized above the threshold."""
+    args = train_tool.parse_args(["--model", MODEL, "--bce-loss", "--bce-target-thresh", "0.2", "--mixup", "0.2",
+                                  "--cutmix", "1.0", "--smoothing", "0.1", "--bce-pos-weight", "2"])
+    loss_fn, mixup = train_tool.build_train_loss(args, num_classes=5)
+    assert isinstance(loss_fn, BinaryCrossEntropy) and mixup is not None
+    assert (loss_fn.target_threshold, loss_fn.smoothing, float(loss_fn.pos_weight)) == (0.2, 0.0, 2.0)
+    assert (mixup.label_smoothing, mixup.mixup_alpha, mixup.cutmix_alpha) == (0.1, 0.2, 1.0)
+    assert train_tool.describe_train_loss(loss_fn, mixup) == (
+        "BinaryCrossEntropy(target_threshold=0.2, pos_weight=2) on Mixup / CutMix targets smoothed by 0.1")
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(8, 3, 8, 8), torch.arange(8) % 5
+    images, targets = mixup(images, labels)
+    logits = torch.randn(8, 5)
+    binary = (targets > 0.2).float()
+    assert 0 < binary.sum() < binary.numel() and not torch.equal(binary, targets)
+    expected = F.binary_cross_entropy_with_logits(logits, binary, pos_weight=torch.tensor(2.0))
+    torch.testing.assert_close(loss_fn(logits, targets), expected)
+
+
+def test_bce_loss_without_mixup_smooths_the_labels(train_tool):
+    args = train_tool.parse_args(["--model", MODEL, "--bce-loss", "--smoothing", "0.2"])
+    loss_fn, mixup = train_tool.build_train_loss(args, num_classes=4)
+    assert mixup is None and isinstance(loss_fn, BinaryCrossEntropy)
+    assert (loss_fn.smoothing, loss_fn.target_threshold, loss_fn.pos_weight) == (0.2, None, None)
+    logits, labels = torch.randn(3, 4), torch.tensor([0, 3, 1])
+    smoothed = torch.full((3, 4), 0.05).scatter_(1, labels[:, None], 0.85)  # 1 - 0.2 + 0.2 / 4 on the label
+    torch.testing.assert_close(loss_fn(logits, labels), F.binary_cross_entropy_with_logits(logits, smoothed))
+    # with a threshold the smoothed one-hot targets binarize back to one-hot
+    args = train_tool.parse_args(["--model", MODEL, "--bce-loss", "--smoothing", "0.2", "--bce-target-thresh", "0.2"])
+    loss_fn, _ = train_tool.build_train_loss(args, num_classes=4)
+    one_hot = F.one_hot(labels, 4).float()
+    torch.testing.assert_close(loss_fn(logits, labels), F.binary_cross_entropy_with_logits(logits, one_hot))
+    # without smoothing too, --bce-loss is BCE (not a silent fallback to cross-entropy)
+    args = train_tool.parse_args(["--model", MODEL, "--bce-loss", "--smoothing", "0"])
+    loss_fn, _ = train_tool.build_train_loss(args, num_classes=4)
+    torch.testing.assert_close(loss_fn(logits, labels), F.binary_cross_entropy_with_logits(logits, one_hot))
+    assert train_tool.describe_train_loss(loss_fn, None) == "BinaryCrossEntropy()"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bce-target-thresh", "0.2"], "--bce-target-thresh only acts on --bce-loss"),
+    (["--bce-pos-weight", "2"], "--bce-pos-weight only acts on --bce-loss"),
+    (["--bce-loss", "--bce-target-thresh", "1.5"], r"--bce-target-thresh must be in \[0, 1\)"),
+    (["--smoothing", "1"], r"--smoothing must be in \[0, 1\)"),
+    (["--aug-repeats", "-1"], "--aug-repeats must be >= 0"),
+])
+def test_bad_loss_and_repeat_arguments_are_named(train_tool, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        train_tool.parse_args(["--model", MODEL, *argv])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_repeated_augmentation_needs_a_distributed_run(train_tool, image_folder, tmp_path):
+    with pytest.raises(SystemExit, match=r"--aug-repeats 3: .* distributed run .* torchrun"):
+        train_tool.main(["--model", MODEL, "--aug-repeats", "3", "--data-dir", str(image_folder),
+                         "--output", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()  # stopped before writing anything
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,12 +324,13 @@ def test_torchrun_two_processes(image_folder, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                str(TOOLS / "train.py"), "--model", MODEL, "--img-size", "32", "--batch-size", "4", "--workers", "0",
                "--epochs", "1", "--warmup-epochs", "0", "--lr", "5e-4", "--no-progress", "--no-tensorboard",
-               "--max-val-samples", "15", "--data-dir", str(image_folder), "--output", str(run_dir)]
+               "--max-val-samples", "15", "--aug-repeats", "3", "--data-dir", str(image_folder),
+               "--output", str(run_dir)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-5000:]
     steps = read_rows(run_dir / "steps.csv")
-    assert len(steps) == 4  # 32 images / (2 processes x 4)
+    assert len(steps) == 4  # 32 images / (2 processes x 4); with 3 repeats each process sees 16 of the 96 copies
     metrics = read_rows(run_dir / "metrics.csv")
     assert len(metrics) == 1 and metrics[0]["top1"] != ""
     _, _, state, _ = load_checkpoint(run_dir)
