@@ -73,6 +73,8 @@ def render(family: DenseFamily, arch: str, spec: DenseArch, base: str, task: str
     if family.task_kwargs is not None:
         backbone.append(f"dense_schedule='{task}'")  # the family's declared options for the task
     backbone.append(f"drop_path_rate={spec.drop_path_rate[rate_key]}")
+    if rate_key in family.norm_eval:  # BatchNorm statistics frozen at their ImageNet values
+        backbone.append("norm_eval=True")
     if spec.pretrained_tag:
         url = checkpoint_url(f"{model_name}.{spec.pretrained_tag}")
         backbone.append(f"init_cfg=dict(type='Pretrained', checkpoint='{url}')")

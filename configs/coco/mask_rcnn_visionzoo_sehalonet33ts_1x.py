@@ -7,5 +7,6 @@ model = dict(
         arch='sehalonet33ts',
         dense_schedule='det',
         drop_path_rate=0.1,
+        norm_eval=True,
         init_cfg=dict(type='Pretrained', checkpoint='hf-hub:timm/sehalonet33ts.ra2_in1k')),
     neck=dict(in_channels=[256, 512, 1024, 1536]))

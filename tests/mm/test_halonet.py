@@ -13,10 +13,11 @@ pytest.importorskip("mmseg")
 import timm  # noqa: E402
 import torch  # noqa: E402
 from mmdet.registry import MODELS as DET_MODELS  # noqa: E402
+from mmengine.config import Config  # noqa: E402
 from mmseg.registry import MODELS as SEG_MODELS  # noqa: E402
 
 import visionzoo.mm  # noqa: E402, F401
-from tests.mm.conftest import det_config, narrow_backbone_config, seg_config, train_losses  # noqa: E402
+from tests.mm.conftest import ROOT, det_config, narrow_backbone_config, seg_config, train_losses  # noqa: E402
 from visionzoo.layers import HaloAttention  # noqa: E402
 from visionzoo.mm import runner  # noqa: E402
 
@@ -48,6 +49,24 @@ def test_frozen_stages_are_the_stem_and_the_first_stages():
               for name, p in backbone.named_parameters() if not p.requires_grad}
     assert frozen == {"model.stem", "model.stages.0", "model.stages.1"}
     assert not backbone.model.stages[1].training and backbone.model.stages[2].training
+
+
+def test_norm_eval_keeps_the_batchnorm_statistics():
+    """``norm_eval=True`` (the detection configs): every BatchNorm stays in eval mode through
+    ``train()``, its statistics unchanged by a training forward while its affine parameters get
+    gradients; without it the statistics move."""
+    for norm_eval in (True, False):
+        torch.manual_seed(0)
+        backbone = DET_MODELS.build(dict(type="HaloNet", arch="halonet26t", norm_eval=norm_eval, **SMALL)).train()
+        norms = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        before = [m.running_mean.clone() for m in norms]
+        sum(o.sum() for o in backbone(torch.randn(2, 3, 64, 64))).backward()
+        moved = [not torch.equal(m.running_mean, b) for m, b in zip(norms, before)]
+        assert all(m.training is not norm_eval for m in norms)
+        assert (not any(moved)) if norm_eval else all(moved)
+        assert all(m.weight.grad is not None for m in norms)
+    config = Config.fromfile(str(ROOT / "configs/coco/mask_rcnn_visionzoo_halonet26t_1x.py"))
+    assert config.model.backbone.norm_eval is True
 
 
 def test_timm_state_dict_gives_timm_stage_outputs(tmp_path):

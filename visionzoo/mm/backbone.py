@@ -87,6 +87,9 @@ class VisionZooBackbone(BaseModule):
             Frozen modules stay in eval mode through ``train()``.
         out_norms: one output norm ``norm{i}`` per output (the family's ``out_norm``, by default a
             LayerNorm over channels, the official dense layout).
+        norm_eval: keep every BatchNorm of the model in eval mode through ``train()``: its statistics
+            stay those it was loaded with (its affine parameters still train), as mmdet's ResNet
+            backbones with ``norm_eval=True`` (few images per GPU give noisy batch statistics).
         with_cp: gradient checkpointing of the blocks (the model's ``set_grad_checkpointing``).
         drop_path_rate: stochastic depth of the model (``None``: the variant's default).
         dense_schedule: ``'det'`` / ``'seg'``: the model keyword arguments the family declares for
@@ -107,6 +110,7 @@ class VisionZooBackbone(BaseModule):
         out_indices: Sequence[int] = (0, 1, 2, 3),
         frozen_stages: int = -1,
         out_norms: bool = True,
+        norm_eval: bool = False,
         with_cp: bool = False,
         drop_path_rate: Optional[float] = None,
         dense_schedule: Optional[str] = None,
@@ -136,6 +140,7 @@ class VisionZooBackbone(BaseModule):
         self.num_features = [self.model.feature_info[i]["num_chs"] for i in self.out_indices]
         self.strides = [self.model.feature_info[i]["reduction"] for i in self.out_indices]
         self.out_norms = out_norms
+        self.norm_eval = norm_eval
         if out_norms:
             for i, channels in zip(self.out_indices, self.num_features):
                 self.add_module(f"norm{i}", self.family.out_norm(channels))
@@ -162,6 +167,10 @@ class VisionZooBackbone(BaseModule):
     def train(self, mode: bool = True) -> "VisionZooBackbone":
         super().train(mode)
         self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:

@@ -91,6 +91,8 @@ class DenseFamily:
         stage: ``(model, i) -> module`` of stage ``i`` (with the downsampler that feeds it), frozen
             by ``frozen_stages > i``; ``None``: ``model.feature_info[i]['module']``.
         out_norm: ``channels -> module`` applied to each output ``[B, C, H, W]`` as ``norm{i}``.
+        norm_eval: the rows of :data:`DENSE_TASKS` (``'det'``, ...) whose generated configs freeze
+            the BatchNorm statistics (the wrapper's ``norm_eval``, as mmdet's ResNet recipes).
     """
 
     name: str
@@ -101,6 +103,7 @@ class DenseFamily:
     stem: Optional[Callable[[nn.Module], List[nn.Module]]] = None
     stage: Optional[Callable[[nn.Module, int], nn.Module]] = None
     out_norm: Callable[[int], nn.Module] = layer_norm_2d
+    norm_eval: Tuple[str, ...] = ()
 
     def __post_init__(self):
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):

@@ -499,9 +499,9 @@ def _no_out_norm(channels: int) -> nn.Module:
 # recipes (the Swin papers') from timm's ImageNet weights (``hf-hub:timm/...``). Stochastic depth, for
 # want of a published dense value: 0.1 for the 12-14M HaloNet-26T / SE-HaloNet-33TS and 0.2 for the 23M
 # HaloNet-50TS in both tasks (mmdet's ResNet configs use none, Swin-T's 28M 0.2 / 0.3). The paper's
-# H0-H7 (no released weights) are backbones without configs. The backbone's BatchNorm layers (timm's)
-# train on the statistics of each process's batch (2 images per GPU in these recipes), where mmdet's
-# ResNet recipes freeze them (norm_eval), which the backbone wrapper has no option for.
+# H0-H7 (no released weights) are backbones without configs. The detection configs freeze the
+# BatchNorm statistics (norm_eval), as mmdet's ResNet recipes do at 2 images per GPU; the segmentation
+# configs train them on each process's batch (mmseg's ResNet recipes synchronise them across GPUs).
 register_dense_family(DenseFamily(
     name="halonet",
     type_names=("HaloNet",),
@@ -514,4 +514,5 @@ register_dense_family(DenseFamily(
     task_kwargs=_dense_layout,
     checkpoint_filter=checkpoint_filter_fn,
     out_norm=_no_out_norm,
+    norm_eval=("det", "det_cascade"),
 ))
