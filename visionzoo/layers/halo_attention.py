@@ -135,15 +135,64 @@ def _unblocks(x: torch.Tensor, batch: int, height: int, width: int, block: int) 
     return x.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, heads, dim)
 
 
-def _windows(x: torch.Tensor, block: int, halo: int) -> torch.Tensor:
-    """``[B, H, W, heads, d]`` -> ``[B * blocks, heads, win^2, d]``: the zero-padded ``win x win`` window
-    around each block (``win = block + 2 * halo``), key rows major."""
+def _gather_windows(x: torch.Tensor, block: int, halo: int) -> torch.Tensor:
     window = block + 2 * halo
     heads, dim = x.shape[-2:]
     x = F.pad(x, (0, 0, 0, 0, halo, halo, halo, halo))
     # unfold is a strided view [B, nH, nW, heads, d, win, win]; the reshape is the one copy
     x = x.unfold(1, window, block).unfold(2, window, block)
     return x.permute(0, 1, 2, 3, 5, 6, 4).reshape(-1, heads, window * window, dim)
+
+
+class _Windows(torch.autograd.Function):
+    """:func:`_gather_windows` whose backward adds each window's gradient back onto the map as nine
+    strided slices (its centre block, the halo strips and corners on the neighbouring blocks: a
+    halo no wider than a block reaches only those) instead of ATen's general ``unfold_backward``,
+    which zero-fills the padded map and accumulates window by window (2% of a HaloNet-26T training
+    step)."""
+
+    @staticmethod
+    def forward(ctx, x, block, halo):
+        ctx.shape, ctx.block, ctx.halo = x.shape, block, halo
+        return _gather_windows(x, block, halo)
+
+    @staticmethod
+    def backward(ctx, grad):
+        batch, height, width, heads, dim = ctx.shape
+        block, halo = ctx.block, ctx.halo
+        window, rows, cols = block + 2 * halo, height // block, width // block
+        grad = grad.reshape(batch, rows, cols, heads, window, window, dim)
+        grad_x = grad.new_empty(ctx.shape)
+        # [B, nH, nW, heads, b (row in block), b (column in block), d]
+        blocks = grad_x.view(batch, rows, block, cols, block, heads, dim).permute(0, 1, 3, 5, 2, 4, 6)
+        blocks.copy_(grad[..., halo:halo + block, halo:halo + block, :])
+        if halo:
+            # (window slice, block offset, slice within the target block) per axis: the halo above /
+            # left of a window lies on the previous block's last rows, the one below / right on the
+            # next block's first
+            parts = ((slice(halo, halo + block), 0, slice(0, block)),
+                     (slice(0, halo), -1, slice(block - halo, block)),
+                     (slice(halo + block, window), 1, slice(0, halo)))
+
+            def blocks_at(offset, count):  # (target, source) block ranges for a block offset
+                return (slice(max(offset, 0), count + min(offset, 0)), slice(max(-offset, 0), count - max(offset, 0)))
+
+            for row_source, row_offset, row_target in parts:
+                for col_source, col_offset, col_target in parts:
+                    if row_offset == col_offset == 0:
+                        continue
+                    (row_to, row_from), (col_to, col_from) = blocks_at(row_offset, rows), blocks_at(col_offset, cols)
+                    blocks[:, row_to, col_to, :, row_target, col_target].add_(
+                        grad[:, row_from, col_from, :, row_source, col_source])
+        return grad_x, None, None
+
+
+def _windows(x: torch.Tensor, block: int, halo: int) -> torch.Tensor:
+    """``[B, H, W, heads, d]`` -> ``[B * blocks, heads, win^2, d]``: the zero-padded ``win x win`` window
+    around each block (``win = block + 2 * halo``), key rows major."""
+    if halo <= block and torch.is_grad_enabled() and x.requires_grad:
+        return _Windows.apply(x, block, halo)
+    return _gather_windows(x, block, halo)
 
 
 def halo_attention(
