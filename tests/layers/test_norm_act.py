@@ -11,7 +11,7 @@ from timm.layers import BatchNormAct2d, ConvNormAct
 
 import visionzoo  # noqa: F401  (registers the models)
 from visionzoo.kernels import native
-from visionzoo.layers import FusedBatchNormAct2d, conv_norm_add_act, use_fused_batch_norm
+from visionzoo.layers import FusedBatchNormAct2d, conv_norm_add_act, swap_classes, use_fused_batch_norm
 from visionzoo.models.halonet import checkpoint_filter_fn
 
 needs_native = pytest.mark.skipif(not native.available(), reason="C++ kernels not built")
@@ -108,3 +108,11 @@ def test_halonet26t_training_step_equals_timm():
         assert error < 1e-3, (name, error)
     for (name, got), want in zip(model.named_buffers(), reference.buffers()):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_swap_classes_only_swaps_exact_classes_into_subclasses():
+    model = nn.Sequential(BatchNormAct2d(4), FusedBatchNormAct2d(4), nn.BatchNorm2d(4))
+    assert swap_classes(model, BatchNormAct2d, FusedBatchNormAct2d) == 1
+    assert [type(m) for m in model] == [FusedBatchNormAct2d, FusedBatchNormAct2d, nn.BatchNorm2d]
+    with pytest.raises(TypeError, match="subclass"):
+        swap_classes(model, nn.ReLU, FusedBatchNormAct2d)

@@ -16,6 +16,7 @@
 * :mod:`.stage` - downsampler + blocks, with gradient checkpointing;
 * :mod:`.relative_position` - relative position bias indices (Swin's and NAT's conventions),
   cropping and resizing tables;
+* :mod:`.swap` - giving timm's modules the class of a visionzoo subclass in place;
 * :mod:`.model_base` - timm's model API (features, intermediates, pruning, head) for channels-last models.
 """
 from .activations import GELUTanh, use_fast_gelu_tanh
@@ -36,6 +37,7 @@ from .relative_position import (
     rpb_from_query_minus_key_table,
 )
 from .stage import Stage
+from .swap import swap_classes
 from .transformer_block import TransformerBlock
 from .vsa_attention import VSAWindowAttention, vsa_sampling_grid
 from .window_attention import WindowAttention, fit_window_shift
@@ -75,6 +77,7 @@ __all__ = [
     "resize_rel_pos_table",
     "rpb_from_query_minus_key_table",
     "split_linear",
+    "swap_classes",
     "use_fast_gelu_tanh",
     "use_fused_batch_norm",
     "vsa_sampling_grid",

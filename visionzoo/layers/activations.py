@@ -8,6 +8,8 @@ from timm.layers.activations import GELUTanh as _TimmGELUTanh
 
 from visionzoo.kernels import gelu_tanh
 
+from .swap import swap_classes
+
 __all__ = ["GELUTanh", "use_fast_gelu_tanh"]
 
 
@@ -22,9 +24,4 @@ class GELUTanh(_TimmGELUTanh):
 
 def use_fast_gelu_tanh(model: nn.Module) -> int:
     """Make every timm ``GELUTanh`` of ``model`` a :class:`GELUTanh` (in place); returns how many."""
-    count = 0
-    for module in model.modules():
-        if type(module) is _TimmGELUTanh:
-            module.__class__ = GELUTanh
-            count += 1
-    return count
+    return swap_classes(model, _TimmGELUTanh, GELUTanh)

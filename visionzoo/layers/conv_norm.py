@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 from timm.layers import BatchNormAct2d, ConvNormAct, register_notrace_module
 
+from .swap import swap_classes
+
 __all__ = ["FoldedConvNormAct", "fold_batch_norm", "fold_conv_norm_act"]
 
 
@@ -54,10 +56,5 @@ class FoldedConvNormAct(ConvNormAct):
 def fold_conv_norm_act(model: nn.Module) -> int:
     """Make every timm ``ConvNormAct`` of ``model`` whose conv is a plain ``nn.Conv2d`` and whose norm a
     ``BatchNormAct2d`` a :class:`FoldedConvNormAct` (in place; parameters untouched); returns how many."""
-    count = 0
-    for module in model.modules():
-        if (type(module) is ConvNormAct and type(module.conv) is nn.Conv2d
-                and isinstance(module.bn, BatchNormAct2d) and module.bn.track_running_stats):
-            module.__class__ = FoldedConvNormAct
-            count += 1
-    return count
+    return swap_classes(model, ConvNormAct, FoldedConvNormAct, where=lambda module: (
+        type(module.conv) is nn.Conv2d and isinstance(module.bn, BatchNormAct2d) and module.bn.track_running_stats))

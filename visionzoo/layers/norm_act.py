@@ -20,6 +20,8 @@ from timm.layers import BatchNormAct2d, register_notrace_module
 
 from visionzoo.kernels import batch_norm_act, batch_norm_act_supported
 
+from .swap import swap_classes
+
 __all__ = ["FusedBatchNormAct2d", "conv_norm_add_act", "use_fused_batch_norm"]
 
 
@@ -80,9 +82,4 @@ def conv_norm_add_act(conv_norm: nn.Module, x: torch.Tensor, residual: torch.Ten
 def use_fused_batch_norm(model: nn.Module) -> int:
     """Make every timm ``BatchNormAct2d`` of ``model`` (exactly that class) a :class:`FusedBatchNormAct2d`
     (in place; parameters untouched); returns how many."""
-    count = 0
-    for module in model.modules():
-        if type(module) is BatchNormAct2d:
-            module.__class__ = FusedBatchNormAct2d
-            count += 1
-    return count
+    return swap_classes(model, BatchNormAct2d, FusedBatchNormAct2d)

@@ -37,7 +37,9 @@ from timm.models.byobnet import (
     BottleneckBlock, ByoBlockCfg, ByobNet, ByoModelCfg, SelfAttnBlock, expand_blocks_cfg, interleave_blocks,
 )
 
-from visionzoo.layers import HaloAttention, check_image, conv_norm_add_act, fold_conv_norm_act, use_fused_batch_norm
+from visionzoo.layers import (
+    HaloAttention, check_image, conv_norm_add_act, fold_conv_norm_act, swap_classes, use_fused_batch_norm,
+)
 
 from .build import build_model
 from .dense import DenseArch, DenseFamily, register_dense_family
@@ -190,11 +192,8 @@ class HaloNet(ByobNet):
                 dict(last, num_chs=last_chs, module=f"stages.{len(self.stages) - 1}")]
         fold_conv_norm_act(self)  # inference runs conv + BatchNorm as one conv (keys unchanged)
         use_fused_batch_norm(self)  # training runs BatchNorm + ReLU as one kernel (keys unchanged)
-        for module in self.modules():
-            if type(module) is BottleneckBlock:
-                module.__class__ = Bottleneck
-            elif type(module) is SelfAttnBlock:
-                module.__class__ = HaloBlock
+        swap_classes(self, BottleneckBlock, Bottleneck)  # block ends as one kernel in training
+        swap_classes(self, SelfAttnBlock, HaloBlock)
         self.to(memory_format=torch.channels_last)
 
     @torch.jit.ignore
