@@ -48,6 +48,9 @@ def test_every_zoo_family_size_has_a_config():
                 "dinats_l nat_iso_s nat_iso_b dinat_iso_s dinat_iso_b".split()}
     expected |= {f"visionzoo_{n}" for n in "halonet26t sehalonet33ts halonet50ts".split()}
     expected |= {f"visionzoo_halonet_h{i}" for i in range(8)}
+    expected |= {f"visionzoo_swin_vsa_{n}" for n in "ts"}
+    expected |= {f"visionzoo_agent_{n}" for n in "swin_t swin_s swin_b pvt_t pvt_s pvt_m pvt_l deit_t deit_s deit_b".split()}
+    expected |= {f"visionzoo_mambavision_{n}" for n in "t t2 s b l l2".split()}
     assert expected <= {p.stem for p in CONFIGS}
 
 
@@ -80,6 +83,37 @@ def test_config_parses_and_names_a_registered_model(train_tool, config):
         cfg = timm.models.get_pretrained_cfg(args.model)
         assert (args.img_size, args.crop_pct, args.interpolation) == (cfg.input_size[-1], cfg.crop_pct,
                                                                       cfg.interpolation)
+    elif args.model.startswith(("visionzoo_swin_vsa_", "visionzoo_agent_")):
+        # Swin's recipe: Swin-VSA follows it, Agent-Attention's config.py defaults are it (per-model cfgs on top)
+        assert (args.opt, args.sched, args.weight_decay, args.lr_base, args.lr_base_size) == ("adamw", "cosine", 0.05,
+                                                                                             5e-4, 512)
+        assert (args.mixup, args.cutmix, args.smoothing, args.reprob, args.aa) == (0.8, 1.0, 0.1, 0.25,
+                                                                                  "rand-m9-mstd0.5-inc1")
+        assert (args.epochs, args.model_ema, args.aug_repeats, args.crop_pct) == (300, False, 0, 0.875)
+        # the official warm-up / minimum lr (5e-7 / 5e-6 per 512 images; 1e-6 / 1e-5 for Agent-PVT) at this batch
+        per_512 = 2.0 if "_pvt_" in args.model else 1.0
+        assert args.warmup_lr == pytest.approx(5e-7 * per_512 * args.batch_size * 8 / 512)
+        assert args.min_lr == pytest.approx(5e-6 * per_512 * args.batch_size * 8 / 512)
+        official = {"swin_vsa_t": (0.2, 20, 0, 5.0, 128), "swin_vsa_s": (0.3, 20, 0, 5.0, 128),
+                    "agent_swin_t": (0.2, 20, 0, 5.0, 128), "agent_swin_s": (0.3, 20, 0, 5.0, 128),
+                    "agent_swin_b": (0.5, 20, 0, 5.0, 64), "agent_pvt_t": (0.1, 5, 10, None, 128),
+                    "agent_pvt_s": (0.1, 5, 10, None, 128), "agent_pvt_m": (0.3, 5, 10, 1.0, 128),
+                    "agent_pvt_l": (0.3, 5, 10, 1.0, 64), "agent_deit_t": (0.0, 20, 0, 5.0, 512),
+                    "agent_deit_s": (0.1, 20, 0, 5.0, 128), "agent_deit_b": (0.3, 20, 0, 5.0, 128)}
+        assert (args.drop_path, args.warmup_epochs, args.cooldown_epochs, args.clip_grad,
+                args.batch_size) == official[args.model.removeprefix("visionzoo_")]
+    elif args.model.startswith("visionzoo_mambavision_"):  # NVlabs/MambaVision mambavision/configs/*_1k.yaml
+        assert (args.opt, args.sched, args.lr_base, args.lr_base_size, args.clip_grad) == ("lamb", "cosine", 5e-3,
+                                                                                        4096, 5.0)
+        assert (args.mixup, args.cutmix, args.smoothing, args.reprob, args.aa) == (0.8, 1.0, 0.1, 0.25,
+                                                                                  "rand-m9-mstd0.5-inc1")
+        assert (args.epochs, args.cooldown_epochs, args.warmup_lr, args.min_lr) == (310, 10, 1e-6, 5e-6)
+        assert (args.model_ema, args.model_ema_decay, args.train_interpolation) == (True, 0.9998, "random")
+        assert args.batch_size * 8 * args.grad_accum_steps == 4096  # the launch command's 8 processes
+        official = {"t": (0.2, 0.05, 20, 1.0), "t2": (0.2, 0.05, 20, 1.0), "s": (0.2, 0.05, 20, 0.875),
+                    "b": (0.3, 0.075, 35, 1.0), "l": (0.3, 0.12, 20, 1.0), "l2": (0.3, 0.12, 20, 1.0)}
+        assert (args.drop_path, args.weight_decay, args.warmup_epochs,
+                args.crop_pct) == official[args.model.removeprefix("visionzoo_mambavision_")]
     else:  # the papers' recipe (specs/training.md)
         assert (args.opt, args.sched, args.weight_decay, args.lr_base, args.lr_base_size) == ("adamw", "cosine", 0.05,
                                                                                              1e-3, 1024)
