@@ -80,8 +80,8 @@ def _batch_norm_act_fake(x, weight, bias, residual, eps, act):
 
 @torch.library.custom_op("visionzoo::batch_norm_act_backward", mutates_args=())
 def _batch_norm_act_backward(
-    grad: Tensor, x: Tensor, y: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
-    invstd: Tensor, act: int, with_residual: bool,
+    grad: Tensor, x: Tensor, y: Optional[Tensor], weight: Optional[Tensor], mean: Tensor, invstd: Tensor, act: int,
+    with_residual: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     grad = _like(grad, x)
     channels = x.shape[1]
@@ -89,7 +89,7 @@ def _batch_norm_act_backward(
     grad_residual = torch.empty_like(x) if with_residual else x.new_empty(0)
     grad_weight, grad_bias = x.new_empty(channels), x.new_empty(channels)
     getattr(library(), f"vz_batch_norm_act_backward_{_suffix(x.dtype)}")(
-        _ptr(grad), _ptr(x), _ptr(y), _ptr(weight), _ptr(bias), _ptr(mean), _ptr(invstd), _ptr(grad_x),
+        _ptr(grad), _ptr(x), _ptr(y), _ptr(weight), _ptr(mean), _ptr(invstd), _ptr(grad_x),
         _ptr(grad_weight), _ptr(grad_bias), _ptr(grad_residual if with_residual else None), _rows(x), channels, act,
         torch.get_num_threads(),
     )
@@ -97,7 +97,7 @@ def _batch_norm_act_backward(
 
 
 @_batch_norm_act_backward.register_fake
-def _batch_norm_act_backward_fake(grad, x, y, weight, bias, mean, invstd, act, with_residual):
+def _batch_norm_act_backward_fake(grad, x, y, weight, mean, invstd, act, with_residual):
     channels = x.shape[1]
     return (torch.empty_like(x), x.new_empty(channels), x.new_empty(channels),
             torch.empty_like(x) if with_residual else x.new_empty(0))
@@ -109,13 +109,13 @@ def _setup_context(ctx, inputs, output):
     ctx.act = act
     ctx.has_weight, ctx.has_bias, ctx.has_residual = weight is not None, bias is not None, residual is not None
     # the ReLU mask is read from the output, as ATen's threshold_backward does
-    ctx.save_for_backward(x, y if act == ACTIVATIONS["relu"] else None, weight, bias, mean, invstd)
+    ctx.save_for_backward(x, y if act == ACTIVATIONS["relu"] else None, weight, mean, invstd)
 
 
 def _backward(ctx, grad, _grad_mean, _grad_var, _grad_invstd):
-    x, y, weight, bias, mean, invstd = ctx.saved_tensors
+    x, y, weight, mean, invstd = ctx.saved_tensors
     grad_x, grad_weight, grad_bias, grad_residual = _batch_norm_act_backward(
-        grad, x, y, weight, bias, mean, invstd, ctx.act, ctx.has_residual)
+        grad, x, y, weight, mean, invstd, ctx.act, ctx.has_residual)
     return (grad_x, grad_weight if ctx.has_weight else None, grad_bias if ctx.has_bias else None,
             grad_residual if ctx.has_residual else None, None, None)
 

@@ -191,7 +191,7 @@ def _bind(path: Path) -> ctypes.CDLL:
         getattr(lib, f"vz_gelu_tanh_backward_{suffix}").argtypes = [p] * 3 + [ctypes.c_int64, i]
         getattr(lib, f"vz_batch_norm_act_forward_{suffix}").argtypes = [p] * 8 + [ctypes.c_int64] * 2 + [
             ctypes.c_double, i, i]
-        getattr(lib, f"vz_batch_norm_act_backward_{suffix}").argtypes = [p] * 11 + [ctypes.c_int64] * 2 + [i, i]
+        getattr(lib, f"vz_batch_norm_act_backward_{suffix}").argtypes = [p] * 10 + [ctypes.c_int64] * 2 + [i, i]
     lib.vz_block_bias_chunks.restype = ctypes.c_int64
     lib.vz_isa.restype = ctypes.c_char_p
     lib.vector_bytes, lib.isa = lib.vz_vector_bytes(), lib.vz_isa().decode()  # read once: asked on every call

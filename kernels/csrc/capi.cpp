@@ -98,10 +98,10 @@ void vz_batch_norm_act_forward_f32(const float* x, const float* weight, const fl
                                    int threads) {
   vz::batch_norm_act_forward<float>(x, weight, bias, residual, y, mean, var, invstd, rows, channels, eps, act, threads);
 }
-void vz_batch_norm_act_backward_f32(const float* dy, const float* x, const float* y, const float* weight, const float* bias,
+void vz_batch_norm_act_backward_f32(const float* dy, const float* x, const float* y, const float* weight,
                                     const float* mean, const float* invstd, float* dx, float* dweight, float* dbias,
                                     float* dresidual, int64_t rows, int64_t channels, int act, int threads) {
-  vz::batch_norm_act_backward<float>(dy, x, y, weight, bias, mean, invstd, dx, dweight, dbias, dresidual, rows, channels,
+  vz::batch_norm_act_backward<float>(dy, x, y, weight, mean, invstd, dx, dweight, dbias, dresidual, rows, channels,
                                   act, threads);
 }
 void vz_batch_norm_act_forward_f64(const double* x, const double* weight, const double* bias, const double* residual, double* y,
@@ -109,10 +109,10 @@ void vz_batch_norm_act_forward_f64(const double* x, const double* weight, const 
                                    int threads) {
   vz::batch_norm_act_forward<double>(x, weight, bias, residual, y, mean, var, invstd, rows, channels, eps, act, threads);
 }
-void vz_batch_norm_act_backward_f64(const double* dy, const double* x, const double* y, const double* weight, const double* bias,
+void vz_batch_norm_act_backward_f64(const double* dy, const double* x, const double* y, const double* weight,
                                     const double* mean, const double* invstd, double* dx, double* dweight, double* dbias,
                                     double* dresidual, int64_t rows, int64_t channels, int act, int threads) {
-  vz::batch_norm_act_backward<double>(dy, x, y, weight, bias, mean, invstd, dx, dweight, dbias, dresidual, rows, channels,
+  vz::batch_norm_act_backward<double>(dy, x, y, weight, mean, invstd, dx, dweight, dbias, dresidual, rows, channels,
                                   act, threads);
 }
 }  // extern "C"

@@ -71,8 +71,8 @@ void batch_norm_act_forward(const T* x, const T* weight, const T* bias, const T*
                             T* invstd, int64_t rows, int64_t channels, double eps, int act, int threads);
 
 template <typename T>
-void batch_norm_act_backward(const T* dy, const T* x, const T* y, const T* weight, const T* bias, const T* mean,
-                             const T* invstd, T* dx, T* dweight, T* dbias, T* dresidual, int64_t rows,
+void batch_norm_act_backward(const T* dy, const T* x, const T* y, const T* weight, const T* mean, const T* invstd,
+                             T* dx, T* dweight, T* dbias, T* dresidual, int64_t rows,
                              int64_t channels, int act, int threads);
 
 }  // namespace vz

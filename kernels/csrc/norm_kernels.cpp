@@ -140,16 +140,6 @@ void for_each(const Layout<T>& lay, int threads, FnVec fn_vec, FnScalar fn_scala
   }
 }
 
-// scale and shift of the affine map y = x * scale + shift, from the saved statistics (the forward
-// and the backward compute them alike)
-template <typename T>
-void affine(const T* weight, const T* bias, const T* mean, const T* invstd, int64_t channels, T* scale, T* shift) {
-  for (int64_t c = 0; c < channels; ++c) {
-    scale[c] = (weight ? weight[c] : T(1)) * invstd[c];
-    shift[c] = (bias ? bias[c] : T(0)) - mean[c] * scale[c];
-  }
-}
-
 }  // namespace
 
 namespace vz {
@@ -199,7 +189,10 @@ void batch_norm_act_forward(const T* x, const T* weight, const T* bias, const T*
     invstd[c] = T(1.0 / std::sqrt(v + eps));
   }
   std::vector<T> scale(channels), shift(channels);
-  affine(weight, bias, mean, invstd, channels, scale.data(), shift.data());
+  for (int64_t c = 0; c < channels; ++c) {
+    scale[c] = (weight ? weight[c] : T(1)) * invstd[c];
+    shift[c] = (bias ? bias[c] : T(0)) - mean[c] * scale[c];
+  }
   const std::vector<T> scale_rep = lay.replicate(scale.data()), shift_rep = lay.replicate(shift.data());
   const T* sr = scale_rep.data();
   const T* br = shift_rep.data();
@@ -221,8 +214,8 @@ void batch_norm_act_forward(const T* x, const T* weight, const T* bias, const T*
 }
 
 template <typename T>
-void batch_norm_act_backward(const T* dy, const T* x, const T* y, const T* weight, const T* bias, const T* mean,
-                             const T* invstd, T* dx, T* dweight, T* dbias, T* dresidual, int64_t rows, int64_t channels,
+void batch_norm_act_backward(const T* dy, const T* x, const T* y, const T* weight, const T* mean, const T* invstd,
+                             T* dx, T* dweight, T* dbias, T* dresidual, int64_t rows, int64_t channels,
                              int act, int threads) {
   typedef typename Vec<T>::type vec;
   const Layout<T> lay(rows, channels);
@@ -251,9 +244,9 @@ void batch_norm_act_backward(const T* dy, const T* x, const T* y, const T* weigh
         acc[0] += double(g);
         acc[1] += double(g * (x[i] - mean[c]));
       });
-  std::vector<T> scale(channels), shift(channels), coef(channels), mean_grad(channels);
-  affine(weight, bias, mean, invstd, channels, scale.data(), shift.data());
+  std::vector<T> scale(channels), coef(channels), mean_grad(channels);
   for (int64_t c = 0; c < channels; ++c) {
+    scale[c] = (weight ? weight[c] : T(1)) * invstd[c];
     const double inv = double(invstd[c]);
     coef[c] = T(double(scale[c]) * inv * inv * (sum_gx[c] / double(rows)));
     mean_grad[c] = T(sum_g[c] / double(rows));
@@ -284,10 +277,9 @@ template void batch_norm_act_forward<float>(const float*, const float*, const fl
 template void batch_norm_act_forward<double>(const double*, const double*, const double*, const double*, double*,
                                              double*, double*, double*, int64_t, int64_t, double, int, int);
 template void batch_norm_act_backward<float>(const float*, const float*, const float*, const float*, const float*,
-                                             const float*, const float*, float*, float*, float*, float*, int64_t,
-                                             int64_t, int, int);
+                                             const float*, float*, float*, float*, float*, int64_t, int64_t, int, int);
 template void batch_norm_act_backward<double>(const double*, const double*, const double*, const double*,
-                                              const double*, const double*, const double*, double*, double*, double*,
-                                              double*, int64_t, int64_t, int, int);
+                                              const double*, const double*, double*, double*, double*, double*,
+                                              int64_t, int64_t, int, int);
 
 }  // namespace vz

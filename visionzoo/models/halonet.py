@@ -69,13 +69,6 @@ class HaloBlock(SelfAttnBlock):
     keep the bottleneck width). With ``value_ratio = 1`` it is timm's ``SelfAttnBlock``. Its end runs
     through :func:`visionzoo.layers.conv_norm_add_act` as :class:`Bottleneck`'s."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.shortcut is None or type(self.drop_path) is not nn.Identity:
-            return super().forward(x)
-        shortcut = self.shortcut(x)
-        x = self.post_attn(self.self_attn(self.conv2_kxk(self.conv1_1x1(x))))
-        return conv_norm_add_act(self.conv3_1x1, x, shortcut, self.act)
-
     def __init__(self, in_chs: int, out_chs: int, stride: int = 1, value_ratio: float = 1.0, layers=None, **kwargs):
         super().__init__(in_chs, out_chs, stride=stride, layers=layers, **kwargs)
         if value_ratio != 1:
@@ -84,6 +77,13 @@ class HaloBlock(SelfAttnBlock):
             self.self_attn = layers.self_attn(mid_chs, dim_out=value_chs, qk_ratio=mid_chs / value_chs, stride=stride)
             self.post_attn = layers.norm_act(value_chs)
             self.conv3_1x1 = layers.conv_norm_act(value_chs, out_chs, 1, apply_act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shortcut is None or type(self.drop_path) is not nn.Identity:
+            return super().forward(x)
+        shortcut = self.shortcut(x)
+        x = self.post_attn(self.self_attn(self.conv2_kxk(self.conv1_1x1(x))))
+        return conv_norm_add_act(self.conv3_1x1, x, shortcut, self.act)
 
 
 def _is_attention(block_cfg: ByoBlockCfg) -> bool:
